@@ -1,0 +1,102 @@
+"""The exception family of manifest-ckpt.
+
+Every error raised on bad input derives from :class:`ManifestCkptError` and from the
+matching builtin, so ``except ValueError`` in caller code keeps working. Messages name the
+file, key or field, say what was expected and what was found, and what to do next.
+This module imports nothing from the rest of the package to avoid import cycles.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from manifest_ckpt._report import Report
+
+
+class ManifestCkptError(Exception):
+    """Base class of every error manifest-ckpt raises on purpose."""
+
+
+class ManifestError(ManifestCkptError, ValueError):
+    """The manifest is unreadable, violates the schema, or disagrees with its weights files.
+
+    Attributes:
+        file: the file the problem was found in, if known.
+        field: a JSON path such as ``tensors["fc.weight"].shape``, if known.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+        self.field = field
+
+
+class UnsupportedVersionError(ManifestError):
+    """The manifest's format major version is not one this release can read."""
+
+
+class IntegrityError(ManifestCkptError, OSError):
+    """A weights file is missing, truncated, or its bytes do not match their digest."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+        self.key = key
+
+    def __str__(self) -> str:
+        # OSError formats multi-argument instances as "[Errno ...]"; keep the plain message.
+        return str(self.args[0])
+
+
+class ModelMismatchError(ManifestCkptError, ValueError):
+    """The live module and the checkpoint disagree; ``.report`` lists every difference."""
+
+    def __init__(self, report: Report, *, path: str | None = None) -> None:
+        where = f" ({path})" if path else ""
+        super().__init__(f"checkpoint does not match the module{where}:\n{report}")
+        self.report = report
+        self.path = path
+
+
+class RemapError(ManifestCkptError, ValueError):
+    """A remap rule is invalid, matches no key, or makes two keys collide."""
+
+
+class UnsupportedTensorError(ManifestCkptError, TypeError):
+    """A tensor cannot be stored faithfully (complex, sparse, quantized, unknown dtype...)."""
+
+
+class CheckpointExistsError(ManifestCkptError, FileExistsError):
+    """The destination exists and ``overwrite`` was not given."""
+
+
+class UnsafeCheckpointError(ManifestCkptError, ValueError):
+    """A pickled source references a global outside the allowlist; nothing of it ran.
+
+    Attributes:
+        global_name: the offending ``module.qualname``, when one is known.
+    """
+
+    def __init__(self, message: str, *, global_name: str | None = None, file: str | None = None) -> None:
+        super().__init__(message)
+        self.global_name = global_name
+        self.file = file
+
+
+class ConversionError(ManifestCkptError, ValueError):
+    """A source file could not be read as any supported checkpoint format."""
+
+    def __init__(self, message: str, *, file: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.file = file
+        self.extra = extra
+
+
+class ArchiveError(ManifestCkptError, ValueError):
+    """An archive is malformed or hostile (escaping paths, links, duplicate names)."""
+
+    def __init__(self, message: str, *, file: str | None = None, member: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+        self.member = member
