@@ -1,0 +1,282 @@
+"""Compare two state descriptions and explain every difference (no torch import).
+
+One comparison serves ``check``/``load`` (checkpoint vs live module), the distributed
+planner (checkpoint vs the union of every rank's state) and ``diff`` (checkpoint vs
+checkpoint). Both sides are first reduced to a :class:`StateSpec`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from manifest_ckpt._dtypes import describe
+from manifest_ckpt._report import Problem, Report, sort_problems
+from manifest_ckpt.manifest import Manifest
+from manifest_ckpt.remap import apply_remap
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a key holds: dtype, shape, and the module path that owns it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    owner: str
+
+    def describe(self) -> str:
+        return describe(self.dtype, self.shape)
+
+
+def owner_of(key: str) -> str:
+    """The module path that owns a state-dict key (``""`` for the root)."""
+    return key.rpartition(".")[0]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A state dict's structure: every key (aliases included), ties and module classes."""
+
+    tensors: Mapping[str, TensorSpec]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    classes: Mapping[str, str | None] | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> StateSpec:
+        tensors = {}
+        for key in manifest.keys():
+            entry = manifest.entry(key)
+            tensors[key] = TensorSpec(entry.dtype, entry.shape, owner_of(key))
+        classes = None if manifest.modules is None else {p: m.cls for p, m in manifest.modules.items()}
+        return cls(tensors, dict(manifest.aliases), classes)
+
+    def canonical(self, key: str) -> str:
+        return self.aliases.get(key, key)
+
+    def renamed(self, names: Mapping[str, str]) -> StateSpec:
+        """The same state with keys renamed by ``{old: new}`` (aliases follow; classes stay)."""
+        tensors = {names[k]: TensorSpec(s.dtype, s.shape, owner_of(names[k])) for k, s in self.tensors.items()}
+        aliases = {names[a]: names[t] for a, t in self.aliases.items()}
+        return StateSpec(tensors, aliases, self.classes)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The report plus what the policies decided, for ``load`` to act on."""
+
+    report: Report
+    allowed_missing: list[str]
+    skipped: list[str]
+    cast: list[str]
+
+
+def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    pats = list(patterns)
+    return re.compile("|".join(f"(?:{p})" for p in pats)) if pats else None
+
+
+def compare(
+    checkpoint: StateSpec,
+    module: StateSpec,
+    *,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    strict: bool = True,
+    cast: bool = False,
+    check_classes: bool = True,
+) -> Comparison:
+    """List every difference between the (already remapped) checkpoint and the module.
+
+    Args:
+        allow_missing: patterns (``re.fullmatch``) of module keys the checkpoint may lack.
+        allow_unexpected: patterns of checkpoint keys the module may lack; they are skipped.
+        strict: when False, every missing and unexpected key is allowed (as in torch).
+        cast: when True, dtype differences are accepted and listed for casting.
+        check_classes: compare layer classes of modules owning matching keys.
+    """
+    missing_ok = _matcher(allow_missing)
+    unexpected_ok = _matcher(allow_unexpected)
+    problems: list[Problem] = []
+    allowed_missing: list[str] = []
+    skipped: list[str] = []
+    to_cast: list[str] = []
+
+    missing = {}
+    for key in module.tensors:
+        if key in checkpoint.tensors:
+            continue
+        if not strict or (missing_ok and missing_ok.fullmatch(key)):
+            allowed_missing.append(key)
+        else:
+            missing[key] = module.tensors[key]
+            problems.append(Problem("missing", key, module.tensors[key].describe(), None))
+    unexpected = {}
+    for key in checkpoint.tensors:
+        if key in module.tensors:
+            continue
+        if not strict or (unexpected_ok and unexpected_ok.fullmatch(key)):
+            skipped.append(key)
+        else:
+            unexpected[key] = checkpoint.tensors[key]
+            problems.append(Problem("unexpected", key, None, checkpoint.tensors[key].describe()))
+
+    common = [k for k in module.tensors if k in checkpoint.tensors]
+    for key in common:
+        want, have = module.tensors[key], checkpoint.tensors[key]
+        if want.shape != have.shape:
+            problems.append(Problem("shape", key, want.describe(), have.describe()))
+        elif want.dtype != have.dtype:
+            if cast:
+                to_cast.append(key)
+            else:
+                problems.append(Problem("dtype", key, want.describe(), have.describe()))
+
+    if check_classes and checkpoint.classes is not None and module.classes is not None:
+        owners = sorted({owner_of(k) for k in common})
+        for path in owners:
+            want_cls, have_cls = module.classes.get(path), checkpoint.classes.get(path)
+            if want_cls and have_cls and want_cls != have_cls:
+                problems.append(Problem("class", path, want_cls, have_cls))
+
+    problems += _tie_problems(checkpoint, module, common)
+    hints: list[str] = []
+    remap = None
+    if missing and unexpected:
+        remap, hints = suggest_remap(checkpoint, module, unexpected, missing)
+    report = Report(sort_problems(problems), hints, remap, checked=len(common))
+    return Comparison(report, allowed_missing, skipped, to_cast)
+
+
+def _tie_problems(checkpoint: StateSpec, module: StateSpec, common: list[str]) -> list[Problem]:
+    """Keys whose tie partner differs: tied on one side, separate on the other."""
+    first_c: dict[str, str] = {}
+    first_m: dict[str, str] = {}
+    lead_c: dict[str, str] = {}
+    lead_m: dict[str, str] = {}
+    for key in sorted(common):
+        lead_c.setdefault(checkpoint.canonical(key), key)
+        lead_m.setdefault(module.canonical(key), key)
+        first_c[key] = lead_c[checkpoint.canonical(key)]
+        first_m[key] = lead_m[module.canonical(key)]
+    problems = []
+    for key in sorted(common):
+        if first_c[key] != first_m[key]:
+            expected = f"tied to {first_m[key]}" if first_m[key] != key else "not tied"
+            found = f"tied to {first_c[key]}" if first_c[key] != key else "not tied"
+            problems.append(Problem("alias", key, expected, found))
+    return problems
+
+
+_MAX_CANDIDATES = 16
+_MAX_RULES_TRIED = 32
+
+
+def _signature(spec: TensorSpec, key: str, classes: Mapping[str, str | None] | None) -> tuple[object, ...]:
+    cls = classes.get(spec.owner) if classes else None
+    return (spec.dtype, spec.shape, key.rpartition(".")[2], cls)
+
+
+def suggest_remap(
+    checkpoint: StateSpec,
+    module: StateSpec,
+    unexpected: Mapping[str, TensorSpec],
+    missing: Mapping[str, TensorSpec],
+) -> tuple[dict[str, str] | None, list[str]]:
+    """Find renaming rules that pair unexpected checkpoint keys with missing module keys.
+
+    First prefix rules (``module.`` from DDP, ``model.`` from Lightning, any renamed
+    subtree), chosen greedily by how many keys they explain and accepted only when every
+    checkpoint key they touch lands on a missing key of the same dtype and shape; then
+    one-to-one pairs by dtype, shape, leaf name and class. The result is simulated with
+    ``apply_remap`` before it is suggested.
+    """
+    rules: dict[str, str] = {}
+    pairs: dict[str, str] = {}
+    u_left, m_left = dict(unexpected), dict(missing)
+
+    def fits(u: str, m: str) -> bool:
+        a, b = u_left.get(u), m_left.get(m)
+        return a is not None and b is not None and a.dtype == b.dtype and a.shape == b.shape
+
+    while u_left and m_left:
+        by_suffix: dict[str, list[str]] = defaultdict(list)
+        for m in m_left:
+            for i in _dot_splits(m):
+                by_suffix[m[i:]].append(m[:i])
+        support: dict[tuple[str, str], int] = defaultdict(int)
+        for u in u_left:
+            for i in _dot_splits(u):
+                candidates = by_suffix.get(u[i:], ())
+                if len(candidates) > _MAX_CANDIDATES:
+                    continue  # a short common suffix such as "weight" says nothing
+                for b in candidates:
+                    if u[:i] != b and fits(u, b + u[i:]):
+                        support[(u[:i], b)] += 1
+        best = None
+        ranked = sorted(support.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1]), kv[0]))
+        for (a, b), n in ranked[:_MAX_RULES_TRIED]:
+            touched = [k for k in checkpoint.tensors if k.startswith(a)]
+            if n >= 2 and all(fits(k, b + k[len(a) :]) for k in touched):
+                best = (a, b, touched)
+                break
+        if best is None:
+            break
+        a, b, touched = best
+        rules["^" + re.escape(a)] = b
+        for k in touched:
+            pairs[k] = b + k[len(a) :]
+            del u_left[k], m_left[b + k[len(a) :]]
+
+    groups_u: dict[tuple[object, ...], list[str]] = defaultdict(list)
+    groups_m: dict[tuple[object, ...], list[str]] = defaultdict(list)
+    for u, spec in u_left.items():
+        groups_u[_signature(spec, u, checkpoint.classes)].append(u)
+    for m, spec in m_left.items():
+        groups_m[_signature(spec, m, module.classes)].append(m)
+    singles: dict[str, str] = {}
+    for sig, us in groups_u.items():
+        ms = groups_m.get(sig, [])
+        if len(us) == 1 and len(ms) == 1:
+            singles[us[0]] = ms[0]
+    if not pairs and not singles:
+        return None, []
+    pairs.update(singles)
+
+    remap = dict(rules)
+    remap.update({"^" + re.escape(u) + "$": m for u, m in singles.items()})
+    if not _simulates(checkpoint, remap, pairs):
+        remap = {"^" + re.escape(u) + "$": m for u, m in pairs.items()}
+    hints = []
+    for pattern, replacement in rules.items():
+        hints.append(f"checkpoint keys {_prefix_story(pattern, replacement)}")
+    for u, m in singles.items():
+        hints.append(f"checkpoint key {u!r} pairs one-to-one with {m!r} (same dtype, shape and kind)")
+    left = len(unexpected) - len(pairs)
+    tail = f" ({left} unexpected keys stay unexplained)" if left else ""
+    hints.append(f"load with remap={remap!r}{tail}")
+    return remap, hints
+
+
+def _prefix_story(pattern: str, replacement: str) -> str:
+    prefix = re.sub(r"\\(.)", r"\1", pattern[1:])
+    if not replacement:
+        origin = {"module.": " (saved from DistributedDataParallel?)", "model.": " (saved from Lightning?)"}
+        return f"carry the prefix {prefix!r} that the module lacks{origin.get(prefix, '')}"
+    if not prefix:
+        return f"lack the prefix {replacement!r} that the module has"
+    return f"under {prefix!r} match module keys under {replacement!r}"
+
+
+def _dot_splits(key: str) -> list[int]:
+    """Positions where a key can be split into a prefix ending in '.' and a suffix."""
+    return [0] + [i + 1 for i, ch in enumerate(key) if ch == "."]
+
+
+def _simulates(checkpoint: StateSpec, remap: dict[str, str], pairs: Mapping[str, str]) -> bool:
+    try:
+        names = apply_remap(checkpoint.tensors, remap)
+    except Exception:  # noqa: BLE001 - any failure means "do not suggest this form"
+        return False
+    return all(names[k] == pairs.get(k, k) for k in checkpoint.tensors)

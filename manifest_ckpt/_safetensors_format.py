@@ -1,0 +1,133 @@
+"""The safetensors container: build and parse headers defensively (no torch import).
+
+A safetensors file is an 8-byte little-endian header length, a JSON header, then the data.
+Headers we write are padded with spaces to a multiple of 8 bytes and list tensors in data
+order (largest element size first), so every tensor starts aligned to its element size.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from manifest_ckpt._dtypes import CODE_TO_NAME, DTYPES, nbytes
+from manifest_ckpt.errors import IntegrityError
+
+# Same bound as the safetensors reference implementation: a header this large is hostile.
+MAX_HEADER_BYTES: Final = 100_000_000
+METADATA_KEY: Final = "__metadata__"
+CONTENT_KEY: Final = "manifest_ckpt.content_digest"
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """A tensor as a safetensors header lists it; ``byte_range`` is absolute in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    byte_range: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed header: its raw bytes (length prefix included), entries and metadata."""
+
+    raw: bytes
+    entries: Mapping[str, HeaderEntry]
+    metadata: Mapping[str, str]
+
+    @property
+    def data_start(self) -> int:
+        return len(self.raw)
+
+
+def build_header(
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """Header bytes for tensors laid out back to back in the given order.
+
+    Args:
+        tensors: ``(name, manifest dtype, shape)`` in data order.
+        metadata: string-to-string ``__metadata__``.
+
+    Returns:
+        The header (length prefix, JSON, space padding) and each tensor's absolute byte range.
+    """
+    doc: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
+    offset = 0
+    relative = []
+    for name, dtype, shape in tensors:
+        size = nbytes(dtype, shape)
+        doc[name] = {"dtype": DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        relative.append((offset, offset + size))
+        offset += size
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    body += b" " * (-(len(body) + 8) % 8)
+    raw = struct.pack("<Q", len(body)) + body
+    return raw, [(len(raw) + a, len(raw) + b) for a, b in relative]
+
+
+def parse_header(prefix: bytes, file_size: int, *, file: str) -> Header:
+    """Parse and check a header from the file's first bytes.
+
+    Args:
+        prefix: at least the first ``8 + header length`` bytes of the file (more is fine).
+        file_size: the file's size, to bound every offset.
+        file: the name used in error messages.
+
+    Raises:
+        IntegrityError: truncated file, oversized or lying header, offsets outside the data.
+    """
+    if file_size < 8 or len(prefix) < 8:
+        raise IntegrityError(f"{file}: {file_size} bytes, too short for a safetensors file (truncated?)", file=file)
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > file_size:
+        raise IntegrityError(
+            f"{file}: header claims {length} bytes but the file has {file_size}; the file is truncated "
+            "or its header is corrupt. Restore it from a good copy.",
+            file=file,
+        )
+    if len(prefix) < 8 + length:
+        raise IntegrityError(f"{file}: header is truncated", file=file)
+    raw = bytes(prefix[: 8 + length])
+    try:
+        doc = json.loads(raw[8:])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise IntegrityError(f"{file}: header is not valid JSON ({exc}); the file is corrupt", file=file) from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{file}: header is not a JSON object", file=file)
+    metadata = doc.pop(METADATA_KEY, None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise IntegrityError(f"{file}: header {METADATA_KEY} must map strings to strings", file=file)
+    entries = {}
+    data_size = file_size - len(raw)
+    for name, entry in doc.items():
+        entries[name] = _parse_entry(name, entry, data_size, len(raw), file)
+    return Header(raw, entries, metadata)
+
+
+def _parse_entry(name: str, entry: Any, data_size: int, data_start: int, file: str) -> HeaderEntry:
+    def bad(what: str) -> IntegrityError:
+        return IntegrityError(f"{file}: header entry {name!r}: {what}; the file is corrupt", file=file, key=name)
+
+    if not isinstance(entry, dict):
+        raise bad("not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if code not in CODE_TO_NAME:
+        raise bad(f"unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        raise bad(f"data_offsets {offsets!r} lie outside the {data_size} data bytes")
+    dtype = CODE_TO_NAME[code]
+    if offsets[1] - offsets[0] != nbytes(dtype, shape):
+        raise bad(f"data_offsets span {offsets[1] - offsets[0]} bytes, {dtype}{shape} needs {nbytes(dtype, shape)}")
+    return HeaderEntry(dtype, tuple(shape), (data_start + offsets[0], data_start + offsets[1]))

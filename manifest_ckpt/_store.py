@@ -1,0 +1,114 @@
+"""Where a checkpoint's bytes live: a directory or an archive, both memory-mapped (no torch).
+
+A store gives the manifest bytes and, for each weights file, a read-only view of its bytes
+mapped from disk. Paths from the manifest are resolved without ever leaving the checkpoint.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from manifest_ckpt.errors import IntegrityError, ManifestError
+from manifest_ckpt.manifest import MANIFEST_NAME
+
+MAX_MANIFEST_BYTES = 1 << 30
+
+
+class Store(Protocol):
+    """A checkpoint's files, by path relative to the checkpoint root."""
+
+    location: str
+
+    def manifest_bytes(self) -> bytes: ...
+
+    def file_map(self, name: str) -> tuple[mmap.mmap, int, int]:
+        """``(mapping, offset of the file in it, size of the file)``."""
+        ...
+
+
+@dataclass
+class DirectoryStore:
+    """A checkpoint directory."""
+
+    root: Path
+    location: str
+    _maps: dict[str, tuple[mmap.mmap, int, int]] = field(default_factory=dict)
+
+    def manifest_bytes(self) -> bytes:
+        path = self.root / MANIFEST_NAME
+        try:
+            size = path.stat().st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{path}: {size} bytes is too large for a manifest", file=str(path))
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{self.root}: no {MANIFEST_NAME}; this is not a manifest-ckpt checkpoint (or its save was "
+                "interrupted). Convert foreign weights with `manifest-ckpt convert`.",
+                file=str(path),
+            ) from None
+        except IsADirectoryError:
+            raise ManifestError(f"{path} is a directory, expected a file", file=str(path)) from None
+
+    def resolve(self, name: str) -> Path:
+        """The real path of a manifest file name, refusing anything outside the checkpoint."""
+        candidate = self.root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ManifestError(f"{self.location}: file name {name!r} escapes the checkpoint directory", file=name)
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(candidate)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise ManifestError(
+                f"{self.location}: {name!r} is a link to {real}, outside the checkpoint directory; refusing to read it",
+                file=name,
+            )
+        return candidate
+
+    def file_map(self, name: str) -> tuple[mmap.mmap, int, int]:
+        if name in self._maps:
+            return self._maps[name]
+        path = self.resolve(name)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    raise IntegrityError(f"{path}: file is empty (truncated)", file=name)
+                # ACCESS_COPY: writable private pages (torch needs a writable buffer), never
+                # written back to the file.
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{path}: weights file listed in the manifest is missing; restore it or re-save the checkpoint",
+                file=name,
+            ) from None
+        except IsADirectoryError:
+            raise IntegrityError(f"{path}: expected a weights file, found a directory", file=name) from None
+        self._maps[name] = (mapping, 0, size)
+        return self._maps[name]
+
+
+def open_store(path: str | os.PathLike[str]) -> Store:
+    """Open a checkpoint directory, a ``manifest.json`` path, or an archive file.
+
+    Raises:
+        ManifestError: the path does not exist or is not a checkpoint.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return DirectoryStore(p, str(p))
+    if p.is_file() and p.name == MANIFEST_NAME:
+        return DirectoryStore(p.parent, str(p.parent))
+    if p.is_file():
+        from manifest_ckpt import _archive_store
+
+        store = _archive_store.open_archive_store(p)
+        if store is not None:
+            return store
+        raise ManifestError(
+            f"{p}: not a checkpoint directory, manifest.json or manifest-ckpt archive", file=str(p)
+        )
+    raise ManifestError(f"{p}: no such checkpoint (file or directory not found)", file=str(p))

@@ -1,0 +1,130 @@
+"""Describe a live ``nn.Module`` or state dict: keys, tensors, ties and the module tree."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from manifest_ckpt._compare import StateSpec, TensorSpec, owner_of
+from manifest_ckpt._dtypes import DTYPES
+from manifest_ckpt.errors import UnsupportedTensorError
+from manifest_ckpt.manifest import ModuleEntry
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """A module's (or state dict's) persistent tensors by key, with ties and tree."""
+
+    tensors: dict[str, torch.Tensor]
+    aliases: dict[str, str]
+    modules: dict[str, ModuleEntry] | None
+    owners: dict[str, nn.Module]
+
+    def spec(self) -> StateSpec:
+        """The structure only, for comparison."""
+        specs = {k: TensorSpec(dtype_name(t, k), tuple(t.shape), owner_of(k)) for k, t in self.tensors.items()}
+        classes = None if self.modules is None else {p: m.cls for p, m in self.modules.items()}
+        return StateSpec(specs, self.aliases, classes)
+
+
+def dtype_name(tensor: torch.Tensor, key: str) -> str:
+    """The manifest dtype name of a tensor, or a clear error for what cannot be stored."""
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise UnsupportedTensorError(
+            f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store; "
+            f"supported: {', '.join(DTYPES)}. Convert it (e.g. .to(torch.float32)) before saving."
+        )
+    return name
+
+
+def class_name(obj: object) -> str:
+    """Fully qualified class name, such as ``torch.nn.modules.linear.Linear``."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _identity(tensor: torch.Tensor) -> tuple[object, ...]:
+    """What makes two tensors the same storage view (a tie).
+
+    Meta and empty tensors have no real address, so only object identity ties them.
+    """
+    if tensor.is_meta or tensor.numel() == 0 or tensor.layout != torch.strided:
+        return ("object", id(tensor))
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Map each key that repeats an earlier key's tensor to that first key.
+
+    "Earlier" is the state dict's own order, so GPT-2's ``lm_head.weight`` becomes an alias
+    of ``transformer.wte.weight``.
+    """
+    first: dict[tuple[object, ...], str] = {}
+    aliases = {}
+    for key, tensor in tensors.items():
+        canonical = first.setdefault(_identity(tensor), key)
+        if canonical != key:
+            aliases[key] = canonical
+    return aliases
+
+
+def module_tree(module: nn.Module) -> dict[str, ModuleEntry]:
+    """Every submodule path with its class, ``_version`` and directly owned tensor names."""
+    tree = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        non_persistent = sub._non_persistent_buffers_set
+        buffers = [n for n, b in sub._buffers.items() if b is not None]
+        version = getattr(sub, "_version", None)
+        tree[path] = ModuleEntry(
+            cls=class_name(sub),
+            version=version if isinstance(version, int) and not isinstance(version, bool) else None,
+            parameters=tuple(n for n, p in sub._parameters.items() if p is not None),
+            buffers=tuple(n for n in buffers if n not in non_persistent),
+            non_persistent_buffers=tuple(n for n in buffers if n in non_persistent),
+        )
+    return tree
+
+
+def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
+    """Describe a module or a plain state dict.
+
+    Raises:
+        UnsupportedTensorError: a state value is not a tensor, or cannot be stored.
+        TypeError: ``obj`` is neither a module nor a mapping.
+    """
+    if isinstance(obj, nn.Module):
+        state = obj.state_dict(keep_vars=True)
+        owners = dict(obj.named_modules(remove_duplicate=False))
+        modules: dict[str, ModuleEntry] | None = module_tree(obj)
+    elif isinstance(obj, Mapping):
+        state, owners, modules = dict(obj), {}, None
+    else:
+        raise TypeError(f"expected an nn.Module or a state dict (mapping of str to tensor), got {type(obj).__name__}")
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key:
+            raise UnsupportedTensorError(f"state dict key {key!r} is not a non-empty string")
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedTensorError(
+                f"state dict entry {key!r} is a {type(value).__name__}, not a tensor (module extra state is "
+                "not supported); keep such values in save(..., metadata=...)"
+            )
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+            raise UnsupportedTensorError(
+                f"tensor {key!r} has layout {value.layout}{' (quantized)' if value.is_quantized else ''}; only "
+                "dense tensors are stored. Call .to_dense() or dequantize before saving."
+            )
+        dtype_name(value, key)
+        tensors[key] = value
+    return LiveState(tensors, find_aliases(tensors), modules, owners)

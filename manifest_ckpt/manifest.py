@@ -1,0 +1,408 @@
+"""The manifest document as frozen dataclasses (no torch import).
+
+``Manifest.from_dict`` validates a parsed ``manifest.json`` against the published JSON Schema
+and then checks what a schema cannot express (byte ranges that fit their dtype and shape,
+aliases that point at stored tensors, the recorded digest). ``Manifest.to_json`` writes the
+canonical bytes: the same manifest always serialises to the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final
+
+from manifest_ckpt import _dtypes
+from manifest_ckpt.errors import ManifestError, UnsupportedVersionError
+
+FORMAT_NAME: Final = "manifest-ckpt"
+FORMAT_VERSION: Final = "1.0.0"
+MANIFEST_NAME: Final = "manifest.json"
+
+
+class FormatVersionWarning(UserWarning):
+    """The manifest was written by a newer minor version of the format."""
+
+
+def _path(key: str, *parts: str | int) -> str:
+    """A JSON path such as ``$.tensors["fc.weight"].shape`` for error messages."""
+    out = "$"
+    for part in (key, *parts):
+        out += f"[{part}]" if isinstance(part, int) else ("." + part if part.isidentifier() else f"[{json.dumps(part)}]")
+    return out
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One weights file: its size and the sha256 of its safetensors header."""
+
+    size: int
+    header_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "header_sha256": self.header_sha256}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A rectangular piece of a tensor stored contiguously in one file.
+
+    ``offsets`` is the chunk's position in the global tensor; ``byte_range`` is absolute
+    within ``file`` (from the start of the file, not of the safetensors data section).
+    """
+
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    file: str
+    byte_range: tuple[int, int]
+    digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "offsets": list(self.offsets),
+            "shape": list(self.shape),
+            "file": self.file,
+            "byte_range": list(self.byte_range),
+            "digest": self.digest,
+        }
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One stored tensor: whole in one file (``file``/``byte_range``) or split in ``chunks``."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+    file: str | None = None
+    byte_range: tuple[int, int] | None = None
+    chunks: tuple[Chunk, ...] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return _dtypes.nbytes(self.dtype, self.shape)
+
+    def pieces(self) -> tuple[Chunk, ...]:
+        """The tensor as chunks; a whole tensor is one chunk at offset zero."""
+        if self.chunks is not None:
+            return self.chunks
+        assert self.file is not None and self.byte_range is not None
+        return (Chunk((0,) * len(self.shape), self.shape, self.file, self.byte_range, self.digest),)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "digest": self.digest}
+        if self.chunks is not None:
+            out["chunks"] = [c.to_dict() for c in self.chunks]
+        else:
+            out["file"] = self.file
+            out["byte_range"] = list(self.byte_range or ())
+        return out
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One submodule: its class, ``_version`` and the names of the tensors it owns directly."""
+
+    cls: str | None
+    version: int | None
+    parameters: tuple[str, ...] = ()
+    buffers: tuple[str, ...] = ()
+    non_persistent_buffers: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class": self.cls,
+            "version": self.version,
+            "parameters": list(self.parameters),
+            "buffers": list(self.buffers),
+            "non_persistent_buffers": list(self.non_persistent_buffers),
+        }
+
+    def persistent_names(self) -> tuple[str, ...]:
+        """Names whose tensors appear in the state dict."""
+        return self.parameters + self.buffers
+
+
+def compute_digest(
+    tensors: Mapping[str, TensorEntry],
+    aliases: Mapping[str, str],
+    modules: Mapping[str, ModuleEntry] | None,
+) -> str:
+    """The checkpoint's content identity: tensor digests, shapes, dtypes, aliases, module tree.
+
+    File names, byte offsets, lineage and metadata are left out on purpose, so the same
+    weights split differently across files, or re-saved later, keep their identity.
+    """
+    content = {
+        "format": f"{FORMAT_NAME}/1",
+        "tensors": {k: [t.dtype, list(t.shape), t.digest] for k, t in tensors.items()},
+        "aliases": dict(aliases),
+        "modules": None if modules is None else {p: m.to_dict() for p, m in modules.items()},
+    }
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def chunked_digest(chunks: tuple[Chunk, ...]) -> str:
+    """The digest of a chunked tensor: over each chunk's position, shape and digest."""
+    blob = json.dumps(
+        [[list(c.offsets), list(c.shape), c.digest] for c in sorted(chunks, key=lambda c: c.offsets)],
+        separators=(",", ":"),
+    ).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. Build one with :meth:`from_dict`, or let ``save`` write it."""
+
+    digest: str
+    files: Mapping[str, FileEntry]
+    tensors: Mapping[str, TensorEntry]
+    aliases: Mapping[str, str]
+    modules: Mapping[str, ModuleEntry] | None
+    lineage: Mapping[str, Any]
+    metadata: Any = None
+    format_version: str = FORMAT_VERSION
+    # Where it was read from, for messages; not part of the document.
+    source: str | None = field(default=None, compare=False)
+
+    # -- reading -------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, data: bytes, *, file: str | None = None) -> Manifest:
+        """Parse and validate ``manifest.json`` bytes.
+
+        Raises:
+            ManifestError: the bytes are not JSON, or the document is invalid.
+            UnsupportedVersionError: the format's major version is not 1.
+        """
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(
+                f"{file or 'manifest'}: not valid JSON ({exc}); the file is damaged or is not a "
+                "manifest-ckpt manifest. Re-save the checkpoint or restore the file.",
+                file=file,
+            ) from None
+        except RecursionError:
+            raise ManifestError(f"{file or 'manifest'}: JSON nested too deeply", file=file) from None
+        return cls.from_dict(document, file=file)
+
+    @classmethod
+    def from_dict(cls, document: Any, *, file: str | None = None) -> Manifest:
+        """Validate a parsed manifest document and build the dataclasses.
+
+        Raises:
+            ManifestError: schema violation or internal inconsistency; ``.field`` names the path.
+            UnsupportedVersionError: the format's major version is not 1.
+        """
+        where = file or "manifest"
+        _check_version(document, where, file)
+        from manifest_ckpt._validate import validate
+
+        validate(document, file=file)
+        files = {name: FileEntry(f["size"], f["header_sha256"]) for name, f in document["files"].items()}
+        tensors = {key: _tensor_from_dict(t) for key, t in document["tensors"].items()}
+        modules_doc = document["modules"]
+        modules = (
+            None
+            if modules_doc is None
+            else {
+                path: ModuleEntry(
+                    m["class"],
+                    m["version"],
+                    tuple(m["parameters"]),
+                    tuple(m["buffers"]),
+                    tuple(m["non_persistent_buffers"]),
+                )
+                for path, m in modules_doc.items()
+            }
+        )
+        manifest = cls(
+            digest=document["digest"],
+            files=MappingProxyType(files),
+            tensors=MappingProxyType(tensors),
+            aliases=MappingProxyType(dict(document["aliases"])),
+            modules=None if modules is None else MappingProxyType(modules),
+            lineage=document["lineage"],
+            metadata=document.get("metadata"),
+            format_version=document["format_version"],
+            source=file,
+        )
+        problems = list(manifest.iter_consistency_problems())
+        if problems:
+            field_path, _ = problems[0]
+            listing = "\n".join(f"  {p}: {msg}" for p, msg in problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise ManifestError(
+                f"{where}: the manifest is inconsistent:\n{listing}{more}\n"
+                "It was edited by hand or damaged; re-save the checkpoint from its source.",
+                file=file,
+                field=field_path,
+            )
+        return manifest
+
+    def iter_consistency_problems(self) -> Iterator[tuple[str, str]]:
+        """Yield ``(json_path, message)`` for every rule the schema cannot express."""
+        for key, t in self.tensors.items():
+            if t.chunks is None:
+                assert t.file is not None and t.byte_range is not None
+                yield from _check_range(self.files, _path("tensors", key), t.file, t.byte_range, t.dtype, t.shape)
+                continue
+            if t.digest != chunked_digest(t.chunks):
+                yield _path("tensors", key, "digest"), "does not match the digest of its chunks"
+            covered = 0
+            for i, c in enumerate(t.chunks):
+                at = _path("tensors", key, "chunks", i)
+                if len(c.offsets) != len(t.shape) or len(c.shape) != len(t.shape):
+                    yield at, f"has rank {len(c.shape)}, the tensor has rank {len(t.shape)}"
+                    continue
+                if any(o + s > d for o, s, d in zip(c.offsets, c.shape, t.shape)):
+                    yield at, f"offsets {list(c.offsets)} + shape {list(c.shape)} exceed the tensor shape {list(t.shape)}"
+                covered += _dtypes.nbytes(t.dtype, c.shape)
+                yield from _check_range(self.files, at, c.file, c.byte_range, t.dtype, c.shape)
+            if covered != t.nbytes:
+                yield _path("tensors", key, "chunks"), f"cover {covered} bytes, the tensor has {t.nbytes}"
+        for alias, target in self.aliases.items():
+            if alias in self.tensors:
+                yield _path("aliases", alias), "is also a stored tensor; an alias must not be stored twice"
+            if target not in self.tensors:
+                yield _path("aliases", alias), f"points at {target!r}, which is not a stored tensor"
+        if self.modules is not None:
+            declared = {
+                f"{path}.{name}" if path else name for path, m in self.modules.items() for name in m.persistent_names()
+            }
+            stored = set(self.tensors) | set(self.aliases)
+            for key in sorted(declared - stored):
+                yield _path("modules"), f"declares {key!r}, which is neither stored nor an alias"
+            for key in sorted(stored - declared):
+                yield _path("tensors", key), "is stored but no module in the tree declares it"
+        expected = compute_digest(self.tensors, self.aliases, self.modules)
+        if self.digest != expected:
+            yield "$.digest", f"is {self.digest}, the content gives {expected}"
+
+    # -- writing -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, as it is written to ``manifest.json``."""
+        out: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "digest": self.digest,
+            "files": {name: f.to_dict() for name, f in self.files.items()},
+            "tensors": {key: t.to_dict() for key, t in self.tensors.items()},
+            "aliases": dict(self.aliases),
+            "modules": None if self.modules is None else {p: m.to_dict() for p, m in self.modules.items()},
+            "lineage": _plain(self.lineage),
+        }
+        if self.metadata is not None:
+            out["metadata"] = _plain(self.metadata)
+        return out
+
+    def to_json(self) -> bytes:
+        """Canonical bytes: sorted keys, fixed separators, trailing newline."""
+        return (json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+
+    # -- queries -------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Every state-dict key, stored or alias, sorted."""
+        return sorted([*self.tensors, *self.aliases])
+
+    def entry(self, key: str) -> TensorEntry:
+        """The stored entry for ``key``, following an alias."""
+        return self.tensors[self.aliases.get(key, key)]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def parents(self) -> list[Mapping[str, Any]]:
+        return list(self.lineage.get("parents", []))
+
+
+def _plain(value: Any) -> Any:
+    """Turn read-only mappings back into dicts for JSON."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _tensor_from_dict(t: Mapping[str, Any]) -> TensorEntry:
+    chunks = t.get("chunks")
+    return TensorEntry(
+        dtype=t["dtype"],
+        shape=tuple(t["shape"]),
+        digest=t["digest"],
+        file=t.get("file"),
+        byte_range=tuple(t["byte_range"]) if "byte_range" in t else None,  # type: ignore[arg-type]
+        chunks=None
+        if chunks is None
+        else tuple(
+            Chunk(tuple(c["offsets"]), tuple(c["shape"]), c["file"], (c["byte_range"][0], c["byte_range"][1]), c["digest"])
+            for c in chunks
+        ),
+    )
+
+
+def _check_range(
+    files: Mapping[str, FileEntry],
+    at: str,
+    file: str,
+    byte_range: tuple[int, int],
+    dtype: str,
+    shape: tuple[int, ...],
+) -> Iterator[tuple[str, str]]:
+    start, end = byte_range
+    want = _dtypes.nbytes(dtype, shape)
+    if end - start != want:
+        yield at + ".byte_range", f"spans {end - start} bytes, {_dtypes.describe(dtype, shape)} needs {want}"
+    entry = files.get(file)
+    if entry is None:
+        yield at + ".file", f"names {file!r}, which is not listed in $.files"
+    elif end > entry.size or start > end:
+        yield at + ".byte_range", f"[{start}, {end}) lies outside {file!r} of {entry.size} bytes"
+
+
+def _check_version(document: Any, where: str, file: str | None) -> None:
+    if not isinstance(document, dict):
+        raise ManifestError(
+            f"{where}: expected a JSON object at the top level, found {type(document).__name__}",
+            file=file,
+            field="$",
+        )
+    if document.get("format") != FORMAT_NAME:
+        raise ManifestError(
+            f"{where}: $.format is {document.get('format')!r}, expected {FORMAT_NAME!r}; "
+            "this is not a manifest-ckpt manifest",
+            file=file,
+            field="$.format",
+        )
+    version = document.get("format_version")
+    parts = version.split(".") if isinstance(version, str) else []
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ManifestError(
+            f"{where}: $.format_version is {version!r}, expected a version such as {FORMAT_VERSION!r}",
+            file=file,
+            field="$.format_version",
+        )
+    ours = [int(p) for p in FORMAT_VERSION.split(".")]
+    major, minor = int(parts[0]), int(parts[1])
+    if major != ours[0]:
+        raise UnsupportedVersionError(
+            f"{where}: format version {version} is not supported (this is manifest-ckpt format "
+            f"{FORMAT_VERSION}); upgrade manifest-ckpt to read it",
+            file=file,
+            field="$.format_version",
+        )
+    if minor > ours[1]:
+        warnings.warn(
+            f"{where}: format version {version} is newer than {FORMAT_VERSION}; fields added since are ignored",
+            FormatVersionWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,336 @@
+"""``read_manifest``, ``check``, ``load`` and ``verify``: compare first, copy only when all agree."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from manifest_ckpt._compare import Comparison, StateSpec, compare
+from manifest_ckpt._report import Report
+from manifest_ckpt._safetensors_format import MAX_HEADER_BYTES, parse_header
+from manifest_ckpt._store import Store, open_store
+from manifest_ckpt.errors import IntegrityError, ManifestError, ModelMismatchError
+from manifest_ckpt.integrity import digest_bytes, digest_many
+from manifest_ckpt.introspect import LiveState, capture
+from manifest_ckpt.manifest import Chunk, Manifest
+from manifest_ckpt.remap import Remap, apply_remap
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What ``load`` did.
+
+    Attributes:
+        loaded: module keys that received checkpoint values.
+        cast: module keys whose values were converted to the module's dtype (``cast=True``).
+        retied: keys that share one tensor after loading (tied in both module and checkpoint).
+        left_initial: module keys the checkpoint lacks, allowed by policy; left as they were.
+        skipped: checkpoint keys the module lacks, allowed by policy; not loaded.
+        materialized: keys that were on the meta device and now hold real tensors.
+        manifest: the checkpoint's manifest.
+    """
+
+    loaded: list[str]
+    cast: list[str]
+    retied: list[str]
+    left_initial: list[str]
+    skipped: list[str]
+    materialized: list[str]
+    manifest: Manifest = field(repr=False)
+
+
+def read_manifest(path: PathLike) -> Manifest:
+    """Read and validate a checkpoint's manifest (directory, ``manifest.json`` or archive).
+
+    Raises:
+        ManifestError: unreadable, invalid or inconsistent manifest.
+        UnsupportedVersionError: a format major version this release cannot read.
+    """
+    return _read(open_store(path))
+
+
+def _read(store: Store) -> Manifest:
+    return Manifest.from_json(store.manifest_bytes(), file=f"{store.location}/manifest.json")
+
+
+def check(
+    module: nn.Module | Mapping[str, torch.Tensor],
+    path: PathLike,
+    *,
+    remap: Remap | None = None,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    strict: bool = True,
+    cast: bool = False,
+    check_classes: bool = True,
+) -> Report:
+    """Compare a checkpoint with a live module; change nothing.
+
+    Returns:
+        A :class:`Report` listing every missing, unexpected, shape, dtype, class and alias
+        difference at once, with hints (such as the remap that fixes a prefix).
+    """
+    manifest = read_manifest(path)
+    comparison, _ = _compare(manifest, capture(module), remap, allow_missing, allow_unexpected, strict, cast, check_classes)
+    return comparison.report
+
+
+def _compare(
+    manifest: Manifest,
+    live: LiveState,
+    remap: Remap | None,
+    allow_missing: Iterable[str],
+    allow_unexpected: Iterable[str],
+    strict: bool,
+    cast: bool,
+    check_classes: bool,
+) -> tuple[Comparison, dict[str, str]]:
+    """Compare after remapping; also return ``{new key: checkpoint key}``."""
+    names = apply_remap(manifest.keys(), remap)
+    spec = StateSpec.from_manifest(manifest).renamed(names)
+    comparison = compare(
+        spec,
+        live.spec(),
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        strict=strict,
+        cast=cast,
+        check_classes=check_classes,
+    )
+    return comparison, {new: old for old, new in names.items()}
+
+
+class _Weights:
+    """Checked, memory-mapped access to a checkpoint's tensor bytes."""
+
+    def __init__(self, store: Store, manifest: Manifest) -> None:
+        self.store = store
+        self.manifest = manifest
+        self._buffers: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def bind(self, names: Iterable[str]) -> None:
+        """Check that each weights file belongs to this manifest: size and header digest.
+
+        Cheap (reads headers only), yet a manifest beside another run's weights is refused
+        because each header carries its file's content digest.
+        """
+        for name in sorted(set(names)):
+            expected = self.manifest.files[name]
+            mapping, offset, size = self.store.file_map(name)
+            where = f"{self.store.location}/{name}"
+            if size != expected.size:
+                raise IntegrityError(
+                    f"{where}: {size} bytes, the manifest says {expected.size}; the file is truncated or was "
+                    "replaced. Restore it or re-save the checkpoint.",
+                    file=name,
+                )
+            head = mapping[offset : offset + min(size, 8 + MAX_HEADER_BYTES)]
+            header = parse_header(head, size, file=where)
+            found = hashlib.sha256(header.raw).hexdigest()
+            if found != expected.header_sha256:
+                raise ManifestError(
+                    f"{where}: header sha256 is {found[:16]}..., the manifest expects "
+                    f"{expected.header_sha256[:16]}...: this weights file does not belong to this manifest "
+                    "(other values or another checkpoint). Keep each manifest.json with its own weights files.",
+                    file=name,
+                    field=f'$.files["{name}"].header_sha256',
+                )
+            self._check_header(name, header.entries)
+
+    def _check_header(self, name: str, entries: Mapping[str, Any]) -> None:
+        for key, t in self.manifest.tensors.items():
+            for i, c in enumerate(t.pieces()):
+                if c.file != name:
+                    continue
+                # A file holds at most one chunk of a tensor, under the tensor's own key.
+                label = key
+                e = entries.get(label)
+                if e is None or e.byte_range != c.byte_range or e.dtype != t.dtype or e.shape != c.shape:
+                    raise ManifestError(
+                        f"{self.store.location}/{name}: header entry for {label!r} is {e}, the manifest says "
+                        f"{t.dtype}{list(c.shape)} at {list(c.byte_range)}; manifest and weights disagree",
+                        file=name,
+                        field=f'$.tensors["{key}"]',
+                    )
+
+    def raw(self, chunk: Chunk) -> torch.Tensor:
+        """The chunk's bytes as a uint8 tensor mapped from the file (no copy)."""
+        if chunk.file not in self._buffers:
+            mapping, offset, _ = self.store.file_map(chunk.file)
+            self._buffers[chunk.file] = (torch.frombuffer(mapping, dtype=torch.uint8), offset)
+        buf, offset = self._buffers[chunk.file]
+        start, end = chunk.byte_range
+        return buf[offset + start : offset + end]
+
+    def view(self, chunk: Chunk, dtype: str) -> torch.Tensor:
+        raw = self.raw(chunk)
+        return raw.view(getattr(torch, dtype)).view(chunk.shape)
+
+    def verify(self, keys: Iterable[str], *, progress: Callable[[int], None] | None = None) -> None:
+        """Hash the stored bytes of ``keys`` and raise once, naming every mismatch."""
+        jobs = []
+        for key in sorted(set(keys)):
+            t = self.manifest.tensors[key]
+            for c in t.pieces():
+                jobs.append((key, c))
+
+        found = digest_many([_byte_reader(self, c) for _, c in jobs])
+        bad = [(key, c, d) for (key, c), d in zip(jobs, found) if d != c.digest]
+        if bad:
+            lines = "\n".join(
+                f"  {key} ({c.file} bytes {c.byte_range[0]}-{c.byte_range[1]}): expected {c.digest[:23]}..., "
+                f"found {d[:23]}..."
+                for key, c, d in bad[:20]
+            )
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise IntegrityError(
+                f"{self.store.location}: {len(bad)} tensors do not match their digests:\n{lines}{more}\n"
+                "The weights files are corrupt; restore them from a good copy.",
+                file=bad[0][1].file,
+                key=bad[0][0],
+            )
+
+
+def _byte_reader(weights: _Weights, chunk: Chunk) -> Callable[[], memoryview]:
+    def get() -> memoryview:
+        mapping, offset, _ = weights.store.file_map(chunk.file)
+        start, end = chunk.byte_range
+        return memoryview(mapping)[offset + start : offset + end]
+
+    return get
+
+
+def verify(path: PathLike) -> None:
+    """Prove what can be proven offline: schema, file binding, sizes and every digest.
+
+    Raises:
+        ManifestError: invalid manifest, or manifest and weights that do not belong together.
+        IntegrityError: a missing, truncated or corrupt file.
+    """
+    store = open_store(path)
+    manifest = _read(store)
+    weights = _Weights(store, manifest)
+    weights.bind(manifest.files)
+    weights.verify(manifest.tensors)
+
+
+def load(
+    module: nn.Module,
+    path: PathLike,
+    *,
+    strict: bool = True,
+    remap: Remap | None = None,
+    cast: bool = False,
+    verify_digests: bool = False,
+    expect_digest: str | None = None,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    check_classes: bool = True,
+    device: str | torch.device | None = None,
+) -> LoadResult:
+    """Load a checkpoint into ``module`` after checking that it matches, all or nothing.
+
+    Args:
+        strict: when False, missing and unexpected keys are allowed (and listed).
+        remap: ``{regex: replacement}`` applied in order to checkpoint keys.
+        cast: allow dtype differences and convert to the module's dtypes.
+        verify_digests: hash every tensor before copying any of it.
+        expect_digest: refuse a checkpoint whose digest is not this one.
+        allow_missing, allow_unexpected: ``re.fullmatch`` patterns of allowed differences.
+        check_classes: compare layer classes (off for deliberate architecture swaps).
+        device: where tensors of a meta-device module are materialised (default CPU).
+
+    Raises:
+        ModelMismatchError: the module and the checkpoint differ (``.report`` lists all).
+        IntegrityError: missing or corrupt files, or ``expect_digest`` does not match.
+        ManifestError: invalid manifest or weights that do not belong to it.
+    """
+    store = open_store(path)
+    manifest = _read(store)
+    if expect_digest is not None and manifest.digest != expect_digest:
+        raise IntegrityError(
+            f"{store.location}: checkpoint digest is {manifest.digest}, expected {expect_digest}; "
+            "this is not the checkpoint you pinned"
+        )
+    live = capture(module)
+    comparison, source_key = _compare(
+        manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes
+    )
+    if not comparison.report.ok:
+        raise ModelMismatchError(comparison.report, path=store.location)
+
+    # One copy per live tensor: keys tied in the module share one target, filled from the
+    # first key of the tie group that the checkpoint holds.
+    skipped = set(comparison.skipped)
+    chosen: dict[str, str] = {}
+    for key in live.tensors:
+        if key in source_key and key not in skipped:
+            chosen.setdefault(live.aliases.get(key, key), key)
+    targets = list(chosen.values())
+    stored = {manifest.aliases.get(source_key[k], source_key[k]) for k in targets}
+    weights = _Weights(store, manifest)
+    weights.bind({c.file for key in stored for c in manifest.tensors[key].pieces()})
+    if verify_digests:
+        weights.verify(stored)
+
+    materialize = {k for k in targets if live.tensors[k].is_meta}
+    fresh: dict[str, torch.Tensor] = {}
+    target_device = torch.device(device) if device is not None else torch.device("cpu")
+    # Meta tensors are built in full before the module is touched, so a failure leaves it as it was.
+    for key in sorted(materialize):
+        meta = live.tensors[key]
+        fresh[key] = torch.empty(meta.shape, dtype=meta.dtype, device=target_device)
+        _fill(fresh[key], weights, manifest, manifest.aliases.get(source_key[key], source_key[key]))
+    with torch.no_grad():
+        for key in targets:
+            if key not in materialize:
+                _fill(live.tensors[key], weights, manifest, manifest.aliases.get(source_key[key], source_key[key]))
+        _assign_materialized(module, live, fresh)
+
+    loaded = sorted(k for k in live.tensors if k in source_key and k not in skipped)
+    retied = sorted(k for k in live.aliases if k in source_key and k not in targets)
+    return LoadResult(
+        loaded=loaded,
+        cast=sorted(comparison.cast),
+        retied=retied,
+        left_initial=sorted(comparison.allowed_missing),
+        skipped=sorted(comparison.skipped),
+        materialized=sorted(k for k in live.tensors if live.aliases.get(k, k) in materialize),
+        manifest=manifest,
+    )
+
+
+def _fill(target: torch.Tensor, weights: _Weights, manifest: Manifest, stored_key: str) -> None:
+    """Copy a stored tensor into ``target`` chunk by chunk (casting if dtypes differ)."""
+    entry = manifest.tensors[stored_key]
+    with torch.no_grad():
+        for chunk in entry.pieces():
+            source = weights.view(chunk, entry.dtype)
+            region = target[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.shape))]
+            region.copy_(source)
+
+
+def _assign_materialized(module: nn.Module, live: LiveState, fresh: Mapping[str, torch.Tensor]) -> None:
+    """Put materialised tensors in place of meta ones, once per tie group, keeping ties."""
+    replacement: dict[int, torch.Tensor] = {}
+    for key, tensor in fresh.items():
+        old = live.tensors[key]
+        new: torch.Tensor = nn.Parameter(tensor, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else tensor
+        replacement[id(old)] = new
+    if not replacement:
+        return
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and id(p) in replacement:
+                sub._parameters[name] = replacement[id(p)]  # type: ignore[assignment]
+        for name, b in list(sub._buffers.items()):
+            if b is not None and id(b) in replacement:
+                sub._buffers[name] = replacement[id(b)]

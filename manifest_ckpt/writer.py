@@ -1,0 +1,353 @@
+"""``save``: write a checkpoint directory atomically, deterministically, content-addressed."""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from manifest_ckpt._version import __version__
+from manifest_ckpt._dtypes import nbytes
+from manifest_ckpt._safetensors_format import CONTENT_KEY, build_header
+from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError
+from manifest_ckpt.integrity import atomic_write_bytes, digest_bytes, fsync_dir
+from manifest_ckpt.introspect import LiveState, capture, dtype_name
+from manifest_ckpt.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    ModuleEntry,
+    TensorEntry,
+    compute_digest,
+)
+
+RELATIONS = ("fine-tuned-from", "converted-from", "merged-from", "quantized-from", "resumed-from", "derived-from")
+_WRITE_BLOCK = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Planned:
+    key: str
+    tensor: torch.Tensor
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def tensor_buffer(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (the caller keeps the tensor alive)."""
+    size = tensor.numel() * tensor.element_size()
+    if size == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * size).from_address(tensor.data_ptr())).cast("B")
+
+
+def _to_cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach()
+    if t.is_meta:
+        raise ManifestCkptError(
+            "cannot save a tensor on the meta device: it has no values; materialise the module first"
+        )
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous()
+
+
+def save(
+    obj: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    lineage: Any = None,
+    metadata: Any = None,
+    overwrite: bool = False,
+    parents: Sequence[Any] = (),
+    max_file_size: int | None = None,
+    record_code: bool = True,
+    timestamp: bool = False,
+    fsync: bool = False,
+    source: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Save a module or state dict as a checkpoint directory and return its manifest.
+
+    Args:
+        obj: an ``nn.Module`` (its module tree is recorded) or a plain state dict.
+        path: the checkpoint directory to create.
+        lineage: arbitrary JSON recorded as ``lineage.user``.
+        metadata: arbitrary JSON recorded as ``metadata``.
+        overwrite: replace an existing checkpoint at ``path`` (atomically).
+        parents: checkpoints this one derives from: paths, digests (``sha256:...``) or
+            manifests, optionally as ``(parent, relation)`` pairs; recorded by digest.
+        max_file_size: split tensors across several weights files of at most this many
+            bytes (a tensor larger than the limit gets a file of its own).
+        record_code: record the git commit and dirty flag of the current directory.
+        timestamp: record the current time (``SOURCE_DATE_EPOCH`` is always honoured).
+        fsync: flush files and directory to disk before returning.
+        source: what a converted checkpoint came from (recorded as ``lineage.source``).
+
+    Raises:
+        CheckpointExistsError: ``path`` exists and ``overwrite`` is False.
+        UnsupportedTensorError: a tensor cannot be stored faithfully.
+    """
+    target = Path(path)
+    state = capture(obj)
+    _check_destination(target, overwrite)
+    # Fail on bad JSON before any byte is written.
+    lineage_doc = _lineage(lineage, parents, record_code, timestamp, source)
+    _require_json("metadata", metadata)
+    if target.exists():
+        return _write_into(target, state, lineage_doc, metadata, max_file_size, fsync)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        manifest = _write_into(staging, state, lineage_doc, metadata, max_file_size, fsync)
+        os.chmod(staging, 0o755)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if fsync:
+        fsync_dir(target.parent)
+    return manifest
+
+
+def _check_destination(target: Path, overwrite: bool) -> None:
+    if not target.parent.is_dir():
+        raise ManifestCkptError(f"{target}: parent directory {target.parent} does not exist; create it first")
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
+        raise CheckpointExistsError(f"{target} already exists; pass overwrite=True to replace it")
+    if not target.is_dir() or target.is_symlink():
+        raise CheckpointExistsError(f"{target} exists and is not a checkpoint directory; refusing to replace it")
+    if any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
+        raise CheckpointExistsError(
+            f"{target} is a non-empty directory without {MANIFEST_NAME}; refusing to overwrite what is not a "
+            "checkpoint. Choose another path or empty it."
+        )
+
+
+def _write_into(
+    directory: Path,
+    state: LiveState,
+    lineage: dict[str, Any],
+    metadata: Any,
+    max_file_size: int | None,
+    fsync: bool,
+) -> Manifest:
+    """Write weights files then the manifest (the commit marker) into ``directory``."""
+    old_files = _old_weight_files(directory)
+    planned = [
+        _Planned(k, t, dtype_name(t, k), tuple(t.shape)) for k, t in state.tensors.items() if k not in state.aliases
+    ]
+    tensors: dict[str, TensorEntry] = {}
+    files: dict[str, FileEntry] = {}
+    with ThreadPoolExecutor(1) as hasher:
+        for group in _group_files(planned, max_file_size):
+            name, entry, written = _write_weights_file(directory, group, hasher, fsync)
+            files[name] = entry
+            tensors.update(written)
+    tensors = dict(sorted(tensors.items()))
+    aliases = dict(sorted(state.aliases.items()))
+    modules = state.modules
+    manifest = Manifest(
+        digest=compute_digest(tensors, aliases, modules),
+        files=dict(sorted(files.items())),
+        tensors=tensors,
+        aliases=aliases,
+        modules=modules,
+        lineage=lineage,
+        metadata=metadata,
+        format_version=FORMAT_VERSION,
+    )
+    atomic_write_bytes(directory / MANIFEST_NAME, manifest.to_json(), fsync=fsync)
+    for stale in old_files - set(files):
+        (directory / stale).unlink(missing_ok=True)
+    return manifest
+
+
+def _old_weight_files(directory: Path) -> set[str]:
+    """Weights files the current manifest lists, to delete once the new one is committed."""
+    try:
+        document = json.loads((directory / MANIFEST_NAME).read_bytes())
+        names = document["files"]
+        return {n for n in names if isinstance(n, str) and "/" not in n and not n.startswith(".")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _group_files(planned: list[_Planned], max_file_size: int | None) -> list[list[_Planned]]:
+    """Order tensors largest element first (keeps each aligned) and split them by size."""
+    ordered = sorted(planned, key=lambda p: (-p.tensor.element_size(), p.key))
+    if not max_file_size:
+        return [ordered]
+    groups: list[list[_Planned]] = [[]]
+    size = 0
+    for p in ordered:
+        n = nbytes(p.dtype, p.shape)
+        if groups[-1] and size + n > max_file_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += n
+    return groups
+
+
+def _write_weights_file(
+    directory: Path, group: list[_Planned], hasher: ThreadPoolExecutor, fsync: bool
+) -> tuple[str, FileEntry, dict[str, TensorEntry]]:
+    """Write one safetensors file, digesting each tensor on a second thread while writing it.
+
+    The header carries the file's content digest, known only after the data is hashed, so a
+    placeholder of the same length is written first and replaced at the end.
+    """
+    layout = [(p.key, p.dtype, p.shape) for p in group]
+    placeholder = {"format": "pt", CONTENT_KEY: "sha256:" + "0" * 64}
+    header, ranges = build_header(layout, placeholder)
+    fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=directory)
+    digests: list[str] = []
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            for p in group:
+                cpu = _to_cpu_contiguous(p.tensor)
+                buf = tensor_buffer(cpu)
+                pending: Future[str] = hasher.submit(digest_bytes, buf)
+                for start in range(0, len(buf), _WRITE_BLOCK):
+                    f.write(buf[start : start + _WRITE_BLOCK])
+                digests.append(pending.result())
+                del buf, cpu
+            content = _content_digest([p.key for p in group], digests)
+            final_header, _ = build_header(layout, {"format": "pt", CONTENT_KEY: content})
+            assert len(final_header) == len(header)
+            f.seek(0)
+            f.write(final_header)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        name = f"weights-{content.removeprefix('sha256:')[:16]}.safetensors"
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    size = ranges[-1][1] if ranges else len(final_header)
+    entry = FileEntry(size=size, header_sha256=hashlib.sha256(final_header).hexdigest())
+    written = {
+        p.key: TensorEntry(p.dtype, p.shape, d, file=name, byte_range=r) for p, d, r in zip(group, digests, ranges)
+    }
+    return name, entry, written
+
+
+def _content_digest(keys: list[str], digests: list[str]) -> str:
+    blob = json.dumps(sorted(zip(keys, digests)), separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def _require_json(what: str, value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(
+            f"{what} must be plain JSON (dicts with string keys, lists, strings, finite numbers, bools, None): {exc}",
+            field=what,
+        ) from None
+
+
+def _lineage(
+    user: Any,
+    parents: Sequence[Any],
+    record_code: bool,
+    timestamp: bool,
+    source: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    _require_json("lineage", user)
+    doc: dict[str, Any] = {
+        "created_by": {
+            "manifest_ckpt": __version__,
+            "torch": torch.__version__.split("+")[0],
+            "python": platform.python_version(),
+        },
+        "parents": [resolve_parent(p) for p in parents],
+    }
+    if record_code and (code := _git_state()) is not None:
+        doc["code"] = code
+    created_at = _created_at(timestamp)
+    if created_at is not None:
+        doc["created_at"] = created_at
+    if source is not None:
+        _require_json("source", source)
+        doc["source"] = dict(source)
+    if user is not None:
+        doc["user"] = user
+    return doc
+
+
+def resolve_parent(parent: Any) -> dict[str, str]:
+    """A lineage parent entry from a path, digest, manifest, or ``(any of those, relation)``.
+
+    Only the digest and the parent's base name are recorded, never an absolute path.
+    """
+    relation = "derived-from"
+    if isinstance(parent, tuple):
+        parent, relation = parent
+    if relation not in RELATIONS:
+        raise ManifestError(f"parent relation {relation!r} is not one of {', '.join(RELATIONS)}", field="parents")
+    if isinstance(parent, Manifest):
+        return {"digest": parent.digest, "relation": relation}
+    text = os.fspath(parent)
+    if text.startswith("sha256:") and len(text) == 71:
+        return {"digest": text, "relation": relation}
+    from manifest_ckpt.reader import read_manifest
+
+    return {"digest": read_manifest(text).digest, "relation": relation, "name": Path(text).name}
+
+
+def _created_at(timestamp: bool) -> str | None:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None and epoch.strip().isdigit():
+        moment = datetime.datetime.fromtimestamp(int(epoch), tz=datetime.timezone.utc)
+    elif timestamp:
+        moment = datetime.datetime.now(tz=datetime.timezone.utc).replace(microsecond=0)
+    else:
+        return None
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _git_state() -> dict[str, Any] | None:
+    """Commit and dirty flag of the git checkout the process runs in, if any."""
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
+    try:
+        head = run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        if head.returncode != 0:
+            return None
+        status = run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    if len(commit) not in (40, 64):
+        return None
+    return {"git_commit": commit, "git_dirty": bool(status.stdout.strip())}
+
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("manifest-ckpt writes little-endian safetensors data and needs a little-endian host")
