@@ -3,15 +3,23 @@
 A checkpoint is a directory of safetensors weights files plus ``manifest.json``, validated
 against the published JSON Schema. ``save`` writes one; ``check`` and ``load`` compare it
 with a live module before a single tensor is copied; ``verify`` proves its integrity.
+
+Names that need torch are imported on first use, so reading manifests (``inspect``,
+``read_manifest``) stays light.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from manifest_ckpt._report import Problem, Report
+from manifest_ckpt._store import read_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import (
     ArchiveError,
     CheckpointExistsError,
+    CheckpointNotFoundError,
     ConversionError,
     IntegrityError,
     ManifestCkptError,
@@ -23,12 +31,33 @@ from manifest_ckpt.errors import (
     UnsupportedVersionError,
 )
 from manifest_ckpt.manifest import FormatVersionWarning, Manifest
-from manifest_ckpt.reader import LoadResult, check, load, read_manifest, verify
-from manifest_ckpt.writer import save
+
+if TYPE_CHECKING:
+    from manifest_ckpt.reader import LoadResult, check, load, verify
+    from manifest_ckpt.writer import save
+
+# public name -> module that defines it (imported lazily because it imports torch)
+_LAZY = {
+    "LoadResult": "manifest_ckpt.reader",
+    "check": "manifest_ckpt.reader",
+    "load": "manifest_ckpt.reader",
+    "verify": "manifest_ckpt.reader",
+    "save": "manifest_ckpt.writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'manifest_ckpt' has no attribute {name!r}")
+
 
 __all__ = [
     "ArchiveError",
     "CheckpointExistsError",
+    "CheckpointNotFoundError",
     "ConversionError",
     "FormatVersionWarning",
     "IntegrityError",

@@ -150,22 +150,38 @@ def compare(
 
 
 def _tie_problems(checkpoint: StateSpec, module: StateSpec, common: list[str]) -> list[Problem]:
-    """Keys whose tie partner differs: tied on one side, separate on the other."""
-    first_c: dict[str, str] = {}
-    first_m: dict[str, str] = {}
-    lead_c: dict[str, str] = {}
-    lead_m: dict[str, str] = {}
-    for key in sorted(common):
-        lead_c.setdefault(checkpoint.canonical(key), key)
-        lead_m.setdefault(module.canonical(key), key)
-        first_c[key] = lead_c[checkpoint.canonical(key)]
-        first_m[key] = lead_m[module.canonical(key)]
+    """Keys whose tie group differs between the two sides (tied on one, separate on the other).
+
+    A tie counted once: the group's lead (its stored key) is not reported, its partners are.
+    """
+    common_set = set(common)
+
+    def groups(spec: StateSpec) -> tuple[dict[str, frozenset[str]], dict[str, str]]:
+        members: dict[str, set[str]] = defaultdict(set)
+        for key in common:
+            members[spec.canonical(key)].add(key)
+        group, lead = {}, {}
+        for canon, keys in members.items():
+            frozen = frozenset(keys)
+            head = canon if canon in common_set else min(keys)
+            for key in keys:
+                group[key], lead[key] = frozen, head
+        return group, lead
+
+    group_c, lead_c = groups(checkpoint)
+    group_m, lead_m = groups(module)
+
+    def tie_text(group: frozenset[str], head: str, key: str) -> str:
+        if len(group) == 1:
+            return "not tied"
+        return f"tied to {head}" if head != key else "tied to " + ", ".join(sorted(group - {key}))
+
     problems = []
     for key in sorted(common):
-        if first_c[key] != first_m[key]:
-            expected = f"tied to {first_m[key]}" if first_m[key] != key else "not tied"
-            found = f"tied to {first_c[key]}" if first_c[key] != key else "not tied"
-            problems.append(Problem("alias", key, expected, found))
+        if group_c[key] != group_m[key] and not (lead_c[key] == key and lead_m[key] == key):
+            problems.append(
+                Problem("alias", key, tie_text(group_m[key], lead_m[key], key), tie_text(group_c[key], lead_c[key], key))
+            )
     return problems
 
 

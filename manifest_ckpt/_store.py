@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from manifest_ckpt.errors import IntegrityError, ManifestError
-from manifest_ckpt.manifest import MANIFEST_NAME
+from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
+from manifest_ckpt.manifest import MANIFEST_NAME, Manifest
 
 MAX_MANIFEST_BYTES = 1 << 30
 
@@ -46,7 +46,7 @@ class DirectoryStore:
                 raise ManifestError(f"{path}: {size} bytes is too large for a manifest", file=str(path))
             return path.read_bytes()
         except FileNotFoundError:
-            raise ManifestError(
+            raise CheckpointNotFoundError(
                 f"{self.root}: no {MANIFEST_NAME}; this is not a manifest-ckpt checkpoint (or its save was "
                 "interrupted). Convert foreign weights with `manifest-ckpt convert`.",
                 file=str(path),
@@ -108,7 +108,23 @@ def open_store(path: str | os.PathLike[str]) -> Store:
         store = _archive_store.open_archive_store(p)
         if store is not None:
             return store
-        raise ManifestError(
+        raise CheckpointNotFoundError(
             f"{p}: not a checkpoint directory, manifest.json or manifest-ckpt archive", file=str(p)
         )
-    raise ManifestError(f"{p}: no such checkpoint (file or directory not found)", file=str(p))
+    raise CheckpointNotFoundError(f"{p}: no such checkpoint (file or directory not found)", file=str(p))
+
+
+def read_store_manifest(store: Store) -> Manifest:
+    """The validated manifest of an open store."""
+    return Manifest.from_json(store.manifest_bytes(), file=f"{store.location}/{MANIFEST_NAME}")
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate a checkpoint's manifest (directory, ``manifest.json`` or archive).
+
+    Raises:
+        CheckpointNotFoundError: the path is not a checkpoint.
+        ManifestError: unreadable, invalid or inconsistent manifest.
+        UnsupportedVersionError: a format major version this release cannot read.
+    """
+    return read_store_manifest(open_store(path))

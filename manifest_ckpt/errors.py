@@ -32,6 +32,17 @@ class ManifestError(ManifestCkptError, ValueError):
         self.field = field
 
 
+class CheckpointNotFoundError(ManifestCkptError, FileNotFoundError):
+    """The path does not exist, or is not a checkpoint directory, manifest or archive."""
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class UnsupportedVersionError(ManifestError):
     """The manifest's format major version is not one this release can read."""
 

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from manifest_ckpt._compare import Comparison, StateSpec, compare
+from manifest_ckpt._progress import Progress
 from manifest_ckpt._report import Report
 from manifest_ckpt._safetensors_format import MAX_HEADER_BYTES, parse_header
-from manifest_ckpt._store import Store, open_store
+from manifest_ckpt._store import Store, open_store, read_manifest, read_store_manifest
 from manifest_ckpt.errors import IntegrityError, ManifestError, ModelMismatchError
 from manifest_ckpt.integrity import digest_bytes, digest_many
 from manifest_ckpt.introspect import LiveState, capture
@@ -45,20 +46,6 @@ class LoadResult:
     skipped: list[str]
     materialized: list[str]
     manifest: Manifest = field(repr=False)
-
-
-def read_manifest(path: PathLike) -> Manifest:
-    """Read and validate a checkpoint's manifest (directory, ``manifest.json`` or archive).
-
-    Raises:
-        ManifestError: unreadable, invalid or inconsistent manifest.
-        UnsupportedVersionError: a format major version this release cannot read.
-    """
-    return _read(open_store(path))
-
-
-def _read(store: Store) -> Manifest:
-    return Manifest.from_json(store.manifest_bytes(), file=f"{store.location}/manifest.json")
 
 
 def check(
@@ -182,7 +169,7 @@ class _Weights:
             for c in t.pieces():
                 jobs.append((key, c))
 
-        found = digest_many([_byte_reader(self, c) for _, c in jobs])
+        found = digest_many([_byte_reader(self, c, progress) for _, c in jobs])
         bad = [(key, c, d) for (key, c), d in zip(jobs, found) if d != c.digest]
         if bad:
             lines = "\n".join(
@@ -199,10 +186,14 @@ class _Weights:
             )
 
 
-def _byte_reader(weights: _Weights, chunk: Chunk) -> Callable[[], memoryview]:
+def _byte_reader(
+    weights: _Weights, chunk: Chunk, progress: Callable[[int], None] | None
+) -> Callable[[], memoryview]:
     def get() -> memoryview:
         mapping, offset, _ = weights.store.file_map(chunk.file)
         start, end = chunk.byte_range
+        if progress is not None:
+            progress(end - start)
         return memoryview(mapping)[offset + start : offset + end]
 
     return get
@@ -215,11 +206,23 @@ def verify(path: PathLike) -> None:
         ManifestError: invalid manifest, or manifest and weights that do not belong together.
         IntegrityError: a missing, truncated or corrupt file.
     """
+    verify_report(path)
+
+
+def verify_report(path: PathLike, *, progress: bool = False, search: Iterable[PathLike] = ()) -> dict[str, Any]:
+    """``verify``, returning what was proven (for the CLI); same errors as ``verify``."""
     store = open_store(path)
-    manifest = _read(store)
+    manifest = read_store_manifest(store)
     weights = _Weights(store, manifest)
     weights.bind(manifest.files)
-    weights.verify(manifest.tensors)
+    with Progress(f"verify {store.location}", manifest.total_bytes, enabled=progress) as bar:
+        weights.verify(manifest.tensors, progress=bar.advance)
+    return {
+        "digest": manifest.digest,
+        "tensors": len(manifest.tensors),
+        "bytes": manifest.total_bytes,
+        "files": len(manifest.files),
+    }
 
 
 def load(
@@ -254,7 +257,7 @@ def load(
         ManifestError: invalid manifest or weights that do not belong to it.
     """
     store = open_store(path)
-    manifest = _read(store)
+    manifest = read_store_manifest(store)
     if expect_digest is not None and manifest.digest != expect_digest:
         raise IntegrityError(
             f"{store.location}: checkpoint digest is {manifest.digest}, expected {expect_digest}; "

@@ -24,6 +24,7 @@ from torch import nn
 from manifest_ckpt._version import __version__
 from manifest_ckpt._dtypes import nbytes
 from manifest_ckpt._safetensors_format import CONTENT_KEY, build_header
+from manifest_ckpt._store import read_manifest
 from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError
 from manifest_ckpt.integrity import atomic_write_bytes, digest_bytes, fsync_dir
 from manifest_ckpt.introspect import LiveState, capture, dtype_name
@@ -311,8 +312,6 @@ def resolve_parent(parent: Any) -> dict[str, str]:
     text = os.fspath(parent)
     if text.startswith("sha256:") and len(text) == 71:
         return {"digest": text, "relation": relation}
-    from manifest_ckpt.reader import read_manifest
-
     return {"digest": read_manifest(text).digest, "relation": relation, "name": Path(text).name}
 
 

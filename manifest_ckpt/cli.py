@@ -1,0 +1,230 @@
+"""The ``manifest-ckpt`` command line.
+
+``run(argv, stdout, stderr) -> int`` does the work and is what tests call; ``main()`` is the
+console script. Exit codes: 0 ok, 1 a check or verification failed, 2 bad usage or
+unreadable input. Every command prints a human view by default and JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from manifest_ckpt._render import inspect_text
+from manifest_ckpt._store import open_store, read_store_manifest
+from manifest_ckpt._version import __version__
+from manifest_ckpt.errors import (
+    CheckpointNotFoundError,
+    IntegrityError,
+    ManifestCkptError,
+    ManifestError,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _UsageError(Exception):
+    """Raised by the parser instead of exiting, so ``run`` can return 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, stream: TextIO, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stream = stream
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            self._stream.write(message)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(self._stream)
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            self._stream.write(message)
+        raise SystemExit(status)
+
+
+def _error_json(exc: BaseException) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    for attr in ("file", "field", "key", "member", "global_name"):
+        value = getattr(exc, attr, None)
+        if value is not None:
+            out[attr] = value
+    return out
+
+
+def _emit_json(stdout: TextIO, document: Any) -> None:
+    stdout.write(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    store = open_store(args.path)
+    manifest = read_store_manifest(store)
+    if args.json:
+        from manifest_ckpt._render import dtype_totals
+
+        _emit_json(
+            out,
+            {"checkpoint": store.location, "digest": manifest.digest, "totals": dtype_totals(manifest),
+             "manifest": manifest.to_dict()},
+        )
+    else:
+        out.write(inspect_text(manifest, store.location, max_depth=args.depth) + "\n")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt.reader import verify_report
+
+    try:
+        result = verify_report(args.path, progress=not args.quiet, search=args.search)
+    except CheckpointNotFoundError:
+        raise
+    except (IntegrityError, ManifestError) as exc:
+        if args.json:
+            _emit_json(out, {"checkpoint": str(args.path), "ok": False, "error": _error_json(exc)})
+        else:
+            err.write(f"FAILED {args.path}\n{exc}\n")
+        return EXIT_FAILED
+    if args.json:
+        _emit_json(out, {"checkpoint": str(args.path), "ok": True, **result})
+    else:
+        out.write(
+            f"OK {args.path}\n  digest   {result['digest']}\n  verified {result['tensors']} tensors, "
+            f"{result['bytes']:,} bytes in {result['files']} files\n"
+        )
+        for line in result.get("parents_text", []):
+            out.write(f"  {line}\n")
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt._factory import build_model
+    from manifest_ckpt.reader import check
+    from manifest_ckpt.remap import parse_remap_args
+
+    model = build_model(args.model)
+    report = check(
+        model,
+        args.path,
+        remap=parse_remap_args(args.remap) or None,
+        allow_missing=args.allow_missing,
+        allow_unexpected=args.allow_unexpected,
+        cast=args.cast,
+    )
+    if args.json:
+        _emit_json(out, {"checkpoint": str(args.path), "model": args.model, **report.to_dict()})
+    else:
+        out.write(f"{'OK' if report.ok else 'MISMATCH'} {args.path} vs {args.model}\n{report}\n")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt._validate import schema_text
+
+    out.write(schema_text())
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt._demo import run_demo
+
+    if args.dir:
+        return run_demo(Path(args.dir), out)
+    with tempfile.TemporaryDirectory(prefix="manifest-ckpt-demo-") as tmp:
+        return run_demo(Path(tmp), out)
+
+
+# -- parser -----------------------------------------------------------------------------
+
+Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
+
+
+def _parser(stream: TextIO) -> _Parser:
+    parser = _Parser(
+        prog="manifest-ckpt",
+        description="PyTorch checkpoints with a validated manifest: inspect, verify, check, convert, archive.",
+        stream=stream,
+    )
+    parser.add_argument("--version", action="version", version=f"manifest-ckpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, stream=stream)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("inspect", _cmd_inspect, "show the module tree, dtypes, sizes, digest and lineage")
+    p.add_argument("path", help="checkpoint directory, manifest.json or archive")
+    p.add_argument("--depth", type=int, default=None, help="show the module tree to this depth")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("verify", _cmd_verify, "check schema, file binding, sizes, every digest, and parents found")
+    p.add_argument("path", help="checkpoint directory, manifest.json or archive")
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also verify parents found under DIR (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("check", _cmd_check, "compare a checkpoint with a model built by a factory; load nothing")
+    p.add_argument("path", help="checkpoint directory, manifest.json or archive")
+    p.add_argument("--model", required=True, metavar="pkg.module:factory",
+                   help="import path (or file.py:name) of a module or a factory that builds one")
+    p.add_argument("--remap", action="append", default=[], metavar="REGEX=REPLACEMENT",
+                   help="rename checkpoint keys first (repeatable, applied in order)")
+    p.add_argument("--allow-missing", action="append", default=[], metavar="REGEX")
+    p.add_argument("--allow-unexpected", action="append", default=[], metavar="REGEX")
+    p.add_argument("--cast", action="store_true", help="accept dtype differences (load would cast)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    add("schema", _cmd_schema, "print the manifest JSON Schema")
+
+    p = add("demo", _cmd_demo, "save, inspect, verify, refuse a wrong model, load through a suggested remap")
+    p.add_argument("--dir", help="keep the demo's checkpoints in this directory")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run the command line; return the exit code instead of exiting."""
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    parser = _parser(err)
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except _UsageError as exc:
+        err.write(f"{exc}\n")
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version
+        if exc.code == 0 and argv is not None:
+            return EXIT_OK
+        return int(exc.code or 0)
+    try:
+        return int(args.handler(args, out, err))
+    except ManifestCkptError as exc:
+        if getattr(args, "json", False):
+            _emit_json(out, {"ok": False, "error": _error_json(exc)})
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.write("interrupted\n")
+        return 130
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
