@@ -1,11 +1,106 @@
-"""Read a checkpoint packed in an archive in place (filled in with the archive support)."""
+"""Read a checkpoint packed in a tar archive in place: one mmap, members at their offsets (no torch).
+
+The archive is indexed once (headers only, hostile members refused by
+:func:`manifest_ckpt._tar.index_archive`) and mapped once; each weights file is then the slice
+``[member.offset, member.offset + member.size)`` of that one mapping. Nothing is extracted.
+"""
 
 from __future__ import annotations
 
+import mmap
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from manifest_ckpt._tar import ArchiveMember, index_archive, is_archive
+from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
+from manifest_ckpt.manifest import MANIFEST_NAME
+
+# Same bound as for a manifest.json on disk (``_store.MAX_MANIFEST_BYTES``); kept here to
+# avoid importing ``_store``, which imports this module lazily.
+_MAX_MANIFEST_BYTES = 1 << 30
 
 
-def open_archive_store(path: Path) -> Any:
-    """An archive store for ``path``, or None when it is not a manifest-ckpt archive."""
-    return None
+@dataclass
+class ArchiveStore:
+    """A checkpoint inside one archive file, read through a single memory map.
+
+    Attributes:
+        path: the archive file.
+        location: the archive path as given, for messages.
+        members: the archive's regular files by normalized name.
+    """
+
+    path: Path
+    location: str
+    members: dict[str, ArchiveMember]
+    _mapping: mmap.mmap | None = field(default=None, repr=False)
+
+    def _map(self) -> mmap.mmap:
+        if self._mapping is None:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                end = max((m.offset + m.size for m in self.members.values()), default=0)
+                if size < end:
+                    raise IntegrityError(
+                        f"{self.location}: the archive shrank to {size} bytes since it was indexed "
+                        f"(members end at byte {end}); something is rewriting it",
+                    )
+                # ACCESS_COPY: writable private pages (torch needs a writable buffer), never
+                # written back to the archive.
+                self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mapping
+
+    def manifest_bytes(self) -> bytes:
+        """The bytes of the archive's ``manifest.json`` member."""
+        member = self.members[MANIFEST_NAME]  # present: checked by open_archive_store
+        if member.size > _MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"{self.location}/{MANIFEST_NAME}: {member.size} bytes is too large for a manifest",
+                file=MANIFEST_NAME,
+            )
+        if member.size == 0:
+            return b""
+        return bytes(self._map()[member.offset : member.offset + member.size])
+
+    def file_map(self, name: str) -> tuple[mmap.mmap, int, int]:
+        """``(mapping of the whole archive, offset of member ``name`` in it, its size)``.
+
+        Raises:
+            IntegrityError: the archive has no such member, or it is empty.
+        """
+        member = self.members.get(name)
+        if member is None:
+            raise IntegrityError(
+                f"{self.location}: weights file {name!r} listed in the manifest is not in the archive; "
+                "re-create the archive with `manifest-ckpt pack`",
+                file=name,
+            )
+        if member.size == 0:
+            raise IntegrityError(f"{self.location}/{name}: file is empty (truncated)", file=name)
+        return self._map(), member.offset, member.size
+
+
+def open_archive_store(path: Path) -> ArchiveStore | None:
+    """An archive store for ``path``, or None when it is not a tar archive at all.
+
+    Raises:
+        ArchiveError: the file is a tar archive but corrupt, truncated or hostile.
+        CheckpointNotFoundError: a valid tar archive without ``manifest.json`` at its root.
+    """
+    if not is_archive(path):
+        return None
+    members = index_archive(path)
+    if MANIFEST_NAME not in members:
+        nested = sorted(name for name in members if name.endswith("/" + MANIFEST_NAME))
+        hint = (
+            f" It has {nested[0]!r}: archive the checkpoint's contents, not its directory "
+            "(`manifest-ckpt pack CKPT OUT`)."
+            if nested
+            else " Create archives with `manifest-ckpt pack CKPT OUT`."
+        )
+        raise CheckpointNotFoundError(
+            f"{path}: a tar archive without {MANIFEST_NAME} at its root, so not a manifest-ckpt archive.{hint}",
+            file=str(path),
+        )
+    return ArchiveStore(path, str(path), members)

@@ -56,10 +56,18 @@ class StateSpec:
         return self.aliases.get(key, key)
 
     def renamed(self, names: Mapping[str, str]) -> StateSpec:
-        """The same state with keys renamed by ``{old: new}`` (aliases follow; classes stay)."""
+        """The same state with keys renamed by ``{old: new}``; aliases and owners' classes follow."""
         tensors = {names[k]: TensorSpec(s.dtype, s.shape, owner_of(names[k])) for k, s in self.tensors.items()}
         aliases = {names[a]: names[t] for a, t in self.aliases.items()}
-        return StateSpec(tensors, aliases, self.classes)
+        classes = None
+        if self.classes is not None:
+            # A renamed key's new owner is the module that owned it before: without this, the
+            # class check looks classes up under new paths and silently passes after a remap.
+            moved: dict[str, str | None] = {}
+            for old in self.tensors:
+                moved.setdefault(owner_of(names[old]), self.classes.get(owner_of(old)))
+            classes = {**self.classes, **moved}
+        return StateSpec(tensors, aliases, classes)
 
 
 @dataclass(frozen=True)

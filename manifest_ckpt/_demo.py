@@ -58,8 +58,8 @@ def run_demo(workdir: Path, out: TextIO) -> int:
         out.write("UNEXPECTED: the prefixed checkpoint loaded without a remap\n")
         remap = None
     except ModelMismatchError as exc:
-        counts = {k: len(exc.report.by_kind(k)) for k in ("missing", "unexpected")}  # type: ignore[arg-type]
-        out.write(f"refused: {counts['missing']} missing, {counts['unexpected']} unexpected keys\n")
+        missing, unexpected = len(exc.report.by_kind("missing")), len(exc.report.by_kind("unexpected"))
+        out.write(f"refused: {missing} missing, {unexpected} unexpected keys\n")
         for hint in exc.report.hints:
             out.write(f"hint: {hint}\n")
         remap = exc.report.suggested_remap

@@ -30,7 +30,7 @@ def build_model(spec: str) -> nn.Module:
         module = _import(target)
     except ModelSpecError:
         raise
-    except Exception as exc:  # noqa: BLE001 - user code can raise anything on import; report it
+    except Exception as exc:
         raise ModelSpecError(f"--model {spec!r}: importing {target!r} failed: {type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
@@ -40,7 +40,7 @@ def build_model(spec: str) -> nn.Module:
     if not isinstance(obj, nn.Module):
         try:
             obj = obj()
-        except Exception as exc:  # noqa: BLE001 - the factory is user code
+        except Exception as exc:
             raise ModelSpecError(f"--model {spec!r}: calling {attr}() failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, nn.Module):
         raise ModelSpecError(f"--model {spec!r}: {attr} gave a {type(obj).__name__}, expected an nn.Module")

@@ -34,7 +34,7 @@ def module_tree(manifest: Manifest, *, max_depth: int | None = None) -> str:
     modules = manifest.modules
     if modules is None:
         owners = sorted({k.rpartition(".")[0] for k in manifest.keys()})
-        paths = set()
+        paths: set[str] = set()
         for owner in owners:
             parts = owner.split(".") if owner else []
             paths.update(".".join(parts[:i]) for i in range(len(parts) + 1))

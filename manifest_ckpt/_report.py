@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -74,7 +75,7 @@ def _count(problems: list[Problem]) -> dict[str, int]:
     return out
 
 
-def render_table(rows: list[tuple[str, ...]], *, max_width: int = 60) -> str:
+def render_table(rows: Sequence[Sequence[str]], *, max_width: int = 60) -> str:
     """A plain-text table with a header rule; long cells are shortened in the middle."""
 
     def cut(cell: str) -> str:

@@ -105,7 +105,7 @@ def open_store(path: str | os.PathLike[str]) -> Store:
     if p.is_file():
         from manifest_ckpt import _archive_store
 
-        store = _archive_store.open_archive_store(p)
+        store: Store | None = _archive_store.open_archive_store(p)
         if store is not None:
             return store
         raise CheckpointNotFoundError(

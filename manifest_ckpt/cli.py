@@ -33,13 +33,16 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, stream: TextIO, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stream: TextIO, out: TextIO | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stream = stream
+        self._out = out if out is not None else stream
 
     def _print_message(self, message: str, file: Any = None) -> None:
+        # argparse sends --help and --version to stdout (so `$(manifest-ckpt --version)` works)
+        # and usage errors to stderr; keep that split with the streams run() was given.
         if message:
-            self._stream.write(message)
+            (self._out if file is None or file is sys.stdout else self._stream).write(message)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(self._stream)
@@ -140,6 +143,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt._demo import run_demo
 
     if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
         return run_demo(Path(args.dir), out)
     with tempfile.TemporaryDirectory(prefix="manifest-ckpt-demo-") as tmp:
         return run_demo(Path(tmp), out)
@@ -150,18 +154,19 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
-def _parser(stream: TextIO) -> _Parser:
+def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     parser = _Parser(
         prog="manifest-ckpt",
         description="PyTorch checkpoints with a validated manifest: inspect, verify, check, convert, archive.",
         stream=stream,
+        out=out,
     )
     parser.add_argument("--version", action="version", version=f"manifest-ckpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def add(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, stream=stream)
+        p = sub.add_parser(name, help=help_text, description=help_text, stream=stream, out=out)
         p.set_defaults(handler=handler)
         return p
 
@@ -199,7 +204,7 @@ def run(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr:
     """Run the command line; return the exit code instead of exiting."""
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
-    parser = _parser(err)
+    parser = _parser(err, out)
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except _UsageError as exc:

@@ -33,14 +33,15 @@ class TinyGPTVariant(TinyGPT):
     """A look-alike that a TinyGPT checkpoint must not load into silently.
 
     Same names and mostly the same shapes, but RMSNorm instead of LayerNorm, an untied
-    output head, bfloat16 position embeddings, and a wider feed-forward in the last block.
+    output head with a bias, bfloat16 position embeddings, and a wider feed-forward in the
+    last block: together every kind of problem a report can list.
     """
 
     def __init__(self) -> None:
         super().__init__()
         width = self.wte.embedding_dim
         self.ln_f = nn.RMSNorm(width)  # type: ignore[assignment]
-        self.lm_head = nn.Linear(width, self.wte.num_embeddings, bias=False)
+        self.lm_head = nn.Linear(width, self.wte.num_embeddings, bias=True)
         self.wpe.to(torch.bfloat16)
         last = self.blocks[-1]
         last.linear1 = nn.Linear(width, 4 * width)

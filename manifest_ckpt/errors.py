@@ -69,6 +69,16 @@ class ModelMismatchError(ManifestCkptError, ValueError):
         self.report = report
         self.path = path
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from the report: the default (type, args) would wrap the message twice when
+        # the error crosses a process boundary (torch.distributed.checkpoint pickles errors
+        # between ranks, multiprocessing between workers).
+        return (_rebuild_model_mismatch, (type(self), self.report, self.path))
+
+
+def _rebuild_model_mismatch(cls: type[ModelMismatchError], report: Report, path: str | None) -> ModelMismatchError:
+    return cls(report, path=path)
+
 
 class RemapError(ManifestCkptError, ValueError):
     """A remap rule is invalid, matches no key, or makes two keys collide."""

@@ -256,17 +256,30 @@ class Manifest:
             if t.digest != chunked_digest(t.chunks):
                 yield _path("tensors", key, "digest"), "does not match the digest of its chunks"
             covered = 0
+            well_formed: list[tuple[int, Chunk]] = []
+            first_in_file: dict[str, int] = {}
             for i, c in enumerate(t.chunks):
                 at = _path("tensors", key, "chunks", i)
+                # The reader finds a chunk under the tensor's own key in its file's header.
+                j = first_in_file.setdefault(c.file, i)
+                if j != i:
+                    yield at + ".file", f"names {c.file!r} like chunk {j}; a file holds at most one chunk of a tensor"
                 if len(c.offsets) != len(t.shape) or len(c.shape) != len(t.shape):
                     yield at, f"has rank {len(c.shape)}, the tensor has rank {len(t.shape)}"
                     continue
                 if any(o + s > d for o, s, d in zip(c.offsets, c.shape, t.shape)):
                     yield at, f"offsets {list(c.offsets)} + shape {list(c.shape)} exceed the tensor shape {list(t.shape)}"
                 covered += _dtypes.nbytes(t.dtype, c.shape)
+                well_formed.append((i, c))
                 yield from _check_range(self.files, at, c.file, c.byte_range, t.dtype, c.shape)
             if covered != t.nbytes:
                 yield _path("tensors", key, "chunks"), f"cover {covered} bytes, the tensor has {t.nbytes}"
+            # Equal byte counts are not enough: two overlapping chunks would leave a hole that
+            # load never fills, so the chunks must also be disjoint (then they tile the tensor).
+            overlap = _overlapping_chunks(well_formed)
+            if overlap is not None:
+                i, j = overlap
+                yield _path("tensors", key, "chunks", j), f"overlaps chunk {i}; chunks must tile the tensor exactly"
         for alias, target in self.aliases.items():
             if alias in self.tensors:
                 yield _path("aliases", alias), "is also a stored tensor; an alias must not be stored twice"
@@ -340,7 +353,7 @@ def _tensor_from_dict(t: Mapping[str, Any]) -> TensorEntry:
         shape=tuple(t["shape"]),
         digest=t["digest"],
         file=t.get("file"),
-        byte_range=tuple(t["byte_range"]) if "byte_range" in t else None,  # type: ignore[arg-type]
+        byte_range=(t["byte_range"][0], t["byte_range"][1]) if "byte_range" in t else None,
         chunks=None
         if chunks is None
         else tuple(
@@ -348,6 +361,32 @@ def _tensor_from_dict(t: Mapping[str, Any]) -> TensorEntry:
             for c in chunks
         ),
     )
+
+
+def _overlapping_chunks(chunks: list[tuple[int, Chunk]]) -> tuple[int, int] | None:
+    """The indices of the first two chunks that share an element, or None.
+
+    A sweep along the dimension the chunks are split most along: sorted by their offset
+    there, a chunk can only overlap those that start before it ends, so the usual splits
+    along one dimension (or a grid) stay fast even with thousands of chunks.
+    """
+    boxes = [ic for ic in chunks if all(ic[1].shape)]  # empty chunks hold no element
+    if len(boxes) < 2:
+        return None
+    rank = len(boxes[0][1].shape)
+    if rank == 0:
+        return boxes[0][0], boxes[1][0]  # two chunks of a scalar both hold its one element
+    d = max(range(rank), key=lambda k: len({c.offsets[k] for _, c in boxes}))
+    boxes.sort(key=lambda ic: ic[1].offsets[d])
+    for n, (i, a) in enumerate(boxes):
+        end = a.offsets[d] + a.shape[d]
+        for m in range(n + 1, len(boxes)):
+            j, b = boxes[m]
+            if b.offsets[d] >= end:
+                break
+            if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in zip(a.offsets, a.shape, b.offsets, b.shape)):
+                return min(i, j), max(i, j)
+    return None
 
 
 def _check_range(

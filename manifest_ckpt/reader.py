@@ -17,7 +17,7 @@ from manifest_ckpt._report import Report
 from manifest_ckpt._safetensors_format import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt._store import Store, open_store, read_manifest, read_store_manifest
 from manifest_ckpt.errors import IntegrityError, ManifestError, ModelMismatchError
-from manifest_ckpt.integrity import digest_bytes, digest_many
+from manifest_ckpt.integrity import digest_many
 from manifest_ckpt.introspect import LiveState, capture
 from manifest_ckpt.manifest import Chunk, Manifest
 from manifest_ckpt.remap import Remap, apply_remap
@@ -134,7 +134,7 @@ class _Weights:
 
     def _check_header(self, name: str, entries: Mapping[str, Any]) -> None:
         for key, t in self.manifest.tensors.items():
-            for i, c in enumerate(t.pieces()):
+            for c in t.pieces():
                 if c.file != name:
                     continue
                 # A file holds at most one chunk of a tensor, under the tensor's own key.
@@ -168,7 +168,15 @@ class _Weights:
             t = self.manifest.tensors[key]
             for c in t.pieces():
                 jobs.append((key, c))
+        self.verify_pieces(jobs, progress=progress)
 
+    def verify_pieces(
+        self, jobs: list[tuple[str, Chunk]], *, progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Hash the given ``(key, chunk)`` pieces and raise once, naming every mismatch.
+
+        The distributed reader verifies only the chunks its rank reads.
+        """
         found = digest_many([_byte_reader(self, c, progress) for _, c in jobs])
         bad = [(key, c, d) for (key, c), d in zip(jobs, found) if d != c.digest]
         if bad:

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from manifest_ckpt._version import __version__
 from manifest_ckpt._dtypes import nbytes
 from manifest_ckpt._safetensors_format import CONTENT_KEY, build_header
 from manifest_ckpt._store import read_manifest
+from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError
 from manifest_ckpt.integrity import atomic_write_bytes, digest_bytes, fsync_dir
 from manifest_ckpt.introspect import LiveState, capture, dtype_name
@@ -33,7 +33,6 @@ from manifest_ckpt.manifest import (
     MANIFEST_NAME,
     FileEntry,
     Manifest,
-    ModuleEntry,
     TensorEntry,
     compute_digest,
 )
@@ -210,12 +209,42 @@ def _group_files(planned: list[_Planned], max_file_size: int | None) -> list[lis
 def _write_weights_file(
     directory: Path, group: list[_Planned], hasher: ThreadPoolExecutor, fsync: bool
 ) -> tuple[str, FileEntry, dict[str, TensorEntry]]:
+    """Write one content-addressed safetensors file holding whole tensors."""
+    layout = [(p.key, p.dtype, p.shape) for p in group]
+    name, entry, digests, ranges = write_safetensors(directory, layout, (p.tensor for p in group), hasher, fsync)
+    written = {
+        p.key: TensorEntry(p.dtype, p.shape, d, file=name, byte_range=r) for p, d, r in zip(group, digests, ranges)
+    }
+    return name, entry, written
+
+
+def content_file_name(content_digest: str) -> str:
+    """The name of a weights file: its content digest, shortened."""
+    return f"weights-{content_digest.removeprefix('sha256:')[:16]}.safetensors"
+
+
+def write_safetensors(
+    directory: Path,
+    layout: Sequence[tuple[str, str, tuple[int, ...]]],
+    tensors: Iterable[torch.Tensor],
+    hasher: ThreadPoolExecutor,
+    fsync: bool,
+    name: Callable[[str], str] = content_file_name,
+) -> tuple[str, FileEntry, list[str], list[tuple[int, int]]]:
     """Write one safetensors file, digesting each tensor on a second thread while writing it.
 
     The header carries the file's content digest, known only after the data is hashed, so a
-    placeholder of the same length is written first and replaced at the end.
+    placeholder of the same length is written first and replaced at the end. Shared by
+    ``save`` and the distributed storage writer.
+
+    Args:
+        layout: ``(key, manifest dtype, shape)`` of each tensor, in data order.
+        tensors: the values in the same order, produced lazily (one is held at a time).
+        name: maps the file's content digest to its final name in ``directory``.
+
+    Returns:
+        The file name, its manifest entry, each tensor's digest and absolute byte range.
     """
-    layout = [(p.key, p.dtype, p.shape) for p in group]
     placeholder = {"format": "pt", CONTENT_KEY: "sha256:" + "0" * 64}
     header, ranges = build_header(layout, placeholder)
     fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=directory)
@@ -223,15 +252,17 @@ def _write_weights_file(
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header)
-            for p in group:
-                cpu = _to_cpu_contiguous(p.tensor)
+            for tensor in tensors:
+                cpu = _to_cpu_contiguous(tensor)
                 buf = tensor_buffer(cpu)
                 pending: Future[str] = hasher.submit(digest_bytes, buf)
                 for start in range(0, len(buf), _WRITE_BLOCK):
                     f.write(buf[start : start + _WRITE_BLOCK])
                 digests.append(pending.result())
                 del buf, cpu
-            content = _content_digest([p.key for p in group], digests)
+            if len(digests) != len(layout):
+                raise ValueError(f"write_safetensors: {len(layout)} tensors in the layout, {len(digests)} given")
+            content = _content_digest([key for key, _, _ in layout], digests)
             final_header, _ = build_header(layout, {"format": "pt", CONTENT_KEY: content})
             assert len(final_header) == len(header)
             f.seek(0)
@@ -239,18 +270,15 @@ def _write_weights_file(
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        name = f"weights-{content.removeprefix('sha256:')[:16]}.safetensors"
+        file_name = name(content)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / name)
+        os.replace(tmp, directory / file_name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     size = ranges[-1][1] if ranges else len(final_header)
     entry = FileEntry(size=size, header_sha256=hashlib.sha256(final_header).hexdigest())
-    written = {
-        p.key: TensorEntry(p.dtype, p.shape, d, file=name, byte_range=r) for p, d, r in zip(group, digests, ranges)
-    }
-    return name, entry, written
+    return file_name, entry, digests, ranges
 
 
 def _content_digest(keys: list[str], digests: list[str]) -> str:
