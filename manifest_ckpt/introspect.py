@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -96,6 +96,37 @@ def module_tree(module: nn.Module) -> dict[str, ModuleEntry]:
     return tree
 
 
+def _agree_with_state(tree: dict[str, ModuleEntry], keys: Iterable[str]) -> dict[str, ModuleEntry]:
+    """The tree restricted to, and completed with, the keys ``state_dict()`` really returns.
+
+    State-dict hooks and overridden ``_save_to_state_dict`` (quantized layers, FSDP) rename,
+    drop or add keys. The manifest must declare exactly the stored keys, or the checkpoint
+    could not be read back; an added key is listed as a buffer of the module that owns its
+    path (a module of unknown class if no such module exists).
+    """
+    ordered = list(keys)
+    present = set(ordered)
+
+    def full(path: str, name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    out = {
+        path: replace(
+            m,
+            parameters=tuple(n for n in m.parameters if full(path, n) in present),
+            buffers=tuple(n for n in m.buffers if full(path, n) in present),
+        )
+        for path, m in tree.items()
+    }
+    declared = {full(path, n) for path, m in out.items() for n in m.persistent_names()}
+    for key in ordered:
+        if key not in declared:
+            path, _, name = key.rpartition(".")
+            entry = out.get(path, ModuleEntry(cls=None, version=None))
+            out[path] = replace(entry, buffers=(*entry.buffers, name))
+    return out
+
+
 def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
     """Describe a module or a plain state dict.
 
@@ -106,7 +137,7 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
     if isinstance(obj, nn.Module):
         state = obj.state_dict(keep_vars=True)
         owners = dict(obj.named_modules(remove_duplicate=False))
-        modules: dict[str, ModuleEntry] | None = module_tree(obj)
+        modules: dict[str, ModuleEntry] | None = _agree_with_state(module_tree(obj), state)
     elif isinstance(obj, Mapping):
         state, owners, modules = dict(obj), {}, None
     else:

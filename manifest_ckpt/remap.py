@@ -70,5 +70,11 @@ def parse_remap_args(items: Iterable[str]) -> dict[str, str]:
         if "=" not in item:
             raise RemapError(f"--remap {item!r}: expected REGEX=REPLACEMENT, e.g. '^module\\.='")
         pattern, replacement = item.split("=", 1)
+        if pattern in remap:
+            # A mapping holds one rule per pattern: keeping only the last would drop a rule silently.
+            raise RemapError(
+                f"--remap {item!r}: pattern {pattern!r} is given twice ({pattern}={remap[pattern]} first); "
+                "give each pattern once"
+            )
         remap[pattern] = replacement
     return remap
