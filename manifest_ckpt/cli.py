@@ -19,6 +19,7 @@ from manifest_ckpt._render import inspect_text
 from manifest_ckpt._store import open_store, read_store_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import (
+    ArchiveError,
     CheckpointNotFoundError,
     IntegrityError,
     ManifestCkptError,
@@ -93,7 +94,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         result = verify_report(args.path, progress=not args.quiet, search=args.search)
     except CheckpointNotFoundError:
         raise
-    except (IntegrityError, ManifestError) as exc:
+    except (IntegrityError, ManifestError, ArchiveError) as exc:  # a damaged archive fails verification
         if args.json:
             _emit_json(out, {"checkpoint": str(args.path), "ok": False, "error": _error_json(exc)})
         else:
@@ -149,6 +150,60 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return run_demo(Path(tmp), out)
 
 
+def _cmd_pack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt.archive import pack
+
+    verify = not args.no_verify
+    manifest = pack(args.ckpt, args.out, overwrite=args.overwrite, verify=verify, progress=not args.quiet)
+    size = Path(args.out).stat().st_size
+    members = 1 + len(manifest.files)
+    if args.json:
+        _emit_json(out, {"archive": str(args.out), "checkpoint": str(args.ckpt), "digest": manifest.digest,
+                         "bytes": size, "members": members, "verified": verify})
+    else:
+        checked = f"{len(manifest.tensors)} tensors verified" if verify else "tensors not verified"
+        out.write(f"packed {args.ckpt} -> {args.out}\n  digest   {manifest.digest}\n"
+                  f"  archive  {size:,} bytes, {members} members, {checked}\n")
+    return EXIT_OK
+
+
+def _cmd_unpack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt.archive import unpack
+
+    verify = not args.no_verify
+    manifest = unpack(args.archive, args.dir, verify=verify, progress=not args.quiet)
+    if args.json:
+        _emit_json(out, {"archive": str(args.archive), "checkpoint": str(args.dir), "digest": manifest.digest,
+                         "files": 1 + len(manifest.files), "verified": verify})
+    else:
+        checked = f"{len(manifest.tensors)} tensors verified" if verify else "tensors not verified"
+        out.write(f"unpacked {args.archive} -> {args.dir}\n  digest   {manifest.digest}\n"
+                  f"  {1 + len(manifest.files)} files, {checked}\n")
+    return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt._diff import diff
+
+    result = diff(args.a, args.b, values=not args.no_values, progress=not args.quiet)
+    if args.json:
+        _emit_json(out, result.to_dict())
+    else:
+        out.write(f"{result}\n")
+    return EXIT_OK if result.identical else EXIT_FAILED
+
+
+def _cmd_lineage(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt.lineage import ancestry
+
+    chain = ancestry(args.path, search=args.search, verify=not args.no_verify, progress=not args.quiet)
+    if args.json:
+        _emit_json(out, chain.to_dict())
+    else:
+        out.write(f"{chain}\n")
+    return EXIT_OK if chain.ok else EXIT_FAILED
+
+
 # -- parser -----------------------------------------------------------------------------
 
 Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
@@ -197,6 +252,36 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
 
     p = add("demo", _cmd_demo, "save, inspect, verify, refuse a wrong model, load through a suggested remap")
     p.add_argument("--dir", help="keep the demo's checkpoints in this directory")
+
+    p = add("pack", _cmd_pack, "write a checkpoint as one reproducible, page-aligned tar archive")
+    p.add_argument("ckpt", help="checkpoint directory or manifest.json")
+    p.add_argument("out", help="archive file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip hashing every tensor before packing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("unpack", _cmd_unpack, "extract an archive into a new directory; refuse unsafe entries")
+    p.add_argument("archive", help="archive file")
+    p.add_argument("dir", help="directory to create (must not exist, or be empty)")
+    p.add_argument("--no-verify", action="store_true", help="skip hashing every tensor before extracting")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("diff", _cmd_diff, "structure, value and lineage differences; exit 0 identical, 1 different")
+    p.add_argument("a", help="checkpoint directory, manifest.json or archive")
+    p.add_argument("b", help="checkpoint directory, manifest.json or archive")
+    p.add_argument("--no-values", action="store_true", help="list keys whose digests differ without reading them")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("lineage", _cmd_lineage, "print the ancestry, verifying every ancestor found by digest")
+    p.add_argument("path", help="checkpoint directory, manifest.json or archive")
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="look for ancestors under DIR (repeatable): checkpoint directories and archives")
+    p.add_argument("--no-verify", action="store_true", help="find ancestors without hashing their tensors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 

@@ -207,14 +207,18 @@ def _byte_reader(
     return get
 
 
-def verify(path: PathLike) -> None:
+def verify(path: PathLike, *, search: Iterable[PathLike] = ()) -> None:
     """Prove what can be proven offline: schema, file binding, sizes and every digest.
+
+    Args:
+        search: directories and archives where recorded parents are looked up by digest;
+            each parent found is verified too (a parent not found is not a failure).
 
     Raises:
         ManifestError: invalid manifest, or manifest and weights that do not belong together.
-        IntegrityError: a missing, truncated or corrupt file.
+        IntegrityError: a missing, truncated or corrupt file, or a parent found that does not verify.
     """
-    verify_report(path)
+    verify_report(path, search=search)
 
 
 def verify_report(path: PathLike, *, progress: bool = False, search: Iterable[PathLike] = ()) -> dict[str, Any]:
@@ -225,12 +229,18 @@ def verify_report(path: PathLike, *, progress: bool = False, search: Iterable[Pa
     weights.bind(manifest.files)
     with Progress(f"verify {store.location}", manifest.total_bytes, enabled=progress) as bar:
         weights.verify(manifest.tensors, progress=bar.advance)
-    return {
+    result: dict[str, Any] = {
         "digest": manifest.digest,
         "tensors": len(manifest.tensors),
         "bytes": manifest.total_bytes,
         "files": len(manifest.files),
     }
+    if manifest.parents:
+        from manifest_ckpt.lineage import check_parents
+
+        # Parents found under ``search`` are verified in full; raises if one does not verify.
+        result.update(check_parents(manifest, store.location, search, progress=progress))
+    return result
 
 
 def load(
