@@ -147,7 +147,7 @@ def test_verify_ok(ckpt: Path) -> None:
     assert out.splitlines() == [
         f"OK {ckpt}",
         f"  digest   {manifest.digest}",
-        f"  verified 28 tensors, {manifest.total_bytes:,} bytes in 1 files",
+        f"  verified 28 tensors, {manifest.total_bytes:,} bytes in 1 file",
     ]
 
 
