@@ -145,7 +145,7 @@ def compare(
         owners = sorted({owner_of(k) for k in common})
         for path in owners:
             want_cls, have_cls = module.classes.get(path), checkpoint.classes.get(path)
-            if want_cls and have_cls and want_cls != have_cls:
+            if want_cls and have_cls and not same_class(want_cls, have_cls):
                 problems.append(Problem("class", path, want_cls, have_cls))
 
     problems += _tie_problems(checkpoint, module, common)
@@ -155,6 +155,20 @@ def compare(
         remap, hints = suggest_remap(checkpoint, module, unexpected, missing)
     report = Report(sort_problems(problems), hints, remap, checked=len(common))
     return Comparison(report, allowed_missing, skipped, to_cast)
+
+
+def same_class(a: str, b: str) -> bool:
+    """Whether two qualified class names name the same class.
+
+    A class defined in a script is recorded as ``__main__.Name``; the same class imported from
+    its module elsewhere is ``pkg.module.Name``. Those match on the qualified name alone.
+    """
+    if a == b:
+        return True
+    for main, other in ((a, b), (b, a)):
+        if main.startswith("__main__."):
+            return other.endswith("." + main.removeprefix("__main__."))
+    return False
 
 
 def _tie_problems(checkpoint: StateSpec, module: StateSpec, common: list[str]) -> list[Problem]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,4 +61,7 @@ def _import(target: str) -> Any:
         sys.modules[name] = module
         loader_spec.loader.exec_module(module)
         return module
+    # Like `python -m`, find modules in the working directory too.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     return importlib.import_module(target)

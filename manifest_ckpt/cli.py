@@ -105,7 +105,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         out.write(
             f"OK {args.path}\n  digest   {result['digest']}\n  verified {result['tensors']} tensors, "
-            f"{result['bytes']:,} bytes in {result['files']} files\n"
+            f"{result['bytes']:,} bytes in {result['files']} file{'s' if result['files'] != 1 else ''}\n"
         )
         for line in result.get("parents_text", []):
             out.write(f"  {line}\n")

@@ -474,3 +474,22 @@ def test_renamed_moves_aliases_and_owner_classes() -> None:
     assert out.classes is not None
     assert (out.classes["emb"], out.classes["head"]) == ("E", "L")
     assert spec(MLP).renamed({k: k for k in MLP}).classes is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("pkg.models.Net", "pkg.models.Net", True),
+        ("__main__.Net", "pkg.models.Net", True),
+        ("pkg.models.Net", "__main__.Net", True),
+        ("__main__.Outer.Inner", "pkg.Outer.Inner", True),
+        ("__main__.Net", "pkg.models.OtherNet", False),
+        ("__main__.Net", "pkg.models.XNet", False),
+        ("pkg.a.Net", "pkg.b.Net", False),
+    ],
+)
+def test_same_class_matches_script_classes_by_qualified_name(a: str, b: str, same: bool) -> None:
+    """A class saved from a script (__main__) matches the same class imported from its module."""
+    from manifest_ckpt._compare import same_class
+
+    assert same_class(a, b) is same
