@@ -33,11 +33,20 @@ from manifest_ckpt.errors import (
 from manifest_ckpt.manifest import FormatVersionWarning, Manifest
 
 if TYPE_CHECKING:
+    from manifest_ckpt._diff import CheckpointDiff, diff
+    from manifest_ckpt.archive import pack, unpack
+    from manifest_ckpt.lineage import Ancestry, ancestry
     from manifest_ckpt.reader import LoadResult, check, load, verify
     from manifest_ckpt.writer import save
 
 # public name -> module that defines it (imported lazily because it imports torch)
 _LAZY = {
+    "Ancestry": "manifest_ckpt.lineage",
+    "CheckpointDiff": "manifest_ckpt._diff",
+    "ancestry": "manifest_ckpt.lineage",
+    "diff": "manifest_ckpt._diff",
+    "pack": "manifest_ckpt.archive",
+    "unpack": "manifest_ckpt.archive",
     "LoadResult": "manifest_ckpt.reader",
     "check": "manifest_ckpt.reader",
     "load": "manifest_ckpt.reader",
@@ -55,7 +64,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Ancestry",
     "ArchiveError",
+    "CheckpointDiff",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ConversionError",
@@ -73,9 +84,13 @@ __all__ = [
     "UnsupportedTensorError",
     "UnsupportedVersionError",
     "__version__",
+    "ancestry",
     "check",
+    "diff",
     "load",
+    "pack",
     "read_manifest",
     "save",
+    "unpack",
     "verify",
 ]

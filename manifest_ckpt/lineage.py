@@ -159,7 +159,7 @@ class Ancestor:
         label = f" ({self.name})" if self.name else ""
         where = f" at {self.location}" if self.location else ""
         # Verification errors list every bad tensor on further lines; the first line says enough here.
-        tail = f": {self.detail.splitlines()[0]}" if self.detail else ""
+        tail = f": {self.detail.splitlines()[0].rstrip(':')}" if self.detail else ""
         again = ", listed above" if self.repeated else ""
         return f"{self.relation} {short_digest(self.digest)}{label}: {self.status}{where}{again}{tail}"
 
@@ -250,16 +250,18 @@ class _Resolver:
             try:
                 verify_report(location, progress=self.progress)
             except (ManifestCkptError, OSError) as exc:
-                failures.append((location, str(exc)))
+                # The message starts with the location, which the status line already shows.
+                failures.append((location, str(exc).removeprefix(f"{location}: ")))
                 continue
             return "verified", location, None, read_manifest(location)
         location, why = failures[0]
-        more = f" (and {len(failures) - 1} other copies)" if len(failures) > 1 else ""
+        more = f" ({len(failures) - 1} other copies fail too)" if len(failures) > 1 else ""
         try:
             manifest: Manifest | None = read_manifest(location)
         except (ManifestCkptError, OSError):
             manifest = None
-        return "failed", location, f"does not verify{more}: {why}", manifest
+        first, _, rest = why.partition("\n")
+        return "failed", location, first.rstrip(":") + more + (":\n" + rest if rest else ""), manifest
 
 
 def _walk(manifest: Manifest, resolver: _Resolver, *, max_depth: int | None) -> list[Ancestor]:

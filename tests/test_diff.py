@@ -368,3 +368,14 @@ def test_missing_weights_file_for_a_changed_tensor_is_an_integrity_error(tmp_pat
     with pytest.raises(mc.IntegrityError, match="missing") as caught:
         diff(pa, pb)
     assert caught.value.file == name
+
+
+def test_public_names_are_the_functions() -> None:
+    """mc.diff, mc.pack, mc.unpack and mc.ancestry are the functions even after their modules are imported."""
+    import manifest_ckpt.archive
+    import manifest_ckpt.lineage
+
+    assert mc.diff is diff and mc.CheckpointDiff is _diff.CheckpointDiff
+    assert mc.pack is manifest_ckpt.archive.pack and mc.unpack is manifest_ckpt.archive.unpack
+    assert mc.ancestry is manifest_ckpt.lineage.ancestry and mc.Ancestry is manifest_ckpt.lineage.Ancestry
+    assert {"diff", "pack", "unpack", "ancestry", "CheckpointDiff", "Ancestry"} <= set(mc.__all__)

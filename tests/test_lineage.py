@@ -134,7 +134,7 @@ def test_corrupt_ancestor_fails_lineage_and_verify(chain: Chain) -> None:
     assert (failed.digest, failed.status, failed.location) == (chain.base.digest, "failed", str(chain.base_tar))
     assert failed.detail is not None and "do not match their digests" in failed.detail
     code, out, _ = cli("lineage", str(chain.q_dir), "--search", str(chain.store))
-    assert code == 1 and f"(base.tar): failed at {chain.base_tar}: does not verify:" in out
+    assert code == 1 and f"(base.tar): failed at {chain.base_tar}: 1 tensors do not match their digests\n" in out
 
     code, out, err = cli("verify", str(chain.ft_dir), "--search", str(chain.store))
     assert code == 1 and out == ""
@@ -178,6 +178,16 @@ def test_a_good_copy_is_used_when_another_copy_is_corrupt(chain: Chain) -> None:
     result = ancestry(chain.ft_dir, search=[chain.store])
     (base,) = result.ancestors
     assert (base.status, base.location) == ("verified", str(good))
+
+
+def test_every_copy_corrupt_is_one_failure_naming_the_first(chain: Chain) -> None:
+    """When every copy of an ancestor is corrupt, it fails at the first copy and says how many others fail."""
+    flip_tensor_byte(chain.base_tar)
+    (chain.store / "z-copy.tar").write_bytes(chain.base_tar.read_bytes())
+    (base,) = ancestry(chain.ft_dir, search=[chain.store]).ancestors
+    assert (base.status, base.location) == ("failed", str(chain.base_tar))
+    assert base.detail is not None
+    assert base.detail.startswith("1 tensors do not match their digests (1 other copies fail too):\n  ")
 
 
 def test_no_verify_finds_without_hashing(chain: Chain) -> None:
