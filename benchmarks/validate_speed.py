@@ -68,6 +68,7 @@ def synthetic_manifest(n_tensors: int) -> dict[str, Any]:
         "format": "manifest-ckpt",
         "format_version": "1.0.0",
         "digest": _digest(-1),
+        "record_digest": _digest(-2),
         "files": files,
         "tensors": tensors,
         "aliases": {"head.weight": "layers.0.weight"},

@@ -147,6 +147,17 @@ def compute_digest(
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def compute_record_digest(lineage: Mapping[str, Any], metadata: Any, extensions: Any) -> str:
+    """The ``record_digest`` of a manifest: canonical JSON of lineage, metadata and extensions."""
+    blob = json.dumps(
+        {"lineage": _plain(lineage), "metadata": _plain(metadata), "extensions": _plain(extensions)},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    ).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
 def chunked_digest(chunks: tuple[Chunk, ...]) -> str:
     """The digest of a chunked tensor: over each chunk's position, shape and digest."""
     blob = json.dumps(
@@ -168,6 +179,7 @@ class Manifest:
     lineage: Mapping[str, Any]
     metadata: Any = None
     format_version: str = FORMAT_VERSION
+    extensions: Any = None
     # Where it was read from, for messages; not part of the document.
     source: str | None = field(default=None, compare=False)
 
@@ -205,7 +217,7 @@ class Manifest:
         from manifest_ckpt._validate import validate
 
         validate(document, file=file)
-        files = {name: FileEntry(f["size"], f["header_sha256"]) for name, f in document["files"].items()}
+        files = {name: FileEntry(int(f["size"]), f["header_sha256"]) for name, f in document["files"].items()}
         tensors = {key: _tensor_from_dict(t) for key, t in document["tensors"].items()}
         modules_doc = document["modules"]
         modules = (
@@ -214,7 +226,7 @@ class Manifest:
             else {
                 path: ModuleEntry(
                     m["class"],
-                    m["version"],
+                    None if m["version"] is None else int(m["version"]),
                     tuple(m["parameters"]),
                     tuple(m["buffers"]),
                     tuple(m["non_persistent_buffers"]),
@@ -231,9 +243,14 @@ class Manifest:
             lineage=document["lineage"],
             metadata=document.get("metadata"),
             format_version=document["format_version"],
+            extensions=document.get("extensions"),
             source=file,
         )
         problems = list(manifest.iter_consistency_problems())
+        if document["record_digest"] != manifest.record_digest:
+            problems.append(
+                ("$.record_digest", f"is {document['record_digest']}, lineage and metadata give {manifest.record_digest}")
+            )
         if problems:
             field_path, _ = problems[0]
             listing = "\n".join(f"  {p}: {msg}" for p, msg in problems[:10])
@@ -305,6 +322,7 @@ class Manifest:
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "digest": self.digest,
+            "record_digest": self.record_digest,
             "files": {name: f.to_dict() for name, f in self.files.items()},
             "tensors": {key: t.to_dict() for key, t in self.tensors.items()},
             "aliases": dict(self.aliases),
@@ -313,7 +331,17 @@ class Manifest:
         }
         if self.metadata is not None:
             out["metadata"] = _plain(self.metadata)
+        if self.extensions is not None:
+            out["extensions"] = _plain(self.extensions)
         return out
+
+    @property
+    def record_digest(self) -> str:
+        """Digest of what ``digest`` leaves out (lineage, metadata, extensions).
+
+        Not an identity: it lets ``verify`` notice a changed byte in those fields.
+        """
+        return compute_record_digest(self.lineage, self.metadata, self.extensions)
 
     def to_json(self) -> bytes:
         """Canonical bytes: sorted keys, fixed separators, trailing newline."""
@@ -346,19 +374,32 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _ints(values: Any) -> tuple[int, ...]:
+    """Schema-valid JSON integers as Python ints.
+
+    JSON Schema counts integral floats such as ``8.0`` as integers; they must not reach
+    slicing or tensor shapes as floats (and they digest as the ints they stand for).
+    """
+    return tuple(int(v) for v in values)
+
+
+def _range(values: Any) -> tuple[int, int]:
+    start, end = _ints(values)
+    return start, end
+
+
 def _tensor_from_dict(t: Mapping[str, Any]) -> TensorEntry:
     chunks = t.get("chunks")
     return TensorEntry(
         dtype=t["dtype"],
-        shape=tuple(t["shape"]),
+        shape=_ints(t["shape"]),
         digest=t["digest"],
         file=t.get("file"),
-        byte_range=(t["byte_range"][0], t["byte_range"][1]) if "byte_range" in t else None,
+        byte_range=_range(t["byte_range"]) if "byte_range" in t else None,
         chunks=None
         if chunks is None
         else tuple(
-            Chunk(tuple(c["offsets"]), tuple(c["shape"]), c["file"], (c["byte_range"][0], c["byte_range"][1]), c["digest"])
-            for c in chunks
+            Chunk(_ints(c["offsets"]), _ints(c["shape"]), c["file"], _range(c["byte_range"]), c["digest"]) for c in chunks
         ),
     )
 

@@ -22,6 +22,7 @@ from manifest_ckpt.manifest import (
     TensorEntry,
     chunked_digest,
     compute_digest,
+    compute_record_digest,
 )
 
 FILE = "weights-0123456789abcdef.safetensors"
@@ -99,6 +100,7 @@ def redigest(doc: dict[str, Any]) -> dict[str, Any]:
         }
     )
     doc["digest"] = compute_digest(tensors, doc["aliases"], modules)
+    doc["record_digest"] = compute_record_digest(doc["lineage"], doc.get("metadata"), doc.get("extensions"))
     return doc
 
 
@@ -293,6 +295,7 @@ def test_newer_minor_version_warns_and_still_parses() -> None:
     doc = document()
     doc["format_version"] = "1.7.0"
     doc["extensions"] = {"added_in_1_7": {"anything": [1, 2]}}
+    doc = redigest(doc)
     with pytest.warns(FormatVersionWarning, match=r"ckpt/manifest\.json: format version 1\.7\.0 is newer than 1\.0\.0"):
         manifest = Manifest.from_dict(doc, file=WHERE)
     assert manifest.format_version == "1.7.0"
@@ -665,3 +668,22 @@ def test_every_manifest_error_is_in_the_family() -> None:
     assert issubclass(ManifestError, ValueError)
     assert issubclass(UnsupportedVersionError, ManifestError)
     assert issubclass(FormatVersionWarning, UserWarning)
+
+
+def test_changed_lineage_byte_is_caught_by_the_record_digest() -> None:
+    """Lineage is outside the content digest, but an edit there no longer passes unnoticed."""
+    doc = document()
+    doc["lineage"]["user"] = {"lr": 0.1}
+    doc = redigest(doc)
+    Manifest.from_dict(doc)
+    doc["lineage"]["user"] = {"lr": 0.2}
+    exc = rejected(doc, field="$.record_digest")
+    assert "lineage and metadata give" in str(exc)
+
+
+def test_extensions_round_trip() -> None:
+    """Fields reserved for later minor versions survive read -> to_dict unchanged."""
+    doc = document()
+    doc["extensions"] = {"future": {"x": [1, 2]}}
+    doc = redigest(doc)
+    assert Manifest.from_dict(doc).to_dict()["extensions"] == {"future": {"x": [1, 2]}}

@@ -48,6 +48,7 @@ def make_manifest() -> dict[str, Any]:
         "format": "manifest-ckpt",
         "format_version": "1.0.0",
         "digest": _digest("manifest"),
+        "record_digest": _digest("record"),
         "files": {
             "model.safetensors": {"size": 4096, "header_sha256": "0" * 64},
             "shards/part-1.safetensors": {"size": 2048, "header_sha256": "f" * 64},
