@@ -75,7 +75,7 @@ class TorchFileContents:
         format: ``"torch-zip"`` (torch >= 1.6) or ``"torch-legacy"``.
         globals: every ``module.qualname`` the pickles reference, sorted.
         size: file size in bytes.
-        sha256: hex sha256 of the file.
+        sha256: hex sha256 of the file (empty when ``read_torch_file(..., sha256=False)``).
     """
 
     obj: Any
@@ -713,11 +713,12 @@ def _detect_format(path: str) -> TorchFormat:
     return "torch-zip" if _head(path)[:4] == _ZIP_MAGIC else "torch-legacy"
 
 
-def read_torch_file(path: str | os.PathLike[str]) -> TorchFileContents:
+def read_torch_file(path: str | os.PathLike[str], *, sha256: bool = True) -> TorchFileContents:
     """Read a ``torch.save`` checkpoint (zip or legacy) without executing anything from it.
 
     Args:
         path: the ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` file.
+        sha256: hash the whole file; a caller that hashes it concurrently passes False.
 
     Returns:
         The unpickled object tree with tensors (memory-mapped for zip files), the format, the
@@ -749,7 +750,7 @@ def read_torch_file(path: str | os.PathLike[str]) -> TorchFileContents:
         scan, mappable = _scan_legacy(where, size), False
     _check_scan(scan, where)
     _check_opcodes(scan, where)
-    sha256 = file_sha256(where)
+    digest = file_sha256(where) if sha256 else ""
 
     try:
         # A hand-made zip with compressed records would map compressed bytes; read those normally.
@@ -776,4 +777,4 @@ def read_torch_file(path: str | os.PathLike[str]) -> TorchFileContents:
         obj = _Plainer(where)(obj)
     except RecursionError as exc:  # pragma: no cover - _MAX_DEPTH stops well before
         raise ConversionError(f"{where}: containers are nested too deeply.", file=where) from exc
-    return TorchFileContents(obj=obj, format=fmt, globals=tuple(sorted(scan.globals)), size=size, sha256=sha256)
+    return TorchFileContents(obj=obj, format=fmt, globals=tuple(sorted(scan.globals)), size=size, sha256=digest)

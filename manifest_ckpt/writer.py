@@ -12,9 +12,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from manifest_ckpt.manifest import (
     MANIFEST_NAME,
     FileEntry,
     Manifest,
+    ModuleEntry,
     TensorEntry,
     compute_digest,
 )
@@ -80,7 +81,9 @@ def save(
     record_code: bool = True,
     timestamp: bool = False,
     fsync: bool = False,
-    source: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    modules: Mapping[str, ModuleEntry] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Save a module or state dict as a checkpoint directory and return its manifest.
 
@@ -97,23 +100,32 @@ def save(
         record_code: record the git commit and dirty flag of the current directory.
         timestamp: record the current time (``SOURCE_DATE_EPOCH`` is always honoured).
         fsync: flush files and directory to disk before returning.
-        source: what a converted checkpoint came from (recorded as ``lineage.source``).
+        source: what a converted checkpoint came from (recorded as ``lineage.source``), or a
+            callable returning it, called once the weights are written (so a converter can
+            hash its input meanwhile).
+        modules: the module tree to record for a state dict ``obj`` (``introspect.module_tree``
+            of the module it belongs to); it must declare exactly the state dict's keys.
+        progress: called with each tensor's byte count once it is written.
 
     Raises:
         CheckpointExistsError: ``path`` exists and ``overwrite`` is False.
         UnsupportedTensorError: a tensor cannot be stored faithfully.
+        ManifestError: ``modules`` does not declare exactly the state dict's keys.
     """
     target = Path(path)
     state = capture(obj)
+    if modules is not None:
+        state = _with_modules(state, obj, modules)
     _check_destination(target, overwrite)
     # Fail on bad JSON before any byte is written.
-    lineage_doc = _lineage(lineage, parents, record_code, timestamp, source)
+    deferred = source if callable(source) else None
+    lineage_doc = _lineage(lineage, parents, record_code, timestamp, None if callable(source) else source)
     _require_json("metadata", metadata)
     if target.exists():
-        return _write_into(target, state, lineage_doc, metadata, max_file_size, fsync)
+        return _write_into(target, state, lineage_doc, metadata, max_file_size, fsync, progress, deferred)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        manifest = _write_into(staging, state, lineage_doc, metadata, max_file_size, fsync)
+        manifest = _write_into(staging, state, lineage_doc, metadata, max_file_size, fsync, progress, deferred)
         os.chmod(staging, 0o755)
         os.rename(staging, target)
     except BaseException:
@@ -122,6 +134,35 @@ def save(
     if fsync:
         fsync_dir(target.parent)
     return manifest
+
+
+def _with_modules(
+    state: LiveState, obj: nn.Module | Mapping[str, torch.Tensor], modules: Mapping[str, ModuleEntry]
+) -> LiveState:
+    """The captured state dict with a module tree supplied by the caller (``save(..., modules=)``).
+
+    Raises:
+        TypeError: ``obj`` is a module, which records its own tree.
+        ManifestError: the tree declares keys the state dict lacks, or the reverse; the
+            manifest would be inconsistent and unreadable.
+    """
+    if isinstance(obj, nn.Module):
+        raise TypeError(
+            "save(module, modules=...): a module records its own tree; pass modules= only with a state dict"
+        )
+    declared = {f"{path}.{name}" if path else name for path, m in modules.items() for name in m.persistent_names()}
+    missing, extra = sorted(declared - set(state.tensors)), sorted(set(state.tensors) - declared)
+    if missing or extra:
+        listing = [f"declared but not in the state dict: {k!r}" for k in missing[:5]]
+        listing += [f"in the state dict but declared by no module: {k!r}" for k in extra[:5]]
+        raise ManifestError(
+            "save(..., modules=): the module tree and the state dict disagree "
+            f"({len(missing)} declared keys missing, {len(extra)} keys undeclared):\n  "
+            + "\n  ".join(listing)
+            + "\nPass the tree of the module this state dict belongs to.",
+            field="modules",
+        )
+    return replace(state, modules=dict(modules))
 
 
 def _check_destination(target: Path, overwrite: bool) -> None:
@@ -147,6 +188,8 @@ def _write_into(
     metadata: Any,
     max_file_size: int | None,
     fsync: bool,
+    progress: Callable[[int], None] | None = None,
+    deferred_source: Callable[[], Mapping[str, Any]] | None = None,
 ) -> Manifest:
     """Write weights files then the manifest (the commit marker) into ``directory``."""
     old_files = _old_weight_files(directory)
@@ -157,12 +200,16 @@ def _write_into(
     files: dict[str, FileEntry] = {}
     with ThreadPoolExecutor(1) as hasher:
         for group in _group_files(planned, max_file_size):
-            name, entry, written = _write_weights_file(directory, group, hasher, fsync)
+            name, entry, written = _write_weights_file(directory, group, hasher, fsync, progress)
             files[name] = entry
             tensors.update(written)
     tensors = dict(sorted(tensors.items()))
     aliases = dict(sorted(state.aliases.items()))
     modules = state.modules
+    if deferred_source is not None:
+        source = deferred_source()
+        _require_json("source", source)
+        lineage = {**lineage, "source": dict(source)}
     manifest = Manifest(
         digest=compute_digest(tensors, aliases, modules),
         files=dict(sorted(files.items())),
@@ -207,11 +254,23 @@ def _group_files(planned: list[_Planned], max_file_size: int | None) -> list[lis
 
 
 def _write_weights_file(
-    directory: Path, group: list[_Planned], hasher: ThreadPoolExecutor, fsync: bool
+    directory: Path,
+    group: list[_Planned],
+    hasher: ThreadPoolExecutor,
+    fsync: bool,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[str, FileEntry, dict[str, TensorEntry]]:
     """Write one content-addressed safetensors file holding whole tensors."""
     layout = [(p.key, p.dtype, p.shape) for p in group]
-    name, entry, digests, ranges = write_safetensors(directory, layout, (p.tensor for p in group), hasher, fsync)
+
+    def values() -> Iterator[torch.Tensor]:
+        for p in group:
+            yield p.tensor
+            # The writer asks for the next tensor only once this one is written and hashed.
+            if progress is not None:
+                progress(nbytes(p.dtype, p.shape))
+
+    name, entry, digests, ranges = write_safetensors(directory, layout, values(), hasher, fsync)
     written = {
         p.key: TensorEntry(p.dtype, p.shape, d, file=name, byte_range=r) for p, d, r in zip(group, digests, ranges)
     }
