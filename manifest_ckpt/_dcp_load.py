@@ -1,0 +1,311 @@
+"""Loading through torch.distributed.checkpoint: a storage reader and a checking load planner.
+
+The reader presents a manifest checkpoint to DCP as its ``Metadata`` (global shape, dtype
+and chunks of every key), so DCP's own planning reshards a save on N ranks onto M ranks of
+another placement. The planner compares every rank's live state dict with the manifest and
+the coordinator raises one report for all of them, before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
+
+from manifest_ckpt._compare import StateSpec, TensorSpec, compare, owner_of
+from manifest_ckpt._dcp_state import live_spec, torch_dtype_name
+from manifest_ckpt._report import Problem, Report, sort_problems
+from manifest_ckpt._store import open_store, read_store_manifest
+from manifest_ckpt.errors import IntegrityError, ManifestCkptError, ModelMismatchError
+from manifest_ckpt.introspect import module_tree
+from manifest_ckpt.manifest import Chunk, Manifest
+from manifest_ckpt.reader import _Weights
+from manifest_ckpt.remap import Remap, apply_remap
+
+
+@dataclass(frozen=True)
+class ChunkIndex:
+    """``Metadata.storage_data`` of a manifest checkpoint: each DCP chunk's stored piece.
+
+    Attributes:
+        manifest: the checkpoint's manifest.
+        spec: its structure under the (remapped) names the live state dict uses.
+        chunks: ``MetadataIndex(name, offsets)`` -> ``(stored key, chunk)``.
+        location: where the checkpoint is, for messages.
+    """
+
+    manifest: Manifest
+    spec: StateSpec
+    chunks: dict[MetadataIndex, tuple[str, Chunk]]
+    location: str
+
+
+@dataclass(frozen=True)
+class _RankState:
+    """A rank's local plan ``planner_data``: the structure of its live state dict."""
+
+    spec: StateSpec
+
+
+class ManifestStorageReader(FileSystemReader):
+    """A DCP storage reader for manifest checkpoints, with resharding.
+
+    Before the coordinator lets any rank read, each rank checks that the weights files it
+    will read belong to the manifest (size and header digest) and, with
+    ``verify_digests``, hashes every chunk it will read; a failure on any rank stops all.
+
+    Args:
+        path: the checkpoint directory (or its ``manifest.json``).
+        remap: ``{regex: replacement}`` applied in order to checkpoint keys.
+        verify_digests: hash the chunks this rank reads before any rank copies a byte.
+        expect_digest: refuse a checkpoint whose digest is not this one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        remap: Remap | None = None,
+        verify_digests: bool = False,
+        expect_digest: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(path, **kwargs)
+        self.remap = remap
+        self.verify_digests = verify_digests
+        self.expect_digest = expect_digest
+        self.index: ChunkIndex | None = None
+        self.weights: _Weights | None = None
+        # DCP turns a failed read_metadata into an AssertionError carrying only its text;
+        # the original is kept here for ``manifest_ckpt.distributed.load`` to raise.
+        self.failure: ManifestCkptError | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.failure is not None:
+            # DCP retries with rank=... for rank-local metadata, which this format has not.
+            raise self.failure
+        try:
+            return self._read_metadata()
+        except ManifestCkptError as exc:
+            self.failure = exc
+            raise
+
+    def _read_metadata(self) -> Metadata:
+        store = open_store(self.path)
+        manifest = read_store_manifest(store)
+        if self.expect_digest is not None and manifest.digest != self.expect_digest:
+            raise IntegrityError(
+                f"{store.location}: checkpoint digest is {manifest.digest}, expected {self.expect_digest}; "
+                "this is not the checkpoint you pinned"
+            )
+        names = apply_remap(manifest.keys(), self.remap)
+        spec = StateSpec.from_manifest(manifest).renamed(names)
+        state_dict_metadata: dict[str, Any] = {}
+        chunks: dict[MetadataIndex, tuple[str, Chunk]] = {}
+        for key in manifest.keys():
+            name = names[key]
+            stored = manifest.aliases.get(key, key)
+            entry = manifest.tensors[stored]
+            pieces = entry.pieces()
+            state_dict_metadata[name] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=getattr(torch, entry.dtype)),
+                size=torch.Size(entry.shape),
+                chunks=[ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.shape)) for c in pieces],
+            )
+            for c in pieces:
+                chunks[MetadataIndex(name, c.offsets)] = (stored, c)
+        self.index = ChunkIndex(manifest, spec, chunks, store.location)
+        self.weights = _Weights(store, manifest)
+        return Metadata(
+            state_dict_metadata=state_dict_metadata,
+            # Flat keys: each is its own top-level entry (for DCP's state-dict rebuilding planners).
+            planner_data={name: (name,) for name in state_dict_metadata},
+            storage_data=self.index,
+            storage_meta=StorageMeta(checkpoint_id=store.location, load_id=self.load_id),
+        )
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        if not isinstance(metadata.storage_data, ChunkIndex):
+            raise ManifestCkptError("ManifestStorageReader: the metadata was not read by this reader")
+        self.index = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        # Problems are carried to the coordinator in the plan rather than raised here, so the
+        # coordinator can report a mismatch first and stop every rank before any read.
+        try:
+            self._check_files(plan.items)
+        except ManifestCkptError as exc:
+            return dataclasses.replace(plan, storage_data=exc)
+        return plan
+
+    def _check_files(self, items: Iterable[ReadItem]) -> None:
+        assert self.index is not None and self.weights is not None
+        pieces = {self.index.chunks[item.storage_index] for item in items}
+        if not pieces:
+            return
+        self.weights.bind({c.file for _, c in pieces})
+        if self.verify_digests:
+            self.weights.verify_pieces(sorted(pieces, key=lambda p: (p[0], p[1].offsets)))
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        for plan in plans:
+            if isinstance(plan.storage_data, BaseException):
+                raise plan.storage_data
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        assert self.index is not None and self.weights is not None
+        allow_cast = bool(getattr(planner, "allow_cast", False))
+        per_file: dict[str, list[tuple[ReadItem, str, Chunk]]] = defaultdict(list)
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                raise ManifestCkptError(f"{item.dest_index.fqn!r}: a manifest checkpoint holds tensors only")
+            stored, chunk = self.index.chunks[item.storage_index]
+            per_file[chunk.file].append((item, stored, chunk))
+        with torch.no_grad():
+            for name in sorted(per_file):
+                for item, stored, chunk in sorted(per_file[name], key=lambda r: r[2].byte_range):
+                    entry = self.index.manifest.tensors[stored]
+                    source = self.weights.view(chunk, entry.dtype)
+                    region = source[tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
+                    target = planner.resolve_tensor(item).detach()
+                    if target.shape != region.shape:
+                        raise ManifestCkptError(
+                            f"{item.dest_index.fqn!r}: the plan reads {list(region.shape)} into {list(target.shape)}"
+                        )
+                    if target.dtype != region.dtype and not allow_cast:
+                        # Guard for planners that do not compare dtypes first (DCP's own casts silently).
+                        want = torch_dtype_name(target.dtype)
+                        problem = Problem("dtype", item.dest_index.fqn, f"{want}", f"{entry.dtype}")
+                        raise ModelMismatchError(
+                            Report([problem], ["load with cast=True to convert"]), path=self.index.location
+                        )
+                    target.copy_(region)
+                    planner.commit_tensor(item, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+
+class ManifestLoadPlanner(DefaultLoadPlanner):
+    """torch's default load planner, checked first: all ranks' states against the checkpoint.
+
+    Every rank sends the structure of its live state dict (global shapes, dtypes, ties) with
+    its local plan; the coordinator compares each with the checkpoint and raises a single
+    :class:`ModelMismatchError` listing the problems of all ranks, which DCP delivers to every
+    rank before any data is read. dtypes are never converted unless ``cast=True``.
+
+    Works with any DCP checkpoint's metadata; with :class:`ManifestStorageReader` it also
+    compares ties and, given ``module``, layer classes.
+    """
+
+    def __init__(
+        self,
+        *,
+        strict: bool = True,
+        allow_missing: Iterable[str] = (),
+        allow_unexpected: Iterable[str] = (),
+        cast: bool = False,
+        module: nn.Module | None = None,
+        check_classes: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.strict = strict
+        self.allow_missing = tuple(allow_missing)
+        self.allow_unexpected = tuple(allow_unexpected)
+        self.allow_cast = cast
+        self.modules = None if module is None else module_tree(module)
+        self.check_classes = check_classes
+
+    def _compare(self, live: StateSpec) -> Report:
+        return compare(
+            self._reference(),
+            live,
+            allow_missing=self.allow_missing,
+            allow_unexpected=self.allow_unexpected,
+            strict=self.strict,
+            cast=self.allow_cast,
+            check_classes=self.check_classes,
+        ).report
+
+    def _reference(self) -> StateSpec:
+        assert self.metadata is not None
+        index = self.metadata.storage_data
+        if isinstance(index, ChunkIndex):
+            return index.spec
+        tensors = {
+            key: TensorSpec(torch_dtype_name(md.properties.dtype), tuple(md.size), owner_of(key))
+            for key, md in self.metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)
+        }
+        return StateSpec(tensors)
+
+    def create_local_plan(self) -> LoadPlan:
+        live = live_spec(self.state_dict, self.modules)
+        items: list[ReadItem] = []
+        if self._compare(live).ok:
+            assert self.metadata is not None
+            # Keys allowed to be missing are skipped (strict=False); the rest was checked above.
+            items = create_default_local_load_plan(self.state_dict, self.metadata, strict=False).items
+        return LoadPlan(items, planner_data=_RankState(live))
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        specs = [p.planner_data.spec if isinstance(p.planner_data, _RankState) else None for p in global_plan]
+        if any(s is None for s in specs):
+            raise ManifestCkptError(
+                "ManifestLoadPlanner: a rank used another planner; every rank must use the same one"
+            )
+        report = merge_reports([self._compare(s) for s in specs if s is not None])
+        if not report.ok:
+            index = self.metadata.storage_data if self.metadata is not None else None
+            raise ModelMismatchError(report, path=index.location if isinstance(index, ChunkIndex) else None)
+        return [dataclasses.replace(p, planner_data=None) for p in global_plan]
+
+
+def merge_reports(reports: list[Report]) -> Report:
+    """One report for all ranks: every problem once, and which ranks alone have it."""
+    where: dict[Problem, list[int]] = defaultdict(list)
+    for rank, report in enumerate(reports):
+        for problem in report.problems:
+            where[problem].append(rank)
+    problems = sort_problems(list(where))
+    hints: list[str] = []
+    for report in reports:
+        hints += [h for h in report.hints if h not in hints]
+    partial = [(p, ranks) for p, ranks in ((p, where[p]) for p in problems) if len(ranks) < len(reports)]
+    for problem, ranks in partial[:10]:
+        hints.append(
+            f"{problem.kind} {problem.key or '(root)'!r}: only on rank{'s' if len(ranks) > 1 else ''} {_ranks(ranks)}"
+        )
+    if len(partial) > 10:
+        hints.append(f"... and {len(partial) - 10} more problems seen on some ranks only")
+    if partial:
+        hints.append(
+            "the ranks' state dicts differ from each other: every rank must hold the same keys, shapes and dtypes"
+        )
+    first = reports[0] if reports else Report([])
+    return Report(problems, hints, first.suggested_remap, first.checked)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)

@@ -1,0 +1,403 @@
+"""Saving through torch.distributed.checkpoint: a save planner and a storage writer.
+
+Every rank writes the chunks it owns into safetensors files of the manifest-ckpt layout
+(content digest in the header, one chunk per tensor per file, absolute byte ranges),
+digesting each chunk while it is written. The coordinator's ``finish`` then writes
+``manifest.json``, the commit marker: until it exists the directory is no checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from manifest_ckpt._dcp_state import local_aliases, require_tensors, torch_dtype_name
+from manifest_ckpt._dtypes import itemsize, nbytes
+from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError, UnsupportedTensorError
+from manifest_ckpt.integrity import atomic_write_bytes
+from manifest_ckpt.introspect import module_tree
+from manifest_ckpt.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Chunk,
+    FileEntry,
+    Manifest,
+    ModuleEntry,
+    TensorEntry,
+    chunked_digest,
+    compute_digest,
+)
+from manifest_ckpt.writer import _lineage, _old_weight_files, _require_json, write_safetensors
+
+
+@dataclass(frozen=True)
+class _LocalSaveInfo:
+    """A rank's local plan ``planner_data``: torch's flattening mappings plus its ties."""
+
+    mappings: Any
+    aliases: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """``Metadata.planner_data`` after global planning: the mappings and the agreed ties."""
+
+    mappings: Any
+    aliases: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _RankFiles:
+    """A rank's ``SavePlan.storage_data``: its index, which makes its file names unique."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """Where one written chunk landed (``WriteResult.storage_data``)."""
+
+    file: str
+    byte_range: tuple[int, int]
+    digest: str
+    shape: tuple[int, ...]
+    file_entry: FileEntry
+
+
+class ManifestSavePlanner(DefaultSavePlanner):
+    """torch's default save planner, plus: tensors only, and ties saved once as aliases.
+
+    A tie (the same tensor under two keys, such as tied embeddings) is recorded as an alias
+    when every rank sees it; the alias's chunks are then not written a second time.
+
+    Args:
+        ties: the ties, when they cannot be seen in the state dict this planner gets (a
+            staged copy for ``async_save`` holds separate copies of tied tensors).
+    """
+
+    def __init__(self, *, ties: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ties = None if ties is None else dict(ties)
+        self.aliases: dict[str, str] = {}
+
+    def set_up_planner(
+        self,
+        state_dict: dict[str, Any],
+        storage_meta: StorageMeta | None = None,
+        is_coordinator: bool = False,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        require_tensors(self.state_dict)
+        if self.ties is None:
+            self.aliases = local_aliases(self.state_dict)
+        else:
+            self.aliases = {k: v for k, v in self.ties.items() if k in self.state_dict and v in self.state_dict}
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        return dataclasses.replace(plan, planner_data=_LocalSaveInfo(plan.planner_data, self.aliases))
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        infos = [p.planner_data for p in all_plans]
+        if not all(isinstance(i, _LocalSaveInfo) for i in infos):
+            raise ManifestCkptError(
+                "ManifestSavePlanner: a rank used another planner; every rank must use the same one"
+            )
+        # A tie only some ranks see is stored twice rather than guessed.
+        first = infos[0].aliases
+        aliases = {k: v for k, v in first.items() if all(i.aliases.get(k) == v for i in infos[1:])}
+        stripped = [
+            dataclasses.replace(p, items=[it for it in p.items if it.index.fqn not in aliases], planner_data=i.mappings)
+            for p, i in zip(all_plans, infos)
+        ]
+        plans, metadata = super().create_global_plan(stripped)
+        metadata = dataclasses.replace(metadata, planner_data=SaveInfo(metadata.planner_data, aliases))
+        self.metadata = metadata
+        return plans, metadata
+
+
+class ManifestStorageWriter(FileSystemWriter):
+    """A DCP storage writer whose checkpoint is an ordinary manifest-ckpt directory.
+
+    Each rank writes its chunks as safetensors files (``weights-<digest16>-rank<N>.safetensors``),
+    hashing each chunk on a second thread while writing it; the coordinator writes
+    ``manifest.json`` last. Builds on :class:`FileSystemWriter` for paths, staging
+    (``async_save``) and checkpoint ids; the data and metadata formats are this library's.
+
+    Args:
+        path: the checkpoint directory (created with its parents).
+        module: record this module's tree (classes, parameters, buffers); the state dict's
+            keys must then be the module's own ``state_dict()`` keys.
+        lineage, metadata, parents, record_code, timestamp: as in :func:`manifest_ckpt.save`.
+        overwrite: replace an existing checkpoint at ``path``.
+        sync_files: fsync every file before the manifest commits them (DCP's default).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        module: nn.Module | None = None,
+        lineage: Any = None,
+        metadata: Any = None,
+        parents: Sequence[Any] = (),
+        record_code: bool = True,
+        timestamp: bool = False,
+        overwrite: bool = False,
+        sync_files: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        # The parent's own overwrite check looks for DCP's pickled ``.metadata``; ours is below.
+        super().__init__(path, sync_files=sync_files, overwrite=True, **kwargs)
+        _require_json("lineage", lineage)
+        _require_json("metadata", metadata)
+        self.modules: dict[str, ModuleEntry] | None = None if module is None else module_tree(module)
+        self.user_lineage = lineage
+        self.user_metadata = metadata
+        self.parents = tuple(parents)
+        self.record_code = record_code
+        self.timestamp = timestamp
+        self.replace = overwrite
+        self.is_coordinator = False
+        self.manifest: Manifest | None = None
+        self._lineage_doc: dict[str, Any] | None = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+        self.is_coordinator = is_coordinator
+        if not kwargs.get("use_collectives", True):
+            raise ManifestCkptError(
+                "ManifestStorageWriter needs use_collectives=True: one coordinator writes the manifest that "
+                "lists every rank's files"
+            )
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        target = Path(self.path)
+        _check_destination(target, self.replace)
+        if self.modules is not None:
+            _check_module_keys(self.modules, {item.index.fqn for item in plan.items})
+        self.fs.mkdir(target)
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # Lineage reads parent manifests and git state: fail here, before any rank writes.
+        self._lineage_doc = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
+        return [dataclasses.replace(p, storage_data=_RankFiles(i)) for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        rank = plan.storage_data.index if isinstance(plan.storage_data, _RankFiles) else 0
+        results: list[WriteResult] = []
+        with ThreadPoolExecutor(1) as hasher:
+            for j, items in enumerate(_files_of(plan.items)):
+                results += _write_file(Path(self.path), rank, j, items, planner, hasher, self.sync_files)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        target = Path(self.path)
+        info = metadata.planner_data
+        aliases = dict(info.aliases) if isinstance(info, SaveInfo) else {}
+        lineage = self._lineage_doc
+        if lineage is None:
+            lineage = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
+        manifest = build_manifest(metadata, results, aliases, self.modules, lineage, self.user_metadata)
+        old_files = _old_weight_files(target)
+        atomic_write_bytes(target / MANIFEST_NAME, manifest.to_json(), fsync=self.sync_files)
+        for stale in old_files - set(manifest.files):
+            (target / stale).unlink(missing_ok=True)
+        self.manifest = manifest
+        # DCP broadcasts this Metadata from the coordinator to every rank: it carries the
+        # manifest to the callers of ``save`` on all of them.
+        metadata.storage_data = manifest
+
+
+def build_manifest(
+    metadata: Metadata,
+    results: list[list[WriteResult]],
+    aliases: Mapping[str, str],
+    modules: dict[str, ModuleEntry] | None,
+    lineage: dict[str, Any],
+    user_metadata: Any,
+) -> Manifest:
+    """The manifest of a distributed save from every rank's write results.
+
+    A tensor written as one chunk covering all of it is recorded whole (``file`` and
+    ``byte_range``), exactly as ``save`` records it, so an unsharded state gets the same
+    checkpoint digest either way. Empty chunks of a non-empty tensor hold nothing and are
+    left out.
+
+    Raises:
+        ManifestError: the results do not make a consistent manifest (a planner bug).
+    """
+    pieces: dict[str, list[Chunk]] = defaultdict(list)
+    files: dict[str, FileEntry] = {}
+    for rank_results in results:
+        for result in rank_results:
+            stored = result.storage_data
+            if not isinstance(stored, StoredChunk):
+                raise ManifestError(f"write result for {result.index.fqn!r} was not produced by ManifestStorageWriter")
+            offsets = tuple(result.index.offset or ())
+            pieces[result.index.fqn].append(Chunk(offsets, stored.shape, stored.file, stored.byte_range, stored.digest))
+            files[stored.file] = stored.file_entry
+    tensors: dict[str, TensorEntry] = {}
+    for key in sorted(pieces):
+        md = metadata.state_dict_metadata[key]
+        assert isinstance(md, TensorStorageMetadata)
+        dtype, shape = torch_dtype_name(md.properties.dtype), tuple(md.size)
+        chunks = sorted(pieces[key], key=lambda c: c.offsets)
+        if nbytes(dtype, shape) > 0:
+            chunks = [c for c in chunks if nbytes(dtype, c.shape) > 0]
+        if len(chunks) == 1 and chunks[0].shape == shape and not any(chunks[0].offsets):
+            c = chunks[0]
+            tensors[key] = TensorEntry(dtype, shape, c.digest, file=c.file, byte_range=c.byte_range)
+        else:
+            tensors[key] = TensorEntry(dtype, shape, chunked_digest(tuple(chunks)), chunks=tuple(chunks))
+    used = {c.file for t in tensors.values() for c in t.pieces()}
+    manifest = Manifest(
+        digest=compute_digest(tensors, dict(sorted(aliases.items())), modules),
+        files={name: files[name] for name in sorted(used)},
+        tensors=tensors,
+        aliases=dict(sorted(aliases.items())),
+        modules=modules,
+        lineage=lineage,
+        metadata=user_metadata,
+        format_version=FORMAT_VERSION,
+    )
+    problems = list(manifest.iter_consistency_problems())
+    if problems:
+        listing = "\n".join(f"  {path}: {message}" for path, message in problems[:10])
+        raise ManifestError(f"the distributed save produced an inconsistent manifest:\n{listing}", field=problems[0][0])
+    return manifest
+
+
+def _files_of(items: list[WriteItem]) -> list[list[WriteItem]]:
+    """Split a rank's items into files holding at most one chunk of each tensor.
+
+    One file per rank in the usual case; a rank holding several chunks of one tensor
+    (a ShardedTensor with several local shards) gets one more file per extra chunk.
+    """
+    files: list[list[WriteItem]] = []
+    seen: dict[str, int] = defaultdict(int)
+    for item in items:
+        if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+            raise UnsupportedTensorError(
+                f"{item.index.fqn!r} is not a tensor; a manifest checkpoint stores tensors only "
+                "(use ManifestSavePlanner, which says so before anything is written)"
+            )
+        j = seen[item.index.fqn]
+        seen[item.index.fqn] += 1
+        if j == len(files):
+            files.append([])
+        files[j].append(item)
+    return files
+
+
+def _write_file(
+    directory: Path,
+    rank: int,
+    j: int,
+    items: list[WriteItem],
+    planner: SavePlanner,
+    hasher: ThreadPoolExecutor,
+    fsync: bool,
+) -> list[WriteResult]:
+    """Write one rank file and describe each chunk in it."""
+    layout: list[tuple[str, str, tuple[int, ...]]] = []
+    for item in items:
+        assert item.tensor_data is not None
+        layout.append(
+            (item.index.fqn, torch_dtype_name(item.tensor_data.properties.dtype), tuple(item.tensor_data.chunk.sizes))
+        )
+    # Largest element first, as ``save`` does: every chunk then starts aligned to its dtype.
+    order = sorted(range(len(items)), key=lambda i: (-itemsize(layout[i][1]), layout[i][0]))
+    items = [items[i] for i in order]
+    layout = [layout[i] for i in order]
+
+    def values() -> Any:
+        for item, (key, _, shape) in zip(items, layout):
+            tensor = planner.resolve_data(item)
+            assert isinstance(tensor, torch.Tensor)
+            if tuple(tensor.shape) != shape:
+                raise ManifestCkptError(
+                    f"{key!r}: the planner resolved a {list(tensor.shape)} tensor for a {list(shape)} chunk"
+                )
+            yield tensor
+
+    suffix = f"rank{rank}" if j == 0 else f"rank{rank}-{j}"
+    name, entry, digests, ranges = write_safetensors(
+        directory,
+        layout,
+        values(),
+        hasher,
+        fsync,
+        name=lambda content: f"weights-{content.removeprefix('sha256:')[:16]}-{suffix}.safetensors",
+    )
+    return [
+        WriteResult(
+            index=item.index,
+            size_in_bytes=nbytes(dtype, shape),
+            storage_data=StoredChunk(name, rng, digest, shape, entry),
+        )
+        for item, (_, dtype, shape), digest, rng in zip(items, layout, digests, ranges)
+    ]
+
+
+def _is_leftover(name: str) -> bool:
+    """Files an interrupted save of ours leaves behind: weights files and their temporaries."""
+    return (name.startswith("weights-") and name.endswith(".safetensors")) or (
+        name.startswith(".weights.") and name.endswith(".tmp")
+    )
+
+
+def _check_destination(target: Path, overwrite: bool) -> None:
+    """Refuse to write over what is not ours, or over a checkpoint without ``overwrite``."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise CheckpointExistsError(f"{target} exists and is not a checkpoint directory; refusing to write into it")
+    if (target / MANIFEST_NAME).is_file():
+        if not overwrite:
+            raise CheckpointExistsError(f"{target} already holds a checkpoint; pass overwrite=True to replace it")
+        return
+    strangers = sorted(n for n in os.listdir(target) if not _is_leftover(n))
+    if strangers:
+        raise CheckpointExistsError(
+            f"{target} is a non-empty directory without {MANIFEST_NAME} (it holds {strangers[0]!r}); refusing to "
+            "write into what is not a manifest-ckpt checkpoint. Choose another path or empty it."
+        )
+
+
+def _check_module_keys(modules: Mapping[str, ModuleEntry], keys: set[str]) -> None:
+    """The module tree must declare exactly the state dict's keys, or the manifest would lie."""
+    declared = {f"{path}.{name}" if path else name for path, m in modules.items() for name in m.persistent_names()}
+    if declared == keys:
+        return
+    extra, absent = sorted(keys - declared), sorted(declared - keys)
+    parts = []
+    if extra:
+        parts.append(f"{len(extra)} state-dict keys the module does not declare (first: {extra[0]!r})")
+    if absent:
+        parts.append(f"{len(absent)} module keys missing from the state dict (first: {absent[0]!r})")
+    raise ManifestError(
+        f"module= was given but its tree does not match the state dict: {'; '.join(parts)}. Pass the "
+        "module's own state_dict() (not nested under a prefix such as 'model'), or leave module= out.",
+        field="modules",
+    )

@@ -1,0 +1,267 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): many ranks, one verified manifest.
+
+``save`` / ``async_save`` / ``load`` mirror ``dcp.save`` / ``dcp.async_save`` / ``dcp.load``
+and run DCP's own engine with this library's storage classes and planners:
+
+- :class:`ManifestStorageWriter`: every rank writes its chunks as safetensors files of the
+  manifest-ckpt layout, digesting each chunk while writing it; the coordinator writes
+  ``manifest.json`` last, the atomic commit marker.
+- :class:`ManifestSavePlanner`: DCP's default planner, refusing non-tensors and saving ties once.
+- :class:`ManifestStorageReader`: presents the manifest to DCP so a save on N ranks loads
+  on M ranks with another placement; checks file binding (and digests when asked) on
+  every rank before any rank reads.
+- :class:`ManifestLoadPlanner`: compares every rank's live state dict with the checkpoint
+  and raises one :class:`~manifest_ckpt.ModelMismatchError` on every rank, before any read;
+  never casts unless asked.
+
+The result is an ordinary manifest checkpoint: ``manifest_ckpt.verify``, ``read_manifest``
+and single-process ``manifest_ckpt.load`` (which assembles the chunks) work on it.
+Errors are this library's on every rank: DCP's ``CheckpointException`` is unwrapped to
+the first rank's :class:`~manifest_ckpt.ManifestCkptError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.stateful import Stateful
+
+from manifest_ckpt._dcp_load import ManifestLoadPlanner, ManifestStorageReader
+from manifest_ckpt._dcp_save import ManifestSavePlanner, ManifestStorageWriter
+from manifest_ckpt.errors import ManifestCkptError
+from manifest_ckpt.manifest import Manifest
+from manifest_ckpt.remap import Remap
+
+__all__ = [
+    "ManifestLoadPlanner",
+    "ManifestSavePlanner",
+    "ManifestStorageReader",
+    "ManifestStorageWriter",
+    "async_save",
+    "load",
+    "save",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def save(
+    state_dict: dict[str, Any],
+    path: PathLike,
+    *,
+    module: nn.Module | None = None,
+    lineage: Any = None,
+    metadata: Any = None,
+    parents: Sequence[Any] = (),
+    overwrite: bool = False,
+    record_code: bool = True,
+    timestamp: bool = False,
+    fsync: bool = True,
+    process_group: dist.ProcessGroup | None = None,
+) -> Manifest:
+    """Save a (sharded) state dict from every rank as one manifest checkpoint; call on all ranks.
+
+    DTensor and ShardedTensor values are saved chunk by chunk, each rank writing its own;
+    replicated tensors are written once. Without an initialised process group this saves
+    from the one process.
+
+    Args:
+        state_dict: the (possibly nested) state dict, as for ``dcp.save``; tensors only.
+        path: the checkpoint directory, on storage every rank can reach.
+        module: record this module's tree; the state dict must then be its ``state_dict()``.
+        lineage, metadata, parents, record_code, timestamp: as in :func:`manifest_ckpt.save`.
+        overwrite: replace an existing checkpoint at ``path``.
+        fsync: flush every file to disk before the manifest commits it (DCP's default).
+        process_group: the group to save with (default: the default group).
+
+    Returns:
+        The manifest, on every rank.
+
+    Raises:
+        CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is False.
+        UnsupportedTensorError: a value is not a tensor or cannot be stored faithfully.
+    """
+    writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync)
+    with _library_errors(lambda: None), _single_process_quiet():
+        result = dcp_save(state_dict, storage_writer=writer, planner=ManifestSavePlanner(), process_group=process_group)
+    return _manifest_of(result)
+
+
+def async_save(
+    state_dict: dict[str, Any],
+    path: PathLike,
+    *,
+    module: nn.Module | None = None,
+    lineage: Any = None,
+    metadata: Any = None,
+    parents: Sequence[Any] = (),
+    overwrite: bool = False,
+    record_code: bool = True,
+    timestamp: bool = False,
+    fsync: bool = True,
+    process_group: dist.ProcessGroup | None = None,
+) -> concurrent.futures.Future[Manifest]:
+    """``save`` in the background: stage a CPU copy now, write it on a thread; call on all ranks.
+
+    The process group needs a CPU backend (gloo), as for ``dcp.async_save``. Issue no other
+    collective on that group until the future is done.
+
+    Returns:
+        A future of the manifest; its exception is this library's error, as for ``save``.
+    """
+    writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync)
+    # The staged copy no longer shares storage between tied keys: find the ties (and refuse
+    # what cannot be stored) on the caller's state dict, now, on every rank alike.
+    probe = ManifestSavePlanner()
+    probe.set_up_planner({k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()})
+    with _library_errors(lambda: None):
+        response = dcp_async_save(
+            state_dict,
+            storage_writer=writer,
+            planner=ManifestSavePlanner(ties=probe.aliases),
+            process_group=process_group,
+        )
+    inner = response if isinstance(response, concurrent.futures.Future) else response.upload_completion
+    outer: concurrent.futures.Future[Manifest] = concurrent.futures.Future()
+
+    def done(future: concurrent.futures.Future[Any]) -> None:
+        try:
+            outer.set_result(_manifest_of(future.result()))
+        except CheckpointException as exc:
+            outer.set_exception(_unwrap(exc, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            outer.set_exception(exc)
+
+    inner.add_done_callback(done)
+    return outer
+
+
+def load(
+    state_dict: dict[str, Any],
+    path: PathLike,
+    *,
+    strict: bool = True,
+    remap: Remap | None = None,
+    cast: bool = False,
+    verify_digests: bool = False,
+    expect_digest: str | None = None,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    module: nn.Module | None = None,
+    check_classes: bool = True,
+    process_group: dist.ProcessGroup | None = None,
+) -> Manifest:
+    """Load a manifest checkpoint into every rank's (sharded) state dict, in place; call on all ranks.
+
+    The checkpoint may have been saved on any number of ranks with any placement, or by
+    :func:`manifest_ckpt.save`. Every rank's state dict is compared with the manifest first;
+    all problems of all ranks are raised as one report, on every rank, before any read.
+
+    Args:
+        state_dict: the state dict to fill (DTensor, ShardedTensor or plain tensors), as for
+            ``dcp.load``; its tensors must already have their final shape and placement.
+        path: the checkpoint directory.
+        strict, remap, cast, allow_missing, allow_unexpected, check_classes: as in
+            :func:`manifest_ckpt.load`; ``module`` supplies the layer classes to compare.
+        verify_digests: hash every chunk a rank reads before any rank copies a byte.
+        expect_digest: refuse a checkpoint whose digest is not this one.
+        process_group: the group to load with (default: the default group).
+
+    Returns:
+        The checkpoint's manifest.
+
+    Raises:
+        ModelMismatchError: some rank's state differs from the checkpoint (``.report`` lists all).
+        IntegrityError: a missing, truncated or (with ``verify_digests``) corrupt file.
+        ManifestError: invalid manifest, or weights files that do not belong to it.
+    """
+    reader = ManifestStorageReader(path, remap=remap, verify_digests=verify_digests, expect_digest=expect_digest)
+    planner = ManifestLoadPlanner(
+        strict=strict,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        cast=cast,
+        module=module,
+        check_classes=check_classes,
+    )
+    with _library_errors(lambda: reader.failure), _single_process_quiet():
+        dcp_load(state_dict, storage_reader=reader, planner=planner, process_group=process_group)
+    assert reader.index is not None
+    return reader.index.manifest
+
+
+def _writer(
+    path: PathLike,
+    module: nn.Module | None,
+    lineage: Any,
+    metadata: Any,
+    parents: Sequence[Any],
+    overwrite: bool,
+    record_code: bool,
+    timestamp: bool,
+    fsync: bool,
+) -> ManifestStorageWriter:
+    return ManifestStorageWriter(
+        path,
+        module=module,
+        lineage=lineage,
+        metadata=metadata,
+        parents=parents,
+        record_code=record_code,
+        timestamp=timestamp,
+        overwrite=overwrite,
+        sync_files=fsync,
+    )
+
+
+def _manifest_of(result: Metadata) -> Manifest:
+    manifest = result.storage_data
+    if not isinstance(manifest, Manifest):
+        raise ManifestCkptError("the distributed save finished without a manifest (was the writer replaced?)")
+    return manifest
+
+
+def _unwrap(exc: CheckpointException, local: ManifestCkptError | None) -> BaseException:
+    """This library's error behind DCP's wrapper: the local one, else the lowest rank's."""
+    if local is not None:
+        return local
+    for rank in sorted(exc.failures):
+        error = exc.failures[rank][0]
+        if isinstance(error, ManifestCkptError):
+            return error
+    return exc
+
+
+@contextmanager
+def _library_errors(local: Callable[[], ManifestCkptError | None]) -> Iterator[None]:
+    """Raise this library's error rather than DCP's ``CheckpointException`` that wraps it."""
+    try:
+        yield
+    except CheckpointException as exc:
+        error = _unwrap(exc, local())
+        if error is exc:
+            raise
+        raise error from exc
+
+
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Without a process group DCP warns that it saves or loads in one process: that is the intent."""
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

@@ -1,0 +1,537 @@
+"""Sharded checkpoints on torch.distributed.checkpoint: real gloo process groups on 127.0.0.1.
+
+Two module-scoped runs start real process groups: 2 ranks save (sync and async), then 3
+ranks load with another sharding, with a rank whose state differs, and with a damaged rank
+file. Each rank writes what it saw to a JSON file; the tests assert on those. The rest runs
+in this process, without a process group.
+
+Run as a script, this file is one rank of such a run:
+``python tests/test_distributed.py SCENARIO RANK WORLD PORT DIRECTORY``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import manifest_ckpt as mc
+from manifest_ckpt import distributed as mcd
+from manifest_ckpt._dcp_load import merge_reports
+from manifest_ckpt._report import Problem, Report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the model every run shares ----------------------------------------------------------------
+class Model(nn.Module):
+    """Dense layers, a bf16 layer, int64 and 0-dim buffers, a tied head, a tiny parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.layer = nn.Linear(6, 7)
+        self.norm = nn.LayerNorm(6)
+        self.half = nn.Linear(3, 5, bias=False).to(torch.bfloat16)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("step", torch.zeros(4, dtype=torch.int64))
+        self.register_buffer("scale", torch.tensor(0.0))
+        self.tiny = nn.Parameter(torch.zeros(2))  # on 3 ranks, one shard is empty
+
+
+def expected_values() -> dict[str, torch.Tensor]:
+    """The values every run saves, built from fixed seeds (the same on every rank)."""
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in Model().state_dict().items() if k != "head.weight"}
+    values = {}
+    for key, (shape, dtype) in shapes.items():
+        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        if dtype == torch.int64:
+            values[key] = torch.randint(-(2**40), 2**40, shape, generator=gen, dtype=torch.int64)
+        else:
+            values[key] = torch.randn(shape, generator=gen).to(dtype)
+    values["head.weight"] = values["embed.weight"]
+    return values
+
+
+# -- the ranks' side ---------------------------------------------------------------------------
+def _sharded(
+    values: dict[str, torch.Tensor], placements: dict[str, str], mesh: Any, *, zeros: bool
+) -> dict[str, torch.Tensor]:
+    """A state dict in Model's key order; "S0"/"S1"/"R" make DTensors, "-" a plain tensor."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    kinds = {"S0": Shard(0), "S1": Shard(1), "R": Replicate()}
+    out: dict[str, torch.Tensor] = {}
+    for key, full in values.items():
+        if key == "head.weight":
+            out[key] = out["embed.weight"]  # the tie: the very same object
+            continue
+        value = torch.zeros_like(full) if zeros else full.clone()
+        kind = placements[key]
+        # src_data_rank=None: every rank cuts its shard from its own copy, no communication.
+        out[key] = value if kind == "-" else distribute_tensor(value, mesh, [kinds[kind]], src_data_rank=None)
+    return out
+
+
+SAVE_PLACEMENT = {
+    "embed.weight": "S0",
+    "layer.weight": "S1",
+    "layer.bias": "S0",
+    "norm.weight": "R",
+    "norm.bias": "-",
+    "half.weight": "S0",
+    "step": "-",
+    "scale": "-",
+    "tiny": "S0",
+}
+LOAD_PLACEMENT = {
+    "embed.weight": "S1",
+    "layer.weight": "S0",
+    "layer.bias": "R",
+    "norm.weight": "S0",
+    "norm.bias": "S0",
+    "half.weight": "S1",
+    "step": "-",
+    "scale": "-",
+    "tiny": "S0",
+}
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def _untouched(state: dict[str, torch.Tensor]) -> bool:
+    return all(not _local(v).any() for v in state.values())
+
+
+def _bit_exact(state: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """Per key: does the loaded whole tensor equal the saved one in dtype and bits?"""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for key, want in expected_values().items():
+        value = state[key]
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        out[key] = full.dtype == want.dtype and torch.equal(
+            full.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+        )
+    return out
+
+
+def _expect_failure(run: Callable[[], Any]) -> dict[str, Any]:
+    try:
+        run()
+    except mc.ModelMismatchError as exc:
+        problems = [[p.kind, p.key, p.expected, p.found] for p in exc.report.problems]
+        return {"type": type(exc).__name__, "message": str(exc), "problems": problems, "hints": exc.report.hints}
+    except mc.ManifestCkptError as exc:
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return {"type": "none", "message": ""}
+
+
+def _scenario_save(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
+    values = expected_values()
+    state = _sharded(values, SAVE_PLACEMENT, mesh, zeros=False)
+    manifest = mcd.save(state, directory / "ck", module=Model(), record_code=False, lineage={"step": 7})
+    pending = mcd.async_save(state, directory / "ck_async", record_code=False)
+    async_manifest = pending.result(timeout=60)
+    again = _expect_failure(lambda: mcd.save(state, directory / "ck", record_code=False))
+    return {"digest": manifest.digest, "async_digest": async_manifest.digest, "again": again}
+
+
+def _scenario_load(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    values = expected_values()
+    out: dict[str, Any] = {}
+
+    state = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
+    out["digest"] = mcd.load(state, directory / "ck", verify_digests=True, module=Model()).digest
+    out["exact"] = _bit_exact(state)
+    state = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
+    mcd.load(state, directory / "ck_async")
+    out["exact_async"] = _bit_exact(state)
+
+    # Rank 2 expects another shape and an extra key, rank 1 another dtype: all ranks hear of all.
+    wrong = dict(values)
+    if rank == 2:
+        wrong["layer.weight"] = torch.zeros(8, 6)
+        wrong["extra"] = torch.zeros(3)
+    if rank == 1:
+        wrong["norm.bias"] = torch.zeros(6, dtype=torch.float64)
+    state = _sharded(wrong, {**LOAD_PLACEMENT, "extra": "-"}, mesh, zeros=True)
+    out["mismatch"] = _expect_failure(lambda: mcd.load(state, directory / "ck"))
+    out["mismatch_untouched"] = _untouched(state)
+
+    if rank == 0:
+        manifest = mc.read_manifest(directory / "ck")
+        shutil.copytree(directory / "ck", directory / "ck_bad")
+        chunk = next(c for c in manifest.tensors["embed.weight"].pieces() if "-rank1" in c.file)
+        with open(directory / "ck_bad" / chunk.file, "r+b") as f:
+            f.seek(chunk.byte_range[0] + 3)
+            byte = f.read(1)
+            f.seek(chunk.byte_range[0] + 3)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        shutil.copytree(directory / "ck", directory / "ck_short")
+        victim = next(name for name in manifest.files if "-rank0" in name)
+        os.truncate(directory / "ck_short" / victim, manifest.files[victim].size - 100)
+    dist.barrier()
+    state = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
+    out["corrupt"] = _expect_failure(lambda: mcd.load(state, directory / "ck_bad", verify_digests=True))
+    out["corrupt_untouched"] = _untouched(state)
+    out["short"] = _expect_failure(lambda: mcd.load(state, directory / "ck_short"))
+    out["short_untouched"] = _untouched(state)
+    return out
+
+
+SCENARIOS = {"save": _scenario_save, "load": _scenario_load}
+
+
+def _rank_main(scenario: str, rank: int, world: int, port: int, directory: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        result = SCENARIOS[scenario](rank, mesh, directory)
+        (directory / f"{scenario}-{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(scenario: str, world: int, directory: Path, *, timeout: float = 150) -> list[dict[str, Any]]:
+    """Start ``world`` processes of this file as one gloo group and collect each rank's JSON."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    port = _free_port()
+    logs = [directory / f"{scenario}-{rank}.log" for rank in range(world)]
+    procs = []
+    for rank in range(world):
+        with open(logs[rank], "wb") as log:
+            argv = [sys.executable, __file__, scenario, str(rank), str(world), str(port), str(directory)]
+            procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        text = "\n".join(f"--- rank {r} (exit {rc}) ---\n{logs[r].read_text()[-4000:]}" for r, rc in failed)
+        pytest.fail(f"{scenario} on {world} ranks failed:\n{text}")
+    return [json.loads((directory / f"{scenario}-{rank}.json").read_text()) for rank in range(world)]
+
+
+# -- multi-process runs ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """A 2-rank save (sync and async) of the sharded model."""
+    directory = tmp_path_factory.mktemp("dcp")
+    return directory, run_ranks("save", 2, directory)
+
+
+@pytest.fixture(scope="module")
+def loaded(saved: tuple[Path, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """3-rank loads of the 2-rank checkpoint: resharded, mismatched, damaged."""
+    directory, _ = saved
+    return run_ranks("load", 3, directory)
+
+
+@pytest.mark.distributed
+def test_two_ranks_commit_one_manifest(saved: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Both ranks return the same manifest, whose files are one per rank and verify offline."""
+    directory, results = saved
+    manifest = mc.read_manifest(directory / "ck")
+    assert [r["digest"] for r in results] == [manifest.digest, manifest.digest]
+    assert sorted(n.rsplit("-", 1)[1] for n in manifest.files) == ["rank0.safetensors", "rank1.safetensors"]
+    assert sorted(os.listdir(directory / "ck")) == sorted(["manifest.json", *manifest.files])
+    mc.verify(directory / "ck")
+
+
+@pytest.mark.distributed
+def test_sharded_tensors_are_chunked_and_whole_ones_are_plain(saved: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Shards become chunks with global offsets; replicated and plain tensors are stored whole, once."""
+    directory, _ = saved
+    manifest = mc.read_manifest(directory / "ck")
+    bias = manifest.tensors["layer.bias"]
+    assert bias.chunks is not None
+    assert [(c.offsets, c.shape) for c in bias.chunks] == [((0,), (4,)), ((4,), (3,))]
+    assert [(c.offsets, c.shape) for c in manifest.tensors["layer.weight"].pieces()] == [
+        ((0, 0), (7, 3)),
+        ((0, 3), (7, 3)),
+    ]
+    assert manifest.tensors["norm.weight"].chunks is None
+    assert manifest.tensors["scale"].shape == ()
+    assert manifest.aliases == {"head.weight": "embed.weight"}
+    assert manifest.modules is not None and manifest.modules["layer"].cls == "torch.nn.modules.linear.Linear"
+    assert manifest.lineage["user"] == {"step": 7}
+
+
+@pytest.mark.distributed
+def test_whole_tensors_have_the_digest_single_process_save_gives(
+    saved: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A tensor stored whole by the ranks has the same digest as in mc.save of the same values."""
+    directory, _ = saved
+    model = Model()
+    model.load_state_dict(expected_values())
+    single = mc.save(model, tmp_path / "single", record_code=False)
+    sharded = mc.read_manifest(directory / "ck")
+    for key in ("norm.weight", "norm.bias", "step", "scale"):
+        assert sharded.tensors[key].digest == single.tensors[key].digest, key
+
+
+@pytest.mark.distributed
+def test_single_process_load_assembles_the_chunks(saved: tuple[Path, list[dict[str, Any]]]) -> None:
+    """mc.load fills an unsharded module from the 2-rank checkpoint, bit for bit."""
+    directory, _ = saved
+    model = Model()
+    result = mc.load(model, directory / "ck", verify_digests=True)
+    assert result.retied == ["head.weight"]
+    for key, want in expected_values().items():
+        assert torch.equal(model.state_dict()[key], want), key
+
+
+@pytest.mark.distributed
+def test_async_save_writes_the_same_checkpoint(saved: tuple[Path, list[dict[str, Any]]]) -> None:
+    """async_save commits a checkpoint with the same tensors as save (no module tree given)."""
+    directory, results = saved
+    sync, async_ = mc.read_manifest(directory / "ck"), mc.read_manifest(directory / "ck_async")
+    assert results[0]["async_digest"] == results[1]["async_digest"] == async_.digest
+    assert {k: t.digest for k, t in async_.tensors.items()} == {k: t.digest for k, t in sync.tensors.items()}
+    assert async_.aliases == sync.aliases
+    mc.verify(directory / "ck_async")
+
+
+@pytest.mark.distributed
+def test_saving_over_a_checkpoint_is_refused_on_every_rank(saved: tuple[Path, list[dict[str, Any]]]) -> None:
+    """A second save without overwrite raises CheckpointExistsError on both ranks."""
+    _, results = saved
+    assert [r["again"]["type"] for r in results] == ["CheckpointExistsError"] * 2
+    assert "pass overwrite=True" in results[0]["again"]["message"]
+
+
+@pytest.mark.distributed
+def test_three_ranks_load_two_rank_checkpoint_resharded_bit_exact(loaded: list[dict[str, Any]]) -> None:
+    """Saved on 2 ranks with one placement, loaded on 3 with another: every tensor is bit-exact."""
+    keys = sorted(expected_values())
+    for rank, result in enumerate(loaded):
+        assert result["exact"] == dict.fromkeys(keys, True), rank
+        assert result["exact_async"] == dict.fromkeys(keys, True), rank
+    assert len({r["digest"] for r in loaded}) == 1
+
+
+@pytest.mark.distributed
+def test_a_rank_that_differs_makes_every_rank_raise_the_same_report(loaded: list[dict[str, Any]]) -> None:
+    """Problems of ranks 1 and 2 are gathered into one ModelMismatchError raised on all 3 ranks."""
+    failures = [r["mismatch"] for r in loaded]
+    assert [f["type"] for f in failures] == ["ModelMismatchError"] * 3
+    assert failures[0]["message"] == failures[1]["message"] == failures[2]["message"]
+    assert failures[0]["problems"] == [
+        ["missing", "extra", "float32[3]", None],
+        ["shape", "layer.weight", "float32[8, 6]", "float32[7, 6]"],
+        ["dtype", "norm.bias", "float64[6]", "float32[6]"],
+    ]
+    hints = failures[0]["hints"]
+    assert hints[:3] == [
+        "missing 'extra': only on rank 2",
+        "shape 'layer.weight': only on rank 2",
+        "dtype 'norm.bias': only on rank 1",
+    ]
+    assert all(r["mismatch_untouched"] for r in loaded)
+
+
+@pytest.mark.distributed
+def test_a_corrupted_rank_file_is_caught_on_every_rank_before_any_copy(loaded: list[dict[str, Any]]) -> None:
+    """One flipped byte in rank 1's file fails verify_digests on all ranks; nothing is loaded."""
+    failures = [r["corrupt"] for r in loaded]
+    assert [f["type"] for f in failures] == ["IntegrityError"] * 3
+    assert len({f["message"] for f in failures}) == 1
+    assert "embed.weight" in failures[0]["message"] and "-rank1.safetensors" in failures[0]["message"]
+    assert all(r["corrupt_untouched"] for r in loaded)
+
+
+@pytest.mark.distributed
+def test_a_truncated_rank_file_is_caught_without_hashing(loaded: list[dict[str, Any]]) -> None:
+    """A rank file 100 bytes short is refused on all ranks by its size, verify_digests off."""
+    failures = [r["short"] for r in loaded]
+    assert [f["type"] for f in failures] == ["IntegrityError"] * 3
+    assert "truncated" in failures[0]["message"] and "-rank0.safetensors" in failures[0]["message"]
+    assert all(r["short_untouched"] for r in loaded)
+
+
+# -- one process, no process group ---------------------------------------------------------------
+def _model() -> Model:
+    model = Model()
+    model.load_state_dict(expected_values())
+    return model
+
+
+def test_unsharded_save_has_the_digest_of_mc_save(tmp_path: Path) -> None:
+    """Without a process group, distributed.save writes what mc.save writes, digest for digest."""
+    model = _model()
+    single = mc.save(model, tmp_path / "single", record_code=False)
+    manifest = mcd.save(model.state_dict(), tmp_path / "dcp", module=model, record_code=False)
+    assert manifest.digest == single.digest
+    assert manifest.aliases == {"head.weight": "embed.weight"}
+    assert mc.read_manifest(tmp_path / "dcp") == manifest
+    mc.verify(tmp_path / "dcp")
+
+
+def test_load_reads_a_checkpoint_written_by_mc_save(tmp_path: Path) -> None:
+    """distributed.load fills a plain state dict from an mc.save checkpoint and returns its manifest."""
+    single = mc.save(_model(), tmp_path / "single", record_code=False)
+    state = Model().state_dict()
+    manifest = mcd.load(state, tmp_path / "single", verify_digests=True)
+    assert manifest.digest == single.digest
+    for key, want in expected_values().items():
+        assert torch.equal(state[key], want), key
+
+
+def test_dtype_differences_are_refused_unless_cast(tmp_path: Path) -> None:
+    """A float64 target is a dtype problem; cast=True converts the stored values instead."""
+    mcd.save(_model().state_dict(), tmp_path / "ck", record_code=False)
+    state = Model().state_dict()
+    state["layer.bias"] = torch.zeros(7, dtype=torch.float64)
+    with pytest.raises(mc.ModelMismatchError) as info:
+        mcd.load(state, tmp_path / "ck")
+    assert [(p.kind, p.key) for p in info.value.report.problems] == [("dtype", "layer.bias")]
+    assert not state["layer.bias"].any()
+    mcd.load(state, tmp_path / "ck", cast=True)
+    assert torch.equal(state["layer.bias"], expected_values()["layer.bias"].double())
+
+
+def test_missing_and_unexpected_keys_follow_the_policies(tmp_path: Path) -> None:
+    """Keys only one side has are refused, unless allowed by pattern or strict=False."""
+    mcd.save(_model().state_dict(), tmp_path / "ck", record_code=False)
+    state = Model().state_dict()
+    del state["step"]
+    state["new.bias"] = torch.zeros(2)
+    with pytest.raises(mc.ModelMismatchError) as info:
+        mcd.load(state, tmp_path / "ck")
+    assert [(p.kind, p.key) for p in info.value.report.problems] == [("missing", "new.bias"), ("unexpected", "step")]
+    mcd.load(state, tmp_path / "ck", allow_missing=[r"new\..*"], allow_unexpected=["step"])
+    assert torch.equal(state["layer.weight"], expected_values()["layer.weight"])
+    assert not state["new.bias"].any()
+
+
+def test_remap_renames_checkpoint_keys(tmp_path: Path) -> None:
+    """A prefix the checkpoint lacks is added by remap, as the mismatch report suggests."""
+    mcd.save(_model().state_dict(), tmp_path / "ck", record_code=False)
+    state = {f"model.{k}": v for k, v in Model().state_dict().items()}
+    with pytest.raises(mc.ModelMismatchError) as info:
+        mcd.load(state, tmp_path / "ck")
+    assert info.value.report.suggested_remap == {"^": "model."}
+    mcd.load(state, tmp_path / "ck", remap={"^": "model."})
+    assert torch.equal(state["model.embed.weight"], expected_values()["embed.weight"])
+
+
+def test_expect_digest_pins_the_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint whose digest is not the pinned one is refused with IntegrityError."""
+    manifest = mcd.save(_model().state_dict(), tmp_path / "ck", record_code=False)
+    state = Model().state_dict()
+    with pytest.raises(mc.IntegrityError, match="not the checkpoint you pinned"):
+        mcd.load(state, tmp_path / "ck", expect_digest="sha256:" + "0" * 64)
+    assert mcd.load(state, tmp_path / "ck", expect_digest=manifest.digest).digest == manifest.digest
+
+
+def test_missing_checkpoint_raises_the_library_error(tmp_path: Path) -> None:
+    """A path without a checkpoint raises CheckpointNotFoundError, not DCP's wrapper."""
+    with pytest.raises(mc.CheckpointNotFoundError, match="no such checkpoint"):
+        mcd.load(Model().state_dict(), tmp_path / "nothing")
+
+
+def test_non_tensor_values_are_refused_before_writing(tmp_path: Path) -> None:
+    """A state dict holding a Python number is refused by name, and nothing is written."""
+    state: dict[str, Any] = {"w": torch.zeros(2), "optim": {"lr": 0.1}}
+    with pytest.raises(mc.UnsupportedTensorError, match=r"'optim\.lr' \(float\)"):
+        mcd.save(state, tmp_path / "ck")
+    assert not (tmp_path / "ck" / "manifest.json").exists()
+
+
+def test_module_tree_must_match_the_state_dict(tmp_path: Path) -> None:
+    """module= with a state dict nested under a prefix is refused before writing."""
+    model = _model()
+    with pytest.raises(mc.ManifestError, match="not nested under a prefix"):
+        mcd.save({"model": model.state_dict()}, tmp_path / "ck", module=model)
+    assert not (tmp_path / "ck" / "manifest.json").exists()
+
+
+def test_overwrite_replaces_and_cleans_the_old_files(tmp_path: Path) -> None:
+    """overwrite=True commits the new manifest and removes the weights files only the old one used."""
+    first = mcd.save({"w": torch.zeros(3)}, tmp_path / "ck", record_code=False)
+    second = mcd.save({"w": torch.ones(3)}, tmp_path / "ck", overwrite=True, record_code=False)
+    assert first.files.keys() != second.files.keys()
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(["manifest.json", *second.files])
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Saving into a non-empty directory without manifest.json fails, even with overwrite."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    with pytest.raises(mc.CheckpointExistsError, match=r"notes\.txt"):
+        mcd.save({"w": torch.zeros(3)}, tmp_path / "ck", overwrite=True)
+    assert os.listdir(tmp_path / "ck") == ["notes.txt"]
+
+
+def test_model_mismatch_error_survives_pickling() -> None:
+    """ModelMismatchError crosses processes with its report and an unchanged message (regression)."""
+    error = mc.ModelMismatchError(Report([Problem("missing", "a", "float32[2]", None)]), path="/ck")
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error)
+    assert copy.report == error.report and copy.path == "/ck"
+
+
+def test_merged_report_names_the_ranks_that_differ() -> None:
+    """Problems seen on some ranks only are listed once, with the ranks that have them."""
+    shared = Problem("missing", "a", "float32[2]", None)
+    odd = Problem("shape", "b", "float32[3]", "float32[4]")
+    report = merge_reports([Report([shared], checked=5), Report([shared, odd], checked=5), Report([shared])])
+    assert report.problems == [shared, odd]
+    assert "shape 'b': only on rank 1" in report.hints
+    assert report.checked == 5
+
+
+if __name__ == "__main__":
+    # Through the package, so Model's class name is the one pytest sees (for class checks).
+    from tests.test_distributed import _rank_main as rank_main
+
+    _scenario, _rank, _world, _port, _directory = sys.argv[1:6]
+    rank_main(_scenario, int(_rank), int(_world), int(_port), Path(_directory))
