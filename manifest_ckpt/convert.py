@@ -91,8 +91,9 @@ def read_source(src: str | os.PathLike[str], *, key: str | None = None) -> Sourc
     """Read a ``torch.save`` file, a ``.safetensors`` file or a sharded safetensors directory.
 
     Args:
-        src: the file, or a directory holding ``*.safetensors.index.json`` and its shards
-            (as written by ``save_pretrained``) or a single ``.safetensors`` file.
+        src: the file, a ``*.safetensors.index.json`` index, or a directory holding one
+            index and its shards (as written by ``save_pretrained``) or a single
+            ``.safetensors`` file.
         key: where the tensor dict lies inside a pickled container (``"state_dict"``, or a
             path such as ``"ema/model"``); needed only when the choice is ambiguous.
 
@@ -152,19 +153,17 @@ def _resolve(value: Any) -> Any:
 
 def _read(path: Path, key: str | None, hashes: _Hashes) -> SourceCheckpoint:
     """``read_source`` with the source's hashes left pending on ``hashes``."""
+    index = path.name.endswith(INDEX_SUFFIX)
+    if key is not None and (path.is_dir() or index or _looks_like_safetensors(path)):
+        raise ConversionError(
+            f"{path}: key={key!r} applies to pickled checkpoints; a safetensors source holds one flat dict of tensors",
+            file=str(path),
+        )
     if path.is_dir():
-        if key is not None:
-            raise ConversionError(
-                f"{path}: key={key!r} applies to pickled checkpoints; a safetensors directory holds one flat dict of tensors",
-                file=str(path),
-            )
         return _read_safetensors_dir(path, hashes)
+    if index:
+        return _read_sharded(path, hashes)
     if _looks_like_safetensors(path):
-        if key is not None:
-            raise ConversionError(
-                f"{path}: key={key!r} applies to pickled checkpoints; a safetensors file holds one flat dict of tensors",
-                file=str(path),
-            )
         return _single_safetensors(path, hashes)
     return _read_torch_source(path, key, hashes)
 
@@ -578,7 +577,11 @@ def _single_safetensors(path: Path, hashes: _Hashes) -> SourceCheckpoint:
 
 
 def _shard_path(directory: Path, name: str, index: str) -> Path:
-    """The shard an index names, refusing names that leave the directory (also through links)."""
+    """The shard an index names, refusing names that are not plain file names in the directory.
+
+    Links are followed on purpose: the Hugging Face hub cache links every file of a snapshot
+    directory to a blob outside it. What is read through one is parsed like any shard.
+    """
     bad = not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or os.path.isabs(name)
     if bad:
         raise ConversionError(
@@ -586,14 +589,7 @@ def _shard_path(directory: Path, name: str, index: str) -> Path:
             "(no directories, no '..'). Refusing an index that points outside its directory.",
             file=index,
         )
-    candidate = directory / name
-    real_dir, real = os.path.realpath(directory), os.path.realpath(candidate)
-    if os.path.commonpath([real_dir, real]) != real_dir:
-        raise ConversionError(
-            f"{index}: shard {name!r} is a link to {real}, outside {directory}; refusing to read it",
-            file=index,
-        )
-    return candidate
+    return directory / name
 
 
 def _read_safetensors_dir(directory: Path, hashes: _Hashes) -> SourceCheckpoint:
@@ -603,7 +599,7 @@ def _read_safetensors_dir(directory: Path, hashes: _Hashes) -> SourceCheckpoint:
     if len(indexes) > 1:
         raise ConversionError(
             f"{where}: holds {len(indexes)} safetensors indexes ({', '.join(p.name for p in indexes)}); "
-            "pass the path of the one to convert's directory with only that index, or convert the files one by one",
+            "pass the path of the index to convert instead of the directory",
             file=where,
         )
     if not indexes:
@@ -617,7 +613,12 @@ def _read_safetensors_dir(directory: Path, hashes: _Hashes) -> SourceCheckpoint:
             "torch.save file.",
             file=where,
         )
-    index_path = indexes[0]
+    return _read_sharded(indexes[0], hashes)
+
+
+def _read_sharded(index_path: Path, hashes: _Hashes) -> SourceCheckpoint:
+    """The shards an index names, all in the index's directory, checked against the index."""
+    directory = index_path.parent
     index = str(index_path)
     weight_map, index_metadata = _read_index(index_path)
     shards = {name: _shard_path(directory, name, index) for name in sorted(set(weight_map.values()))}

@@ -706,15 +706,32 @@ def test_index_naming_files_outside_the_directory_is_refused(tmp_path: Path, nam
     assert not (tmp_path / "out").exists()
 
 
-def test_shard_linking_outside_the_directory_is_refused(tmp_path: Path) -> None:
-    """A shard that is a symlink to a file outside the directory is not followed."""
+def test_hub_cache_layout_with_linked_shards_converts(tmp_path: Path) -> None:
+    """Shards that are links to blobs elsewhere (the Hugging Face hub cache) are followed; names are recorded."""
+    original = randomized(Net())
+    src = sharded_dir(weights(original), tmp_path / "snapshot")
+    (tmp_path / "blobs").mkdir()
+    for shard in sorted(src.iterdir()):
+        blob = tmp_path / "blobs" / hashlib.sha256(shard.read_bytes()).hexdigest()
+        shard.rename(blob)
+        shard.symlink_to(blob)
+    manifest = convert(src, tmp_path / "out", module=Net())
+    assert [f["name"] for f in manifest.lineage["source"]["files"]][1:] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert_bitwise_equal(snapshot(loaded(Net, tmp_path / "out")), snapshot(original))
+
+
+def test_index_file_can_be_the_source(tmp_path: Path) -> None:
+    """Passing the index itself converts its shards; a directory with two indexes asks for one."""
     src = sharded_dir(weights(Net()), tmp_path / "hf")
-    shard = src / "model-00001-of-00002.safetensors"
-    outside = tmp_path / "elsewhere.safetensors"
-    shard.rename(outside)
-    shard.symlink_to(outside)
-    with pytest.raises(ConversionError, match="outside"):
-        convert(src, tmp_path / "out")
+    index = src / "model.safetensors.index.json"
+    assert convert(index, tmp_path / "o1").lineage["source"]["format"] == "safetensors-sharded"
+    (src / "other.safetensors.index.json").write_text(index.read_text())
+    with pytest.raises(ConversionError, match="holds 2 safetensors indexes"):
+        convert(src, tmp_path / "o2")
+    assert convert(index, tmp_path / "o3").digest == mc.read_manifest(tmp_path / "o1").digest
 
 
 def test_index_and_shards_must_agree(tmp_path: Path) -> None:
