@@ -111,35 +111,40 @@ def compare(
     skipped: list[str] = []
     to_cast: list[str] = []
 
+    # One pass per side with plain dict lookups: check and load run this on 100,000 keys.
+    wanted, stored = module.tensors, checkpoint.tensors
     missing = {}
-    for key in module.tensors:
-        if key in checkpoint.tensors:
-            continue
-        if not strict or (missing_ok and missing_ok.fullmatch(key)):
+    common = []
+    mismatched = []
+    for key, want in wanted.items():
+        have = stored.get(key)
+        if have is not None:
+            common.append(key)
+            if want.shape != have.shape or want.dtype != have.dtype:
+                mismatched.append((key, want, have))
+        elif not strict or (missing_ok and missing_ok.fullmatch(key)):
             allowed_missing.append(key)
         else:
-            missing[key] = module.tensors[key]
-            problems.append(Problem("missing", key, module.tensors[key].describe(), None))
+            missing[key] = want
+            problems.append(Problem("missing", key, want.describe(), None))
     unexpected = {}
-    for key in checkpoint.tensors:
-        if key in module.tensors:
-            continue
-        if not strict or (unexpected_ok and unexpected_ok.fullmatch(key)):
-            skipped.append(key)
-        else:
-            unexpected[key] = checkpoint.tensors[key]
-            problems.append(Problem("unexpected", key, None, checkpoint.tensors[key].describe()))
+    if len(common) != len(stored):
+        for key, have in stored.items():
+            if key in wanted:
+                continue
+            if not strict or (unexpected_ok and unexpected_ok.fullmatch(key)):
+                skipped.append(key)
+            else:
+                unexpected[key] = have
+                problems.append(Problem("unexpected", key, None, have.describe()))
 
-    common = [k for k in module.tensors if k in checkpoint.tensors]
-    for key in common:
-        want, have = module.tensors[key], checkpoint.tensors[key]
+    for key, want, have in mismatched:
         if want.shape != have.shape:
             problems.append(Problem("shape", key, want.describe(), have.describe()))
-        elif want.dtype != have.dtype:
-            if cast:
-                to_cast.append(key)
-            else:
-                problems.append(Problem("dtype", key, want.describe(), have.describe()))
+        elif cast:
+            to_cast.append(key)
+        else:
+            problems.append(Problem("dtype", key, want.describe(), have.describe()))
 
     if check_classes and checkpoint.classes is not None and module.classes is not None:
         owners = sorted({owner_of(k) for k in common})
@@ -148,7 +153,11 @@ def compare(
             if want_cls and have_cls and not same_class(want_cls, have_cls):
                 problems.append(Problem("class", path, want_cls, have_cls))
 
-    problems += _tie_problems(checkpoint, module, common)
+    # Only a key that is an alias, or the target of one, on either side can be in a tie group
+    # of more than one key; every other key is "not tied" on both sides and cannot differ.
+    tied = {k for spec in (checkpoint, module) for pair in spec.aliases.items() for k in pair}
+    if tied:
+        problems += _tie_problems(checkpoint, module, [k for k in common if k in tied])
     hints: list[str] = []
     remap = None
     if missing and unexpected:
@@ -213,7 +222,7 @@ _MAX_RULES_TRIED = 32
 
 def _signature(spec: TensorSpec, key: str, classes: Mapping[str, str | None] | None) -> tuple[object, ...]:
     cls = classes.get(spec.owner) if classes else None
-    return (spec.dtype, spec.shape, key.rpartition(".")[2], cls)
+    return (spec.shape, key.rpartition(".")[2], cls)
 
 
 def suggest_remap(
@@ -226,8 +235,8 @@ def suggest_remap(
 
     First prefix rules (``module.`` from DDP, ``model.`` from Lightning, any renamed
     subtree), chosen greedily by how many keys they explain and accepted only when every
-    checkpoint key they touch lands on a missing key of the same dtype and shape; then
-    one-to-one pairs by dtype, shape, leaf name and class. The result is simulated with
+    checkpoint key they touch lands on a missing key of the same shape; then
+    one-to-one pairs by shape, leaf name and class. The result is simulated with
     ``apply_remap`` before it is suggested.
     """
     rules: dict[str, str] = {}
@@ -236,7 +245,9 @@ def suggest_remap(
 
     def fits(u: str, m: str) -> bool:
         a, b = u_left.get(u), m_left.get(m)
-        return a is not None and b is not None and a.dtype == b.dtype and a.shape == b.shape
+        # Shapes only: a dtype difference is its own problem (and cast= its own opt-in),
+        # it must not hide a rename.
+        return a is not None and b is not None and a.shape == b.shape
 
     while u_left and m_left:
         by_suffix: dict[str, list[str]] = defaultdict(list)
@@ -290,7 +301,7 @@ def suggest_remap(
     for pattern, replacement in rules.items():
         hints.append(f"checkpoint keys {_prefix_story(pattern, replacement)}")
     for u, m in singles.items():
-        hints.append(f"checkpoint key {u!r} pairs one-to-one with {m!r} (same dtype, shape and kind)")
+        hints.append(f"checkpoint key {u!r} pairs one-to-one with {m!r} (same shape, name and layer class)")
     left = len(unexpected) - len(pairs)
     tail = f" ({left} unexpected keys stay unexplained)" if left else ""
     hints.append(f"load with remap={remap!r}{tail}")

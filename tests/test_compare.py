@@ -341,8 +341,8 @@ def test_renamed_subtree_is_mapped() -> None:
     assert_remap_fixes(checkpoint, module, report.suggested_remap)
 
 
-def test_one_to_one_pairs_by_shape_dtype_and_leaf() -> None:
-    """Keys that differ by name but pair one-to-one by dtype, shape and leaf name get exact rules."""
+def test_one_to_one_pairs_by_shape_and_leaf() -> None:
+    """Keys that differ by name but pair one-to-one by shape and leaf name get exact rules."""
     checkpoint = spec(
         {"proj_in.weight": ("float32", (3, 4)), "gate.bias": ("float16", (7,)), "same.weight": ("float32", (1,))}
     )
@@ -352,8 +352,8 @@ def test_one_to_one_pairs_by_shape_dtype_and_leaf() -> None:
     report = compare(checkpoint, module).report
     assert report.suggested_remap == {r"^proj_in\.weight$": "input_proj.weight", r"^gate\.bias$": "gating.bias"}
     assert report.hints == [
-        "checkpoint key 'proj_in.weight' pairs one-to-one with 'input_proj.weight' (same dtype, shape and kind)",
-        "checkpoint key 'gate.bias' pairs one-to-one with 'gating.bias' (same dtype, shape and kind)",
+        "checkpoint key 'proj_in.weight' pairs one-to-one with 'input_proj.weight' (same shape, name and layer class)",
+        "checkpoint key 'gate.bias' pairs one-to-one with 'gating.bias' (same shape, name and layer class)",
         f"load with remap={report.suggested_remap!r}",
     ]
     assert_remap_fixes(checkpoint, module, report.suggested_remap)
@@ -376,9 +376,9 @@ def test_ambiguous_pairs_give_no_guess() -> None:
 
 
 def test_no_hint_when_nothing_pairs() -> None:
-    """Unexpected and missing keys of different shapes or dtypes give no hint and no remap."""
+    """Unexpected and missing keys of different shapes or leaf names give no hint and no remap."""
     checkpoint = spec({"a.weight": ("float32", (3, 4)), "b.bias": ("float32", (4,))})
-    module = spec({"c.weight": ("float32", (3, 5)), "d.bias": ("float16", (4,))})
+    module = spec({"c.weight": ("float32", (3, 5)), "d.scale": ("float32", (4,))})
     report = compare(checkpoint, module).report
     assert report.suggested_remap is None and report.hints == []
     assert len(report.problems) == 4
@@ -493,3 +493,14 @@ def test_same_class_matches_script_classes_by_qualified_name(a: str, b: str, sam
     from manifest_ckpt._compare import same_class
 
     assert same_class(a, b) is same
+
+
+def test_a_rename_is_found_even_when_the_dtype_also_differs() -> None:
+    """A renamed subtree in a bfloat16 module still gets its remap; the dtype stays its own problem."""
+    checkpoint = spec({"encoder.0.weight": ("float32", (4, 4)), "encoder.0.bias": ("float32", (4,))})
+    module = spec({"body.0.weight": ("bfloat16", (4, 4)), "body.0.bias": ("bfloat16", (4,))})
+    report = compare(checkpoint, module).report
+    assert report.suggested_remap == {r"^encoder\.": "body."}
+    renamed = checkpoint.renamed(apply_remap(checkpoint.tensors, report.suggested_remap))
+    after = compare(renamed, module).report
+    assert [(p.kind, p.key) for p in after.problems] == [("dtype", "body.0.bias"), ("dtype", "body.0.weight")]
