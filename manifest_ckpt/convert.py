@@ -954,8 +954,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``convert`` sub-command's arguments (``cli.py`` calls this on its sub-parser)."""
     parser.add_argument(
         "src",
-        help="a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file, or a directory "
-        "with *.safetensors.index.json and its shards",
+        help="a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file, a *.safetensors.index.json, "
+        "or a directory with one index and its shards",
     )
     parser.add_argument("dst", help="the checkpoint directory to create")
     parser.add_argument(
