@@ -35,15 +35,19 @@ from manifest_ckpt.manifest import FormatVersionWarning, Manifest
 if TYPE_CHECKING:
     from manifest_ckpt._diff import CheckpointDiff, diff
     from manifest_ckpt.archive import pack, unpack
+    from manifest_ckpt.conversion import convert
     from manifest_ckpt.lineage import Ancestry, ancestry
     from manifest_ckpt.reader import LoadResult, check, load, verify
     from manifest_ckpt.writer import save
 
-# public name -> module that defines it (imported lazily because it imports torch)
+# public name -> module that defines it (imported lazily because it imports torch).
+# No module may be named like a function exported here: importing ``manifest_ckpt.x`` sets
+# the package attribute ``x`` to the module and would shadow the function.
 _LAZY = {
     "Ancestry": "manifest_ckpt.lineage",
     "CheckpointDiff": "manifest_ckpt._diff",
     "ancestry": "manifest_ckpt.lineage",
+    "convert": "manifest_ckpt.conversion",
     "diff": "manifest_ckpt._diff",
     "pack": "manifest_ckpt.archive",
     "unpack": "manifest_ckpt.archive",
@@ -86,6 +90,7 @@ __all__ = [
     "__version__",
     "ancestry",
     "check",
+    "convert",
     "diff",
     "load",
     "pack",

@@ -150,6 +150,12 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return run_demo(Path(tmp), out)
 
 
+def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt.conversion import cli_convert
+
+    return cli_convert(args, out, err)
+
+
 def _cmd_pack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.archive import pack
 
@@ -252,6 +258,18 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
 
     p = add("demo", _cmd_demo, "save, inspect, verify, refuse a wrong model, load through a suggested remap")
     p.add_argument("--dir", help="keep the demo's checkpoints in this directory")
+
+    p = add("convert", _cmd_convert, "convert a .pth/.ckpt/.bin, .safetensors or sharded HF checkpoint; runs no pickled code")
+    p.add_argument("src", help="a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file, a *.safetensors.index.json, "
+                               "or a directory with one index and its shards")
+    p.add_argument("dst", help="the checkpoint directory to create")
+    p.add_argument("--model", metavar="pkg.module:factory", help="check the keys against this model and record its module tree")
+    p.add_argument("--key", metavar="NAME", help="where the tensor dict lies in the container (e.g. state_dict)")
+    p.add_argument("--remap", action="append", default=[], metavar="REGEX=REPLACEMENT",
+                   help="rename source keys first (repeatable, applied in order)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("pack", _cmd_pack, "write a checkpoint as one reproducible, page-aligned tar archive")
     p.add_argument("ckpt", help="checkpoint directory or manifest.json")

@@ -1,4 +1,4 @@
-"""Tests of ``manifest_ckpt.convert``: every input kind and container, safety, lineage, CLI."""
+"""Tests of ``manifest_ckpt.conversion``: every input kind and container, safety, lineage, CLI."""
 
 from __future__ import annotations
 
@@ -20,12 +20,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import manifest_ckpt as mc
-from manifest_ckpt import writer
+from manifest_ckpt import cli, writer
 from manifest_ckpt._render import inspect_text
 from manifest_ckpt._torch_pickle import read_torch_file
-from manifest_ckpt.convert import (
-    add_convert_arguments,
-    cli_convert,
+from manifest_ckpt.conversion import (
     conversion_json,
     conversion_text,
     convert,
@@ -808,10 +806,8 @@ def test_progress_bar_is_drawn_on_a_terminal_only_when_asked(tmp_path: Path, mon
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
     out, err = io.StringIO(), io.StringIO()
-    code = cli_convert(parser.parse_args(argv), out, err)
+    code = cli.run(["convert", *argv], stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -910,6 +906,6 @@ def test_writer_module_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         calls.append(os.fspath(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("manifest_ckpt.convert.save", spy)
+    monkeypatch.setattr("manifest_ckpt.conversion.save", spy)
     convert(torch_file(weights(Net()), tmp_path / "w.pt"), tmp_path / "out")
     assert calls == [str(tmp_path / "out")]

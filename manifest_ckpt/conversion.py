@@ -42,7 +42,6 @@ from manifest_ckpt.writer import _check_destination, save
 
 __all__ = [
     "SourceCheckpoint",
-    "add_convert_arguments",
     "cli_convert",
     "conversion_json",
     "conversion_text",
@@ -948,30 +947,6 @@ def conversion_json(manifest: Manifest, location: str) -> dict[str, Any]:
         "kept": sorted(manifest.metadata) if isinstance(manifest.metadata, Mapping) else [],
         "source": dict(manifest.lineage.get("source", {})),
     }
-
-
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``convert`` sub-command's arguments (``cli.py`` calls this on its sub-parser)."""
-    parser.add_argument(
-        "src",
-        help="a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file, a *.safetensors.index.json, "
-        "or a directory with one index and its shards",
-    )
-    parser.add_argument("dst", help="the checkpoint directory to create")
-    parser.add_argument(
-        "--model", metavar="pkg.module:factory", help="check the keys against this model and record its module tree"
-    )
-    parser.add_argument("--key", metavar="NAME", help="where the tensor dict lies in the container (e.g. state_dict)")
-    parser.add_argument(
-        "--remap",
-        action="append",
-        default=[],
-        metavar="REGEX=REPLACEMENT",
-        help="rename source keys first (repeatable, applied in order)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def cli_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
