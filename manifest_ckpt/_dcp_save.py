@@ -219,10 +219,11 @@ class ManifestStorageWriter(FileSystemWriter):
         if lineage is None:
             lineage = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
         manifest = build_manifest(metadata, results, aliases, self.modules, lineage, self.user_metadata)
-        old_files = _old_weight_files(target)
+        # Files the old manifest used, and weights files an interrupted save left behind.
+        stale = _old_weight_files(target) | {n for n in os.listdir(target) if _is_leftover(n)}
         atomic_write_bytes(target / MANIFEST_NAME, manifest.to_json(), fsync=self.sync_files)
-        for stale in old_files - set(manifest.files):
-            (target / stale).unlink(missing_ok=True)
+        for name in stale - set(manifest.files):
+            (target / name).unlink(missing_ok=True)
         self.manifest = manifest
         # DCP broadcasts this Metadata from the coordinator to every rank: it carries the
         # manifest to the callers of ``save`` on all of them.

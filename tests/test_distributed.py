@@ -502,6 +502,15 @@ def test_overwrite_replaces_and_cleans_the_old_files(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "ck")) == sorted(["manifest.json", *second.files])
 
 
+def test_leftovers_of_an_interrupted_save_are_replaced(tmp_path: Path) -> None:
+    """A directory holding only an interrupted save's weights files is written into and cleaned."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "weights-0123456789abcdef-rank1.safetensors").write_bytes(b"partial")
+    (tmp_path / "ck" / ".weights.abc.tmp").write_bytes(b"partial")
+    manifest = mcd.save({"w": torch.zeros(3)}, tmp_path / "ck", record_code=False)
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(["manifest.json", *manifest.files])
+
+
 def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
     """Saving into a non-empty directory without manifest.json fails, even with overwrite."""
     (tmp_path / "ck").mkdir()
@@ -509,6 +518,41 @@ def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None
     with pytest.raises(mc.CheckpointExistsError, match=r"notes\.txt"):
         mcd.save({"w": torch.zeros(3)}, tmp_path / "ck", overwrite=True)
     assert os.listdir(tmp_path / "ck") == ["notes.txt"]
+
+
+def test_reader_refuses_to_cast_under_dcps_default_planner(tmp_path: Path) -> None:
+    """With DCP's own planner (which casts silently) the reader still refuses a dtype change."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    mcd.save({"w": torch.ones(3)}, tmp_path / "ck", record_code=False)
+    state = {"w": torch.zeros(3, dtype=torch.float64)}
+    with pytest.warns(UserWarning, match="single process"), pytest.raises(CheckpointException) as info:
+        dcp_load(state, storage_reader=mcd.ManifestStorageReader(tmp_path / "ck"))
+    error = info.value.failures[0][0]
+    assert isinstance(error, mc.ModelMismatchError)
+    assert [(p.kind, p.key, p.expected, p.found) for p in error.report.problems] == [
+        ("dtype", "w", "float64", "float32")
+    ]
+    assert not state["w"].any()
+
+
+def test_load_planner_checks_a_plain_dcp_checkpoint(tmp_path: Path) -> None:
+    """ManifestLoadPlanner reports dtype and shape differences against DCP's own metadata too."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    with pytest.warns(UserWarning, match="single process"):
+        dcp_save({"a": torch.ones(2), "b": torch.ones(3)}, storage_writer=FileSystemWriter(tmp_path / "plain"))
+    state = {"a": torch.zeros(2, dtype=torch.float16), "b": torch.zeros(4)}
+    with pytest.warns(UserWarning, match="single process"), pytest.raises(CheckpointException) as info:
+        dcp_load(state, storage_reader=FileSystemReader(tmp_path / "plain"), planner=mcd.ManifestLoadPlanner())
+    error = info.value.failures[0][0]
+    assert isinstance(error, mc.ModelMismatchError)
+    assert [(p.kind, p.key) for p in error.report.problems] == [("shape", "b"), ("dtype", "a")]
+    assert not state["a"].any() and not state["b"].any()
 
 
 def test_model_mismatch_error_survives_pickling() -> None:
