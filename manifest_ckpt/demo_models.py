@@ -24,8 +24,9 @@ class TinyGPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
+        mask = self.get_buffer("causal_mask")
         for block in self.blocks:
-            x = block(x, src_mask=~self.causal_mask[: x.shape[1], : x.shape[1]])
+            x = block(x, src_mask=~mask[: x.shape[1], : x.shape[1]])
         return self.lm_head(self.ln_f(x))  # type: ignore[no-any-return]
 
 

@@ -212,11 +212,11 @@ def test_flipped_data_byte_is_caught_by_verify_and_verified_load(saved: tuple[Ti
     data = bytearray(f.read_bytes())
     data[entry.byte_range[0] + 1] ^= 0x40
     f.write_bytes(bytes(data))
-    with pytest.raises(mc.IntegrityError, match="fc.weight"):
+    with pytest.raises(mc.IntegrityError, match=r"fc\.weight"):
         mc.verify(path)
     target = TiedNet()
     before = snapshot(target)
-    with pytest.raises(mc.IntegrityError, match="fc.weight"):
+    with pytest.raises(mc.IntegrityError, match=r"fc\.weight"):
         mc.load(target, path, verify_digests=True)
     assert_bitwise_equal(before, snapshot(target))
 
@@ -293,7 +293,7 @@ def test_malformed_manifest_json_names_the_file(saved: tuple[TiedNet, Path]) -> 
     """Broken JSON raises ManifestError naming manifest.json."""
     _, path = saved
     (path / "manifest.json").write_text("{not json")
-    with pytest.raises(mc.ManifestError, match="manifest.json: not valid JSON"):
+    with pytest.raises(mc.ManifestError, match=r"manifest\.json: not valid JSON"):
         mc.check(TiedNet(), path)
 
 
@@ -313,7 +313,7 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(mc.CheckpointNotFoundError, match="no such checkpoint"):
         mc.read_manifest(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(mc.CheckpointNotFoundError, match="no manifest.json"):
+    with pytest.raises(mc.CheckpointNotFoundError, match=r"no manifest\.json"):
         mc.load(TiedNet(), tmp_path / "empty")
 
 
