@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
+
+import pytest
 
 import manifest_ckpt
 from manifest_ckpt._validate import load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself supports 3.10
 
 
 def test_wheel_config_ships_the_schema_where_the_package_loads_it() -> None:
