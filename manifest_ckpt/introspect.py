@@ -70,13 +70,28 @@ def find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     "Earlier" is the state dict's own order, so GPT-2's ``lm_head.weight`` becomes an alias
     of ``transformer.wte.weight``.
     """
-    first: dict[tuple[object, ...], str] = {}
-    aliases = {}
+    # Two keys can be one view only if their first elements share an address, so one cheap
+    # data_ptr() per tensor finds the few candidates and _identity settles only those
+    # (_identity costs a dozen tensor calls; a 100,000-tensor module would pay it in full).
+    seen: dict[object, str] = {}
+    shared: dict[object, list[str]] = {}
     for key, tensor in tensors.items():
-        canonical = first.setdefault(_identity(tensor), key)
-        if canonical != key:
-            aliases[key] = canonical
-    return aliases
+        try:
+            address: object = tensor.data_ptr()
+        except RuntimeError:  # no storage (some tensor subclasses): let _identity decide
+            address = _identity(tensor)
+        other = seen.setdefault(address, key)
+        if other is not key:
+            shared.setdefault(address, [other]).append(key)
+    found = {}
+    for keys in shared.values():
+        first: dict[tuple[object, ...], str] = {}
+        for key in keys:
+            canonical = first.setdefault(_identity(tensors[key]), key)
+            if canonical != key:
+                found[key] = canonical
+    # In state-dict order, as callers and manifests have always seen it.
+    return {key: found[key] for key in tensors if key in found} if found else {}
 
 
 def module_tree(module: nn.Module) -> dict[str, ModuleEntry]:
@@ -137,12 +152,22 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
     if isinstance(obj, nn.Module):
         state = obj.state_dict(keep_vars=True)
         owners = dict(obj.named_modules(remove_duplicate=False))
-        modules: dict[str, ModuleEntry] | None = _agree_with_state(module_tree(obj), state)
+        tree = module_tree(obj)
+        # Without state-dict hooks the tree already declares exactly the state's keys, and
+        # _agree_with_state would rebuild every entry unchanged (half a second at 100,000).
+        declared = [f"{path}.{name}" if path else name for path, m in tree.items() for name in m.persistent_names()]
+        if len(declared) != len(state) or state.keys() != set(declared):
+            tree = _agree_with_state(tree, state)
+        modules: dict[str, ModuleEntry] | None = tree
     elif isinstance(obj, Mapping):
         state, owners, modules = dict(obj), {}, None
     else:
         raise TypeError(f"expected an nn.Module or a state dict (mapping of str to tensor), got {type(obj).__name__}")
     tensors = {}
+    # dtype objects compare by identity: a set lookup instead of formatting str(dtype) per
+    # tensor; dtype_name still decides (and words the error) for anything not in the set.
+    storable = {d for d in (getattr(torch, name, None) for name in DTYPES) if isinstance(d, torch.dtype)}
+    strided = torch.strided
     for key, value in state.items():
         if not isinstance(key, str) or not key:
             raise UnsupportedTensorError(f"state dict key {key!r} is not a non-empty string")
@@ -151,11 +176,12 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
                 f"state dict entry {key!r} is a {type(value).__name__}, not a tensor (module extra state is "
                 "not supported); keep such values in save(..., metadata=...)"
             )
-        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+        if value.layout != strided or value.is_quantized or value.is_nested:
             raise UnsupportedTensorError(
                 f"tensor {key!r} has layout {value.layout}{' (quantized)' if value.is_quantized else ''}; only "
                 "dense tensors are stored. Call .to_dense() or dequantize before saving."
             )
-        dtype_name(value, key)
+        if value.dtype not in storable:
+            dtype_name(value, key)
         tensors[key] = value
     return LiveState(tensors, find_aliases(tensors), modules, owners)

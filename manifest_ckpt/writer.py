@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from manifest_ckpt._safetensors_format import CONTENT_KEY, build_header
 from manifest_ckpt._store import read_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError
-from manifest_ckpt.integrity import atomic_write_bytes, digest_bytes, fsync_dir
+from manifest_ckpt.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir
 from manifest_ckpt.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.manifest import (
     FORMAT_VERSION,
@@ -40,6 +41,13 @@ from manifest_ckpt.manifest import (
 
 RELATIONS = ("fine-tuned-from", "converted-from", "merged-from", "quantized-from", "resumed-from", "derived-from")
 _WRITE_BLOCK = 64 << 20
+# Small tensors are written through a buffer this size (one system call per tensor would
+# dominate a 100,000-tensor save) and hashed in batches of at least _HASH_BATCH bytes.
+_WRITE_BUFFER = 1 << 20
+_HASH_BATCH = 4 << 20
+# At most this many written bytes wait for their digest (memory only for tensors that had
+# to be copied to the CPU first; module tensors on the CPU are hashed in place).
+_PIPELINE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -266,7 +274,8 @@ def _write_weights_file(
     def values() -> Iterator[torch.Tensor]:
         for p in group:
             yield p.tensor
-            # The writer asks for the next tensor only once this one is written and hashed.
+            # The writer asks for the next tensor once this one is written (its digest may
+            # still be running on another thread).
             if progress is not None:
                 progress(nbytes(p.dtype, p.shape))
 
@@ -290,7 +299,7 @@ def write_safetensors(
     fsync: bool,
     name: Callable[[str], str] = content_file_name,
 ) -> tuple[str, FileEntry, list[str], list[tuple[int, int]]]:
-    """Write one safetensors file, digesting each tensor on a second thread while writing it.
+    """Write one safetensors file, digesting the tensors on every core while writing them.
 
     The header carries the file's content digest, known only after the data is hashed, so a
     placeholder of the same length is written first and replaced at the end. Shared by
@@ -298,7 +307,10 @@ def write_safetensors(
 
     Args:
         layout: ``(key, manifest dtype, shape)`` of each tensor, in data order.
-        tensors: the values in the same order, produced lazily (one is held at a time).
+        tensors: the values in the same order, produced lazily; written tensors whose digest
+            is still running are held, at most ``_PIPELINE_BYTES`` of them.
+        hasher: unused, kept so callers need not change: sha256 is several times slower
+            than writing, so this call hashes on its own pool of ``WORKERS`` threads.
         name: maps the file's content digest to its final name in ``directory``.
 
     Returns:
@@ -308,17 +320,38 @@ def write_safetensors(
     header, ranges = build_header(layout, placeholder)
     fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=directory)
     digests: list[str] = []
+    # Tensors reach the hashing threads in batches of at least _HASH_BATCH bytes (one task
+    # per tiny tensor would cost more than hashing it); a batch is submitted before its last
+    # tensor is written, so hashing overlaps the writes, and results are taken in order.
+    pending: deque[tuple[Future[list[str]], int]] = deque()
+    batch: list[memoryview] = []
+    keep: list[torch.Tensor] = []  # tensor_buffer views do not keep their tensors alive
+    batched = held = 0
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as f, ThreadPoolExecutor(WORKERS) as pool:
             f.write(header)
             for tensor in tensors:
                 cpu = _to_cpu_contiguous(tensor)
                 buf = tensor_buffer(cpu)
-                pending: Future[str] = hasher.submit(digest_bytes, buf)
+                batch.append(buf)
+                keep.append(cpu)
+                batched += len(buf)
+                if batched >= _HASH_BATCH:
+                    pending.append((pool.submit(_digest_all, batch, keep), batched))
+                    held += batched
+                    batch, keep, batched = [], [], 0
                 for start in range(0, len(buf), _WRITE_BLOCK):
                     f.write(buf[start : start + _WRITE_BLOCK])
-                digests.append(pending.result())
                 del buf, cpu
+                while pending and held > _PIPELINE_BYTES:
+                    future, size = pending.popleft()
+                    digests += future.result()
+                    held -= size
+            if batch:
+                pending.append((pool.submit(_digest_all, batch, keep), batched))
+            del batch, keep
+            while pending:
+                digests += pending.popleft()[0].result()
             if len(digests) != len(layout):
                 raise ValueError(f"write_safetensors: {len(layout)} tensors in the layout, {len(digests)} given")
             content = _content_digest([key for key, _, _ in layout], digests)
@@ -338,6 +371,11 @@ def write_safetensors(
     size = ranges[-1][1] if ranges else len(final_header)
     entry = FileEntry(size=size, header_sha256=hashlib.sha256(final_header).hexdigest())
     return file_name, entry, digests, ranges
+
+
+def _digest_all(buffers: list[memoryview], keep: list[torch.Tensor]) -> list[str]:
+    """Digests of ``buffers`` in order (``keep`` holds their tensors alive meanwhile)."""
+    return [digest_bytes(b) for b in buffers]
 
 
 def _content_digest(keys: list[str], digests: list[str]) -> str:

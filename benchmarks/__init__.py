@@ -1,0 +1,1 @@
+"""Benchmarks for manifest-ckpt (not part of the installed package); run ``python -m benchmarks.run``."""
