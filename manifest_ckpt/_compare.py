@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from manifest_ckpt._dtypes import describe
@@ -233,13 +233,15 @@ def suggest_remap(
 ) -> tuple[dict[str, str] | None, list[str]]:
     """Find renaming rules that pair unexpected checkpoint keys with missing module keys.
 
-    First prefix rules (``module.`` from DDP, ``model.`` from Lightning, any renamed
-    subtree), chosen greedily by how many keys they explain and accepted only when every
-    checkpoint key they touch lands on a missing key of the same shape; then
-    one-to-one pairs by shape, leaf name and class. The result is simulated with
-    ``apply_remap`` before it is suggested.
+    First rules: prefix rules (``module.`` from DDP, ``model.`` from Lightning, any renamed
+    subtree) and segment rules (one module name renamed wherever it occurs, as a refactoring
+    does), chosen greedily by how many keys they explain and accepted only when every
+    checkpoint key they touch lands on a missing key of the same shape; then one-to-one
+    pairs by shape, leaf name and class. The result is simulated with ``apply_remap``
+    before it is suggested.
     """
     rules: dict[str, str] = {}
+    stories: list[str] = []
     pairs: dict[str, str] = {}
     u_left, m_left = dict(unexpected), dict(missing)
 
@@ -254,7 +256,7 @@ def suggest_remap(
         for m in m_left:
             for i in _dot_splits(m):
                 by_suffix[m[i:]].append(m[:i])
-        support: dict[tuple[str, str], int] = defaultdict(int)
+        support: dict[tuple[str, str, str], int] = defaultdict(int)
         for u in u_left:
             for i in _dot_splits(u):
                 candidates = by_suffix.get(u[i:], ())
@@ -262,21 +264,35 @@ def suggest_remap(
                     continue  # a short common suffix such as "weight" says nothing
                 for b in candidates:
                     if u[:i] != b and fits(u, b + u[i:]):
-                        support[(u[:i], b)] += 1
+                        support[("prefix", u[:i], b)] += 1
+        for rule, n in _segment_support(u_left, m_left, fits).items():
+            support[rule] += n
         best = None
-        ranked = sorted(support.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1]), kv[0]))
-        for (a, b), n in ranked[:_MAX_RULES_TRIED]:
-            touched = [k for k in checkpoint.tensors if k.startswith(a)]
-            if n >= 2 and all(fits(k, b + k[len(a) :]) for k in touched):
-                best = (a, b, touched)
+        # Most keys explained first: a name renamed everywhere (segment rule) explains all its
+        # keys at once, where prefix rules, one per place, could pair identical twin layers
+        # crosswise. At equal support the prefix rule reads better.
+        ranked = sorted(
+            support.items(), key=lambda kv: (-kv[1], kv[0][0] != "prefix", len(kv[0][1]) + len(kv[0][2]), kv[0])
+        )
+        for (kind, a, b), n in ranked[:_MAX_RULES_TRIED]:
+            rename = _rule(kind, a, b)
+            touched = {k: new for k in checkpoint.tensors if (new := rename(k)) != k}
+            distinct = len(set(touched.values())) == len(touched)
+            if n >= 2 and distinct and all(fits(k, new) for k, new in touched.items()):
+                best = (kind, a, b, touched)
                 break
         if best is None:
             break
-        a, b, touched = best
-        rules["^" + re.escape(a)] = b
-        for k in touched:
-            pairs[k] = b + k[len(a) :]
-            del u_left[k], m_left[b + k[len(a) :]]
+        kind, a, b, touched = best
+        if kind == "prefix":
+            rules["^" + re.escape(a)] = b
+            stories.append(f"checkpoint keys {_prefix_story('^' + re.escape(a), b)}")
+        else:
+            rules[_SEGMENT.format(re.escape(a))] = b.replace("\\", "\\\\")
+            stories.append(f"checkpoint keys name a module {a!r} wherever the module names it {b!r}")
+        for k, new in touched.items():
+            pairs[k] = new
+            del u_left[k], m_left[new]
 
     groups_u: dict[tuple[object, ...], list[str]] = defaultdict(list)
     groups_m: dict[tuple[object, ...], list[str]] = defaultdict(list)
@@ -297,15 +313,52 @@ def suggest_remap(
     remap.update({"^" + re.escape(u) + "$": m for u, m in singles.items()})
     if not _simulates(checkpoint, remap, pairs):
         remap = {"^" + re.escape(u) + "$": m for u, m in pairs.items()}
-    hints = []
-    for pattern, replacement in rules.items():
-        hints.append(f"checkpoint keys {_prefix_story(pattern, replacement)}")
+    hints = list(stories)
     for u, m in singles.items():
         hints.append(f"checkpoint key {u!r} pairs one-to-one with {m!r} (same shape, name and layer class)")
     left = len(unexpected) - len(pairs)
     tail = f" ({left} unexpected keys stay unexplained)" if left else ""
     hints.append(f"load with remap={remap!r}{tail}")
     return remap, hints
+
+
+# A whole dot-separated segment of a key: not preceded or followed by anything but a dot.
+_SEGMENT = r"(?<![^.]){}(?![^.])"
+
+
+def _rule(kind: str, a: str, b: str) -> Callable[[str], str]:
+    """The renaming a candidate rule makes: prefix ``a`` -> ``b``, or segment ``a`` -> ``b``."""
+    if kind == "prefix":
+        return lambda key: b + key[len(a) :] if key.startswith(a) else key
+    return lambda key: ".".join(b if s == a else s for s in key.split("."))
+
+
+def _segment_support(
+    u_left: Mapping[str, TensorSpec], m_left: Mapping[str, TensorSpec], fits: Callable[[str, str], bool]
+) -> dict[tuple[str, str, str], int]:
+    """Count, for each segment rename ``a -> b``, the unexpected keys it would pair.
+
+    A pair supports ``a -> b`` when the keys have the same number of segments and differ
+    only where one has ``a`` and the other ``b``. Missing keys are bucketed by segment count,
+    leaf name and shape; a crowded bucket says nothing and is skipped (as for prefixes).
+    """
+    buckets: dict[tuple[object, ...], list[list[str]]] = defaultdict(list)
+    for m, spec in m_left.items():
+        parts = m.split(".")
+        buckets[(len(parts), parts[-1], spec.shape)].append(parts)
+    support: dict[tuple[str, str, str], int] = defaultdict(int)
+    for u, spec in u_left.items():
+        parts = u.split(".")
+        candidates = buckets.get((len(parts), parts[-1], spec.shape), [])
+        if len(candidates) > _MAX_CANDIDATES:
+            continue
+        for other in candidates:
+            diffs = {(x, y) for x, y in zip(parts, other) if x != y}
+            if len(diffs) == 1:
+                ((a, b),) = diffs
+                if fits(u, ".".join(other)):
+                    support[("segment", a, b)] += 1
+    return support
 
 
 def _prefix_story(pattern: str, replacement: str) -> str:

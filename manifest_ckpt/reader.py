@@ -18,7 +18,7 @@ from manifest_ckpt._progress import Progress
 from manifest_ckpt._report import Report
 from manifest_ckpt._safetensors_format import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt._store import Store, open_store, read_manifest, read_store_manifest
-from manifest_ckpt.errors import IntegrityError, ManifestError, ModelMismatchError
+from manifest_ckpt.errors import IntegrityError, ManifestError, ModelMismatchError, UnsupportedTensorError
 from manifest_ckpt.integrity import digest_many
 from manifest_ckpt.introspect import LiveState, capture
 from manifest_ckpt.manifest import Chunk, Manifest, _gc_paused
@@ -281,6 +281,7 @@ def load(
         ModelMismatchError: the module and the checkpoint differ (``.report`` lists all).
         IntegrityError: missing or corrupt files, or ``expect_digest`` does not match.
         ManifestError: invalid manifest or weights that do not belong to it.
+        UnsupportedTensorError: a module tensor cannot be written (an expanded view).
     """
     store = open_store(path)
     manifest = read_store_manifest(store)
@@ -304,6 +305,7 @@ def load(
         if key in source_key and key not in skipped:
             chosen.setdefault(live.aliases.get(key, key), key)
     targets = list(chosen.values())
+    _require_writable(live, targets)
     stored = {manifest.aliases.get(source_key[k], source_key[k]) for k in targets}
     weights = _Weights(store, manifest)
     weights.bind({c.file for key in stored for c in manifest.tensors[key].pieces()})
@@ -335,6 +337,20 @@ def load(
         materialized=sorted(k for k in live.tensors if live.aliases.get(k, k) in materialize),
         manifest=manifest,
     )
+
+
+def _require_writable(live: LiveState, targets: Iterable[str]) -> None:
+    """Refuse, before any copy, a target that copy_ cannot write (so a load stays all or nothing)."""
+    for key in targets:
+        t = live.tensors[key]
+        # An expanded view (stride 0 along a dim of size > 1) maps several elements to one
+        # memory location; torch refuses to copy into it, which would fail half-way through.
+        if not t.is_meta and any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
+            raise UnsupportedTensorError(
+                f"module tensor {key!r} (shape {list(t.shape)}, stride {list(t.stride())}) is an expanded view: "
+                "several of its elements share one memory location, so it cannot be loaded into. Give it its "
+                "own storage first (e.g. replace it with nn.Parameter(t.clone())); nothing was loaded."
+            )
 
 
 def _fill(target: torch.Tensor, weights: _Weights, manifest: Manifest, stored_key: str) -> None:
