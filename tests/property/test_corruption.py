@@ -46,8 +46,18 @@ def test_flipped_byte_and_truncation_are_caught(
         flipped = bytearray(original)
         flipped[position] ^= mask
         weights.write_bytes(bytes(flipped))
-        with pytest.raises(CAUGHT):
+        with pytest.raises(CAUGHT) as caught:
             mc.verify(path)
+        if in_data:
+            # The header still binds the file, so the data digest names the one tensor hit.
+            hit = [
+                k
+                for k, t in manifest.tensors.items()
+                if t.file == name and t.byte_range is not None and t.byte_range[0] <= position < t.byte_range[1]
+            ]
+            error = caught.value
+            assert isinstance(error, mc.IntegrityError)
+            assert (error.file, error.key) == (name, *hit)
         with pytest.raises(CAUGHT):
             mc.load(target, path, verify_digests=True)
         assert snapshot(target) == before
