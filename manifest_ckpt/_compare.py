@@ -141,7 +141,7 @@ def compare(
     for key, want, have in mismatched:
         if want.shape != have.shape:
             problems.append(Problem("shape", key, want.describe(), have.describe()))
-        elif cast:
+        elif cast and not _drops_imaginary(have.dtype, want.dtype):
             to_cast.append(key)
         else:
             problems.append(Problem("dtype", key, want.describe(), have.describe()))
@@ -164,6 +164,11 @@ def compare(
         remap, hints = suggest_remap(checkpoint, module, unexpected, missing)
     report = Report(sort_problems(problems), hints, remap, checked=len(common))
     return Comparison(report, allowed_missing, skipped, to_cast)
+
+
+def _drops_imaginary(source: str, target: str) -> bool:
+    """A complex value cast to a real dtype loses its imaginary part: never allowed, cast or not."""
+    return source.startswith("complex") and not target.startswith("complex")
 
 
 def same_class(a: str, b: str) -> bool:

@@ -504,3 +504,12 @@ def test_a_rename_is_found_even_when_the_dtype_also_differs() -> None:
     renamed = checkpoint.renamed(apply_remap(checkpoint.tensors, report.suggested_remap))
     after = compare(renamed, module).report
     assert [(p.kind, p.key) for p in after.problems] == [("dtype", "body.0.bias"), ("dtype", "body.0.weight")]
+
+
+def test_cast_never_drops_an_imaginary_part() -> None:
+    """cast=True accepts float32 -> bfloat16 but still refuses complex64 -> float32."""
+    checkpoint = spec({"z": ("complex64", (2,)), "w": ("float32", (2,))})
+    module = spec({"z": ("float32", (2,)), "w": ("bfloat16", (2,))})
+    comparison = compare(checkpoint, module, cast=True)
+    assert comparison.cast == ["w"]
+    assert [(p.kind, p.key) for p in comparison.report.problems] == [("dtype", "z")]
