@@ -57,6 +57,8 @@ class StateSpec:
 
     def renamed(self, names: Mapping[str, str]) -> StateSpec:
         """The same state with keys renamed by ``{old: new}``; aliases and owners' classes follow."""
+        if all(old == new for old, new in names.items()):
+            return self
         tensors = {names[k]: TensorSpec(s.dtype, s.shape, owner_of(names[k])) for k, s in self.tensors.items()}
         aliases = {names[a]: names[t] for a, t in self.aliases.items()}
         classes = None

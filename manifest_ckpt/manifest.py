@@ -396,7 +396,11 @@ def _ints(values: Any) -> tuple[int, ...]:
     JSON Schema counts integral floats such as ``8.0`` as integers; they must not reach
     slicing or tensor shapes as floats (and they digest as the ints they stand for).
     """
-    return tuple(int(v) for v in values)
+    out = tuple(values)
+    # Fast path: almost always plain ints already (type() also excludes bool, which the schema refused).
+    if all(type(v) is int for v in out):
+        return out
+    return tuple(int(v) for v in out)
 
 
 def _range(values: Any) -> tuple[int, int]:
