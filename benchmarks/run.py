@@ -69,6 +69,7 @@ class Case:
     Attributes:
         skip: ``(contender name, reason)`` pairs not run for this case (to keep a full run
             within its time budget where a contender adds nothing).
+        skip_ops: ``(operation, reason)`` pairs whose every contender is left out.
         quick_warmup: warm up on the quick-size version of the case instead: for a case whose
             every run takes seconds, one-off costs of milliseconds vanish in the median anyway.
     """
@@ -77,6 +78,7 @@ class Case:
     title: str
     build: Callable[[], nn.Module]
     skip: tuple[tuple[str, str], ...] = ()
+    skip_ops: tuple[tuple[str, str], ...] = ()
     quick_warmup: bool = False
 
 
@@ -181,6 +183,10 @@ def cases(quick: bool) -> list[Case]:
                 ("torch.load.mmap", _SAME_FOR_TINY),
                 ("torch.load.mmap+save_file", _SAME_FOR_TINY),
                 ("mc.verify", "skipped for this case (time budget): the verifying load above includes it"),
+            ),
+            skip_ops=(
+                ("load_verify", "skipped for this case (time budget): 4 MB hash in 0.1 s, the rest is the load above"),
+                ("convert", "skipped for this case (time budget, 3 min): per-tensor costs show in the small case"),
             ),
             quick_warmup=True,
         ),
@@ -792,7 +798,11 @@ def run_case(
     )
     rows: list[dict[str, Any]] = []
     for op in ops:
-        contenders = _apply_skips(case, _OPS[op](ctx))
+        skipped_op = dict(case.skip_ops).get(op)
+        if skipped_op is not None:  # rows that say so; labels from the (cheaper) warm-up context
+            contenders = [Contender(c.name, c.label, c.role, None, c.memory, skipped_op) for c in _OPS[op](warm_ctx)]
+        else:
+            contenders = _apply_skips(case, _OPS[op](ctx))
         started = time.perf_counter()
         times = time_interleaved(contenders, repeats, _OPS[op](warm_ctx) if warm_ctx is not ctx else None)
         op_rows = []
