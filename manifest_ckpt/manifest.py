@@ -223,21 +223,7 @@ class Manifest:
         validate(document, file=file)
         files = {name: FileEntry(int(f["size"]), f["header_sha256"]) for name, f in document["files"].items()}
         tensors = {key: _tensor_from_dict(t) for key, t in document["tensors"].items()}
-        modules_doc = document["modules"]
-        modules = (
-            None
-            if modules_doc is None
-            else {
-                path: ModuleEntry(
-                    m["class"],
-                    None if m["version"] is None else int(m["version"]),
-                    tuple(m["parameters"]),
-                    tuple(m["buffers"]),
-                    tuple(m["non_persistent_buffers"]),
-                )
-                for path, m in modules_doc.items()
-            }
-        )
+        modules = modules_from_dict(document["modules"])
         manifest = cls(
             digest=document["digest"],
             files=MappingProxyType(files),
@@ -380,6 +366,22 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def modules_from_dict(modules: Mapping[str, Any] | None) -> dict[str, ModuleEntry] | None:
+    """The module tree from its JSON form (``None`` stays ``None``: saved from a state dict)."""
+    if modules is None:
+        return None
+    return {
+        path: ModuleEntry(
+            m["class"],
+            None if m["version"] is None else int(m["version"]),
+            tuple(m["parameters"]),
+            tuple(m["buffers"]),
+            tuple(m["non_persistent_buffers"]),
+        )
+        for path, m in modules.items()
+    }
 
 
 def _plain(value: Any) -> Any:

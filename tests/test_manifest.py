@@ -23,6 +23,7 @@ from manifest_ckpt.manifest import (
     chunked_digest,
     compute_digest,
     compute_record_digest,
+    modules_from_dict,
 )
 
 FILE = "weights-0123456789abcdef.safetensors"
@@ -85,20 +86,7 @@ def module(
 def redigest(doc: dict[str, Any]) -> dict[str, Any]:
     """Set ``doc["digest"]`` to what its content gives (through the library's own function)."""
     tensors = {k: TensorEntry(t["dtype"], tuple(t["shape"]), t["digest"]) for k, t in doc["tensors"].items()}
-    modules = (
-        None
-        if doc["modules"] is None
-        else {
-            p: ModuleEntry(
-                m["class"],
-                m["version"],
-                tuple(m["parameters"]),
-                tuple(m["buffers"]),
-                tuple(m["non_persistent_buffers"]),
-            )
-            for p, m in doc["modules"].items()
-        }
-    )
+    modules = modules_from_dict(doc["modules"])
     doc["digest"] = compute_digest(tensors, doc["aliases"], modules)
     doc["record_digest"] = compute_record_digest(doc["lineage"], doc.get("metadata"), doc.get("extensions"))
     return doc

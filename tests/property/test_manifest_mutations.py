@@ -25,10 +25,10 @@ from manifest_ckpt.manifest import (
     MANIFEST_NAME,
     Chunk,
     FormatVersionWarning,
-    ModuleEntry,
     _tensor_from_dict,
     chunked_digest,
     compute_digest,
+    modules_from_dict,
 )
 
 from .strategies import (
@@ -101,20 +101,7 @@ def redigest(doc: Any) -> bool:
                     )
                 )
         tensors = {k: _tensor_from_dict(t) for k, t in doc["tensors"].items()}
-        modules = (
-            None
-            if doc["modules"] is None
-            else {
-                p: ModuleEntry(
-                    m["class"],
-                    m["version"],
-                    tuple(m["parameters"]),
-                    tuple(m["buffers"]),
-                    tuple(m["non_persistent_buffers"]),
-                )
-                for p, m in doc["modules"].items()
-            }
-        )
+        modules = modules_from_dict(doc["modules"])
         doc["digest"] = compute_digest(tensors, doc["aliases"], modules)
     except Exception:  # noqa: BLE001 - a document too broken to digest is still a fine mutation
         return False
