@@ -12,7 +12,6 @@ import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,13 @@ from manifest_ckpt.manifest import (
     chunked_digest,
     compute_digest,
 )
-from manifest_ckpt.writer import _lineage, _old_weight_files, _require_json, write_safetensors
+from manifest_ckpt.writer import (
+    _lineage,
+    _old_weight_files,
+    _require_json,
+    content_file_name,
+    write_safetensors,
+)
 
 
 @dataclass(frozen=True)
@@ -204,9 +209,8 @@ class ManifestStorageWriter(FileSystemWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank = plan.storage_data.index if isinstance(plan.storage_data, _RankFiles) else 0
         results: list[WriteResult] = []
-        with ThreadPoolExecutor(1) as hasher:
-            for j, items in enumerate(_files_of(plan.items)):
-                results += _write_file(Path(self.path), rank, j, items, planner, hasher, self.sync_files)
+        for j, items in enumerate(_files_of(plan.items)):
+            results += _write_file(Path(self.path), rank, j, items, planner, self.sync_files)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -317,7 +321,6 @@ def _write_file(
     j: int,
     items: list[WriteItem],
     planner: SavePlanner,
-    hasher: ThreadPoolExecutor,
     fsync: bool,
 ) -> list[WriteResult]:
     """Write one rank file and describe each chunk in it."""
@@ -347,9 +350,8 @@ def _write_file(
         directory,
         layout,
         values(),
-        hasher,
         fsync,
-        name=lambda content: f"weights-{content.removeprefix('sha256:')[:16]}-{suffix}.safetensors",
+        name=lambda content: content_file_name(content, f"-{suffix}"),
     )
     return [
         WriteResult(

@@ -206,11 +206,10 @@ def _write_into(
     ]
     tensors: dict[str, TensorEntry] = {}
     files: dict[str, FileEntry] = {}
-    with ThreadPoolExecutor(1) as hasher:
-        for group in _group_files(planned, max_file_size):
-            name, entry, written = _write_weights_file(directory, group, hasher, fsync, progress)
-            files[name] = entry
-            tensors.update(written)
+    for group in _group_files(planned, max_file_size):
+        name, entry, written = _write_weights_file(directory, group, fsync, progress)
+        files[name] = entry
+        tensors.update(written)
     tensors = dict(sorted(tensors.items()))
     aliases = dict(sorted(state.aliases.items()))
     modules = state.modules
@@ -264,7 +263,6 @@ def _group_files(planned: list[_Planned], max_file_size: int | None) -> list[lis
 def _write_weights_file(
     directory: Path,
     group: list[_Planned],
-    hasher: ThreadPoolExecutor,
     fsync: bool,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[str, FileEntry, dict[str, TensorEntry]]:
@@ -279,23 +277,22 @@ def _write_weights_file(
             if progress is not None:
                 progress(nbytes(p.dtype, p.shape))
 
-    name, entry, digests, ranges = write_safetensors(directory, layout, values(), hasher, fsync)
+    name, entry, digests, ranges = write_safetensors(directory, layout, values(), fsync)
     written = {
         p.key: TensorEntry(p.dtype, p.shape, d, file=name, byte_range=r) for p, d, r in zip(group, digests, ranges)
     }
     return name, entry, written
 
 
-def content_file_name(content_digest: str) -> str:
-    """The name of a weights file: its content digest, shortened."""
-    return f"weights-{content_digest.removeprefix('sha256:')[:16]}.safetensors"
+def content_file_name(content_digest: str, suffix: str = "") -> str:
+    """The name of a weights file: its content digest, shortened (and a suffix such as a rank)."""
+    return f"weights-{content_digest.removeprefix('sha256:')[:16]}{suffix}.safetensors"
 
 
 def write_safetensors(
     directory: Path,
     layout: Sequence[tuple[str, str, tuple[int, ...]]],
     tensors: Iterable[torch.Tensor],
-    hasher: ThreadPoolExecutor,
     fsync: bool,
     name: Callable[[str], str] = content_file_name,
 ) -> tuple[str, FileEntry, list[str], list[tuple[int, int]]]:
@@ -309,8 +306,6 @@ def write_safetensors(
         layout: ``(key, manifest dtype, shape)`` of each tensor, in data order.
         tensors: the values in the same order, produced lazily; written tensors whose digest
             is still running are held, at most ``_PIPELINE_BYTES`` of them.
-        hasher: unused, kept so callers need not change: sha256 is several times slower
-            than writing, so this call hashes on its own pool of ``WORKERS`` threads.
         name: maps the file's content digest to its final name in ``directory``.
 
     Returns:
