@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
-from manifest_ckpt.integrity import WORKERS
+from manifest_ckpt.format.integrity import WORKERS
 
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_OUT: Final = REPO / "benchmarks" / "results"
@@ -276,11 +276,11 @@ def _remover(path: Path) -> Callable[[], None]:
 
 
 def _find_convert() -> Callable[..., Any] | None:
-    """``manifest_ckpt.conversion`` (the .pth converter), or None while it does not exist."""
+    """``manifest_ckpt.sources.convert`` (the .pth converter), or None while it does not exist."""
     found: Any = getattr(mc, "convert", None)
     if found is None:
         try:
-            import manifest_ckpt.conversion as found
+            import manifest_ckpt.sources.convert as found
         except ImportError:
             return None
     if not callable(found):  # the module rather than the function
@@ -407,7 +407,7 @@ def _check_ops(ctx: Ctx) -> list[Contender]:
 def _validate_ops(ctx: Ctx) -> list[Contender]:
     from jsonschema import Draft202012Validator
 
-    from manifest_ckpt import _validate
+    from manifest_ckpt.format import schema as _validate
 
     document = json.loads((ctx.ckpt / "manifest.json").read_bytes())
     reference = Draft202012Validator(_validate.load_schema())
@@ -445,7 +445,7 @@ def _convert_ops(ctx: Ctx) -> list[Contender]:
         save_file(torch.load(ctx.pth, weights_only=True, mmap=True), dst)
         return _remover(dst)
 
-    missing = "skipped: manifest_ckpt.conversion does not exist yet" if convert is None else ""
+    missing = "skipped: manifest_ckpt.sources.convert does not exist yet" if convert is None else ""
     return [
         Contender(
             "mc.convert", "manifest-ckpt convert (.pth -> checkpoint)", "ours", ours if convert else None, True, missing

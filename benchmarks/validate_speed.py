@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from manifest_ckpt._validate import _compiled, load_schema, validate
+from manifest_ckpt.format.schema import _compiled, load_schema, validate
 
 
 def _digest(i: int) -> str:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from manifest_ckpt._report import Problem, Report
-from manifest_ckpt._store import read_manifest
+from manifest_ckpt.comparison.report import Problem, Report
+from manifest_ckpt.storage.store import read_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import (
     ArchiveError,
@@ -30,12 +30,12 @@ from manifest_ckpt.errors import (
     UnsupportedTensorError,
     UnsupportedVersionError,
 )
-from manifest_ckpt.manifest import FormatVersionWarning, Manifest
+from manifest_ckpt.format.manifest import FormatVersionWarning, Manifest
 
 if TYPE_CHECKING:
-    from manifest_ckpt._diff import CheckpointDiff, diff
-    from manifest_ckpt.archive import pack, unpack
-    from manifest_ckpt.conversion import convert
+    from manifest_ckpt.comparison.diff import CheckpointDiff, diff
+    from manifest_ckpt.storage.archive import pack, unpack
+    from manifest_ckpt.sources.convert import convert
     from manifest_ckpt.lineage import Ancestry, ancestry
     from manifest_ckpt.reader import LoadResult, check, load, verify
     from manifest_ckpt.writer import save
@@ -45,12 +45,12 @@ if TYPE_CHECKING:
 # the package attribute ``x`` to the module and would shadow the function.
 _LAZY = {
     "Ancestry": "manifest_ckpt.lineage",
-    "CheckpointDiff": "manifest_ckpt._diff",
+    "CheckpointDiff": "manifest_ckpt.comparison.diff",
     "ancestry": "manifest_ckpt.lineage",
-    "convert": "manifest_ckpt.conversion",
-    "diff": "manifest_ckpt._diff",
-    "pack": "manifest_ckpt.archive",
-    "unpack": "manifest_ckpt.archive",
+    "convert": "manifest_ckpt.sources.convert",
+    "diff": "manifest_ckpt.comparison.diff",
+    "pack": "manifest_ckpt.storage.archive",
+    "unpack": "manifest_ckpt.storage.archive",
     "LoadResult": "manifest_ckpt.reader",
     "check": "manifest_ckpt.reader",
     "load": "manifest_ckpt.reader",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from manifest_ckpt._report import Report
+    from manifest_ckpt.comparison.report import Report
 
 
 class ManifestCkptError(Exception):

@@ -13,16 +13,16 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from manifest_ckpt._compare import Comparison, StateSpec, compare
-from manifest_ckpt._progress import Progress
-from manifest_ckpt._report import Report
-from manifest_ckpt._safetensors_format import MAX_HEADER_BYTES, parse_header
-from manifest_ckpt._store import Store, open_store, read_manifest, read_store_manifest
+from manifest_ckpt.comparison.compare import Comparison, StateSpec, compare
+from manifest_ckpt.cli.progress import Progress
+from manifest_ckpt.comparison.report import Report
+from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
+from manifest_ckpt.storage.store import Store, open_store, read_manifest, read_store_manifest
 from manifest_ckpt.errors import IntegrityError, ManifestError, ModelMismatchError, UnsupportedTensorError
-from manifest_ckpt.integrity import digest_many
-from manifest_ckpt.introspect import LiveState, capture
-from manifest_ckpt.manifest import Chunk, Manifest, _gc_paused
-from manifest_ckpt.remap import Remap, apply_remap
+from manifest_ckpt.format.integrity import digest_many
+from manifest_ckpt.comparison.introspect import LiveState, capture
+from manifest_ckpt.format.manifest import Chunk, Manifest, _gc_paused
+from manifest_ckpt.comparison.remap import Remap, apply_remap
 
 PathLike = str | os.PathLike[str]
 # Tensors up to this size are copied with one memmove (see _fill); larger ones use torch's

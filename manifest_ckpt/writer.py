@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from manifest_ckpt._dtypes import nbytes
-from manifest_ckpt._safetensors_format import CONTENT_KEY, build_header
-from manifest_ckpt._store import read_manifest
+from manifest_ckpt.format.dtypes import nbytes
+from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
+from manifest_ckpt.storage.store import read_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError
-from manifest_ckpt.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir
-from manifest_ckpt.introspect import LiveState, capture, dtype_name
-from manifest_ckpt.manifest import (
+from manifest_ckpt.format.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir
+from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
+from manifest_ckpt.format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     FileEntry,

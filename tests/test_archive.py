@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import manifest_ckpt as mc
-from manifest_ckpt import _tar
-from manifest_ckpt._archive_store import ArchiveStore
-from manifest_ckpt._store import open_store
-from manifest_ckpt.archive import pack, unpack
+from manifest_ckpt.storage import tar as _tar
+from manifest_ckpt.storage.archive_store import ArchiveStore
+from manifest_ckpt.storage.store import open_store
+from manifest_ckpt.storage.archive import pack, unpack
 from manifest_ckpt.cli import run
 from tests._models import TiedNet, assert_bitwise_equal, snapshot
 

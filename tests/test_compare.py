@@ -1,4 +1,4 @@
-"""Tests of ``manifest_ckpt._compare``: every problem kind, the policies, ties and remap hints."""
+"""Tests of ``manifest_ckpt.comparison.compare``: every problem kind, the policies, ties and remap hints."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from manifest_ckpt._compare import StateSpec, TensorSpec, compare, owner_of, suggest_remap
-from manifest_ckpt._report import Problem
-from manifest_ckpt.remap import apply_remap
+from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, compare, owner_of, suggest_remap
+from manifest_ckpt.comparison.report import Problem
+from manifest_ckpt.comparison.remap import apply_remap
 
 Shapes = Mapping[str, tuple[str, tuple[int, ...]]]
 
@@ -490,7 +490,7 @@ def test_renamed_moves_aliases_and_owner_classes() -> None:
 )
 def test_same_class_matches_script_classes_by_qualified_name(a: str, b: str, same: bool) -> None:
     """A class saved from a script (__main__) matches the same class imported from its module."""
-    from manifest_ckpt._compare import same_class
+    from manifest_ckpt.comparison.compare import same_class
 
     assert same_class(a, b) is same
 

@@ -1,4 +1,4 @@
-"""Tests of ``manifest_ckpt.conversion``: every input kind and container, safety, lineage, CLI."""
+"""Tests of ``manifest_ckpt.sources.convert``: every input kind and container, safety, lineage, CLI."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from torch import nn
 
 import manifest_ckpt as mc
 from manifest_ckpt import cli, writer
-from manifest_ckpt._render import inspect_text
-from manifest_ckpt._torch_pickle import read_torch_file
-from manifest_ckpt.conversion import (
+from manifest_ckpt.cli.render import inspect_text
+from manifest_ckpt.sources.torch_pickle import read_torch_file
+from manifest_ckpt.sources.convert import (
     conversion_json,
     conversion_text,
     convert,
@@ -39,7 +39,7 @@ from manifest_ckpt.errors import (
     UnsafeCheckpointError,
     UnsupportedTensorError,
 )
-from manifest_ckpt.introspect import module_tree
+from manifest_ckpt.comparison.introspect import module_tree
 from tests import hostile
 from tests._models import TiedNet, assert_bitwise_equal, snapshot
 
@@ -906,6 +906,6 @@ def test_writer_module_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         calls.append(os.fspath(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("manifest_ckpt.conversion.save", spy)
+    monkeypatch.setattr("manifest_ckpt.sources.convert.save", spy)
     convert(torch_file(weights(Net()), tmp_path / "w.pt"), tmp_path / "out")
     assert calls == [str(tmp_path / "out")]

@@ -31,8 +31,8 @@ from torch import nn
 
 import manifest_ckpt as mc
 from manifest_ckpt import distributed as mcd
-from manifest_ckpt._dcp_load import merge_reports
-from manifest_ckpt._report import Problem, Report
+from manifest_ckpt.distributed.reader import merge_reports
+from manifest_ckpt.comparison.report import Problem, Report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
-from manifest_ckpt import integrity, writer
-from manifest_ckpt._store import open_store
-from manifest_ckpt.introspect import capture, find_aliases, module_tree
+from manifest_ckpt import writer
+from manifest_ckpt.format import integrity
+from manifest_ckpt.storage.store import open_store
+from manifest_ckpt.comparison.introspect import capture, find_aliases, module_tree
 from manifest_ckpt.reader import _Weights
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``manifest_ckpt.introspect``: keys, ties, the module tree and what cannot be stored."""
+"""Tests of ``manifest_ckpt.comparison.introspect``: keys, ties, the module tree and what cannot be stored."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from manifest_ckpt._compare import TensorSpec
+from manifest_ckpt.comparison.compare import TensorSpec
 from manifest_ckpt.errors import ManifestCkptError, UnsupportedTensorError
-from manifest_ckpt.introspect import capture, class_name, dtype_name, find_aliases
-from manifest_ckpt.manifest import ModuleEntry
+from manifest_ckpt.comparison.introspect import capture, class_name, dtype_name, find_aliases
+from manifest_ckpt.format.manifest import ModuleEntry
 
 LINEAR = "torch.nn.modules.linear.Linear"
 

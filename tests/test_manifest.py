@@ -1,4 +1,4 @@
-"""Tests of ``manifest_ckpt.manifest``: parsing, round trips, versions and every consistency rule."""
+"""Tests of ``manifest_ckpt.format.manifest``: parsing, round trips, versions and every consistency rule."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from manifest_ckpt import _dtypes
+from manifest_ckpt.format import dtypes as _dtypes
 from manifest_ckpt.errors import ManifestCkptError, ManifestError, UnsupportedVersionError
-from manifest_ckpt.manifest import (
+from manifest_ckpt.format.manifest import (
     FORMAT_VERSION,
     Chunk,
     FileEntry,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import manifest_ckpt
-from manifest_ckpt._validate import load_schema
+from manifest_ckpt.format.schema import load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package itself supports 3.10

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
-from manifest_ckpt.manifest import FormatVersionWarning
+from manifest_ckpt.format.manifest import FormatVersionWarning
 from tests._models import Gpt2Mlp, TiedNet, assert_bitwise_equal, snapshot
 
 

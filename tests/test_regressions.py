@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
-from manifest_ckpt.manifest import MANIFEST_NAME
+from manifest_ckpt.format.manifest import MANIFEST_NAME
 
 
 def _as_floats(value: object) -> object:

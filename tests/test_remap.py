@@ -1,11 +1,11 @@
-"""Tests of ``manifest_ckpt.remap``: ordered rules that never fail silently."""
+"""Tests of ``manifest_ckpt.comparison.remap``: ordered rules that never fail silently."""
 
 from __future__ import annotations
 
 import pytest
 
 from manifest_ckpt.errors import ManifestCkptError, RemapError
-from manifest_ckpt.remap import apply_remap, compile_remap, parse_remap_args
+from manifest_ckpt.comparison.remap import apply_remap, compile_remap, parse_remap_args
 
 KEYS = ["module.encoder.0.weight", "module.encoder.0.bias", "module.head.weight"]
 

@@ -1,4 +1,4 @@
-"""Tests of ``manifest_ckpt._safetensors_format``: headers we build, and lying headers we refuse."""
+"""Tests of ``manifest_ckpt.format.safetensors_header``: headers we build, and lying headers we refuse."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from manifest_ckpt._dtypes import DTYPES, itemsize, nbytes
-from manifest_ckpt._safetensors_format import (
+from manifest_ckpt.format.dtypes import DTYPES, itemsize, nbytes
+from manifest_ckpt.format.safetensors_header import (
     CONTENT_KEY,
     MAX_HEADER_BYTES,
     METADATA_KEY,

@@ -1,4 +1,4 @@
-"""Tests of the reproducible, page-aligned archive container in ``manifest_ckpt._tar``."""
+"""Tests of the reproducible, page-aligned archive container in ``manifest_ckpt.storage.tar``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from manifest_ckpt import _tar
-from manifest_ckpt._tar import (
+from manifest_ckpt.storage import tar as _tar
+from manifest_ckpt.storage.tar import (
     ALIGNMENT,
     ArchiveMember,
     extract_archive,

@@ -1,4 +1,4 @@
-"""Tests of the safe reader of pickled torch checkpoints in ``manifest_ckpt._torch_pickle``."""
+"""Tests of the safe reader of pickled torch checkpoints in ``manifest_ckpt.sources.torch_pickle``."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from manifest_ckpt import _torch_pickle
-from manifest_ckpt._torch_pickle import ALLOWED_GLOBALS, TorchFileContents, read_torch_file
+from manifest_ckpt.sources import torch_pickle as _torch_pickle
+from manifest_ckpt.sources.torch_pickle import ALLOWED_GLOBALS, TorchFileContents, read_torch_file
 from manifest_ckpt.errors import ConversionError, UnsafeCheckpointError
 from tests import hostile
 

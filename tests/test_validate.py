@@ -1,4 +1,4 @@
-"""Tests for manifest_ckpt._validate: the compiled JSON Schema validator of manifest.json."""
+"""Tests for manifest_ckpt.format.schema: the compiled JSON Schema validator of manifest.json."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from manifest_ckpt import _validate
-from manifest_ckpt._validate import (
+from manifest_ckpt.format import schema as _validate
+from manifest_ckpt.format.schema import (
     MAX_ERRORS,
     SCHEMA_NAME,
     SchemaViolation,
@@ -293,7 +293,7 @@ def test_packaged_schema_is_preferred(tmp_path: Path, monkeypatch: pytest.Monkey
     """When the installed package carries schema/ (as the wheel does), that copy is read."""
     (tmp_path / "schema").mkdir()
     (tmp_path / "schema" / SCHEMA_NAME).write_text('{"title": "packaged"}', encoding="utf-8")
-    monkeypatch.setattr("manifest_ckpt._validate.resources", SimpleNamespace(files=lambda package: tmp_path))
+    monkeypatch.setattr("manifest_ckpt.format.schema.resources", SimpleNamespace(files=lambda package: tmp_path))
     _validate.schema_text.cache_clear()
     _validate._schema.cache_clear()
     try:

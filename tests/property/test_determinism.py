@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import manifest_ckpt as mc
-from manifest_ckpt.manifest import MANIFEST_NAME
+from manifest_ckpt.format.manifest import MANIFEST_NAME
 
 from .strategies import Arch, architectures, build, has_data, record_example, scratch, seeds
 

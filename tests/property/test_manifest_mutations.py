@@ -21,7 +21,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import manifest_ckpt as mc
-from manifest_ckpt.manifest import (
+from manifest_ckpt.format.manifest import (
     MANIFEST_NAME,
     Chunk,
     FormatVersionWarning,

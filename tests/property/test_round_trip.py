@@ -10,7 +10,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import manifest_ckpt as mc
-from manifest_ckpt.introspect import capture
+from manifest_ckpt.comparison.introspect import capture
 
 from .strategies import (
     Arch,

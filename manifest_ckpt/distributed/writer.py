@@ -25,12 +25,12 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from manifest_ckpt._dcp_state import local_aliases, require_tensors, torch_dtype_name
-from manifest_ckpt._dtypes import itemsize, nbytes
+from manifest_ckpt.distributed.state import local_aliases, require_tensors, torch_dtype_name
+from manifest_ckpt.format.dtypes import itemsize, nbytes
 from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError, UnsupportedTensorError
-from manifest_ckpt.integrity import atomic_write_bytes
-from manifest_ckpt.introspect import module_tree
-from manifest_ckpt.manifest import (
+from manifest_ckpt.format.integrity import atomic_write_bytes
+from manifest_ckpt.comparison.introspect import module_tree
+from manifest_ckpt.format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Chunk,

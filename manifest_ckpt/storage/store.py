@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
-from manifest_ckpt.manifest import MANIFEST_NAME, Manifest
+from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
 
 MAX_MANIFEST_BYTES = 1 << 30
 
@@ -103,7 +103,7 @@ def open_store(path: str | os.PathLike[str]) -> Store:
     if p.is_file() and p.name == MANIFEST_NAME:
         return DirectoryStore(p.parent, str(p.parent))
     if p.is_file():
-        from manifest_ckpt import _archive_store
+        from manifest_ckpt.storage import archive_store as _archive_store
 
         store: Store | None = _archive_store.open_archive_store(p)
         if store is not None:

@@ -102,7 +102,7 @@ def schema_text() -> str:
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
     # A source checkout keeps the schema at the repository's top level, not in the package.
-    return (Path(__file__).resolve().parent.parent / "schema" / SCHEMA_NAME).read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[2] / "schema" / SCHEMA_NAME).read_text(encoding="utf-8")
 
 
 @cache

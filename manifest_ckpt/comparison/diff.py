@@ -3,7 +3,7 @@
 Three layers, each computed once:
 
 * **structure**: keys, shapes, dtypes, layer classes and ties, by the same
-  :func:`manifest_ckpt._compare.compare` that ``check`` uses (A plays the module, B the
+  :func:`manifest_ckpt.comparison.compare.compare` that ``check`` uses (A plays the module, B the
   checkpoint), plus the module-tree fields no key carries (parameter-less modules, versions);
 * **values**: for every key both hold with the same shape, whether its elements differ and by
   how much. Equal dtype and digest means equal bytes, so such tensors are never read; the
@@ -24,13 +24,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from manifest_ckpt._compare import StateSpec, compare
-from manifest_ckpt._dtypes import describe
-from manifest_ckpt._progress import Progress
-from manifest_ckpt._report import Problem, render_table
-from manifest_ckpt._store import Store, open_store, read_store_manifest
+from manifest_ckpt.comparison.compare import StateSpec, compare
+from manifest_ckpt.format.dtypes import describe
+from manifest_ckpt.cli.progress import Progress
+from manifest_ckpt.comparison.report import Problem, render_table
+from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
 from manifest_ckpt.lineage import short_digest
-from manifest_ckpt.manifest import Chunk, Manifest, TensorEntry
+from manifest_ckpt.format.manifest import Chunk, Manifest, TensorEntry
 
 if TYPE_CHECKING:
     import torch

@@ -29,7 +29,7 @@ from typing import IO, Any, Final, Literal
 import torch
 
 from manifest_ckpt.errors import ConversionError, ManifestCkptError, UnsafeCheckpointError
-from manifest_ckpt.integrity import file_sha256
+from manifest_ckpt.format.integrity import file_sha256
 
 __all__ = ["TorchFileContents", "read_torch_file"]
 

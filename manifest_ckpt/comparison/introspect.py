@@ -8,10 +8,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from manifest_ckpt._compare import StateSpec, TensorSpec, owner_of
-from manifest_ckpt._dtypes import DTYPES
+from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, owner_of
+from manifest_ckpt.format.dtypes import DTYPES
 from manifest_ckpt.errors import UnsupportedTensorError
-from manifest_ckpt.manifest import ModuleEntry
+from manifest_ckpt.format.manifest import ModuleEntry
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from manifest_ckpt._compare import StateSpec, TensorSpec, owner_of
+from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, owner_of
 from manifest_ckpt.errors import UnsupportedTensorError
-from manifest_ckpt.introspect import dtype_name, find_aliases
-from manifest_ckpt.manifest import ModuleEntry
+from manifest_ckpt.comparison.introspect import dtype_name, find_aliases
+from manifest_ckpt.format.manifest import ModuleEntry
 
 
 def require_tensors(state_dict: Mapping[str, Any]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from manifest_ckpt._dtypes import CODE_TO_NAME, DTYPES, nbytes
+from manifest_ckpt.format.dtypes import CODE_TO_NAME, DTYPES, nbytes
 from manifest_ckpt.errors import IntegrityError
 
 # Same bound as the safetensors reference implementation: a header this large is hostile.

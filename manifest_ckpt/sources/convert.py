@@ -28,16 +28,16 @@ from typing import Any, Final, TextIO
 import torch
 from torch import nn
 
-from manifest_ckpt._compare import compare
-from manifest_ckpt._dtypes import describe, itemsize
-from manifest_ckpt._progress import Progress, human_bytes
-from manifest_ckpt._safetensors_format import MAX_HEADER_BYTES, Header, parse_header
-from manifest_ckpt._torch_pickle import read_torch_file
+from manifest_ckpt.comparison.compare import compare
+from manifest_ckpt.format.dtypes import describe, itemsize
+from manifest_ckpt.cli.progress import Progress, human_bytes
+from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, Header, parse_header
+from manifest_ckpt.sources.torch_pickle import read_torch_file
 from manifest_ckpt.errors import ConversionError, IntegrityError, ModelMismatchError
-from manifest_ckpt.integrity import file_sha256
-from manifest_ckpt.introspect import LiveState, capture, class_name, find_aliases, module_tree
-from manifest_ckpt.manifest import Manifest
-from manifest_ckpt.remap import Remap, apply_remap
+from manifest_ckpt.format.integrity import file_sha256
+from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
+from manifest_ckpt.format.manifest import Manifest
+from manifest_ckpt.comparison.remap import Remap, apply_remap
 from manifest_ckpt.writer import _check_destination, save
 
 __all__ = [
@@ -955,8 +955,8 @@ def cli_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     Other errors (unsafe or unreadable source, bad remap) propagate as ManifestCkptError,
     which ``cli.run`` reports with exit code 2.
     """
-    from manifest_ckpt._factory import build_model
-    from manifest_ckpt.remap import parse_remap_args
+    from manifest_ckpt.cli.factory import build_model
+    from manifest_ckpt.comparison.remap import parse_remap_args
 
     remap = parse_remap_args(args.remap) or None
     model = build_model(args.model) if args.model else None

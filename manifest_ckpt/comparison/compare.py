@@ -12,10 +12,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from manifest_ckpt._dtypes import describe
-from manifest_ckpt._report import Problem, Report, sort_problems
-from manifest_ckpt.manifest import Manifest
-from manifest_ckpt.remap import apply_remap
+from manifest_ckpt.format.dtypes import describe
+from manifest_ckpt.comparison.report import Problem, Report, sort_problems
+from manifest_ckpt.format.manifest import Manifest
+from manifest_ckpt.comparison.remap import apply_remap
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Read a checkpoint packed in a tar archive in place: one mmap, members at their offsets (no torch).
 
 The archive is indexed once (headers only, hostile members refused by
-:func:`manifest_ckpt._tar.index_archive`) and mapped once; each weights file is then the slice
+:func:`manifest_ckpt.storage.tar.index_archive`) and mapped once; each weights file is then the slice
 ``[member.offset, member.offset + member.size)`` of that one mapping. Nothing is extracted.
 """
 
@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manifest_ckpt._tar import ArchiveMember, index_archive, is_archive
+from manifest_ckpt.storage.tar import ArchiveMember, index_archive, is_archive
 from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
-from manifest_ckpt.manifest import MANIFEST_NAME
+from manifest_ckpt.format.manifest import MANIFEST_NAME
 
 # Same bound as for a manifest.json on disk (``_store.MAX_MANIFEST_BYTES``); kept here to
 # avoid importing ``_store``, which imports this module lazily.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from manifest_ckpt import _dtypes
+from manifest_ckpt.format import dtypes as _dtypes
 from manifest_ckpt.errors import ManifestError, UnsupportedVersionError
 
 FORMAT_NAME: Final = "manifest-ckpt"
@@ -218,7 +218,7 @@ class Manifest:
         """
         where = file or "manifest"
         _check_version(document, where, file)
-        from manifest_ckpt._validate import validate
+        from manifest_ckpt.format.schema import validate
 
         validate(document, file=file)
         files = {name: FileEntry(int(f["size"]), f["header_sha256"]) for name, f in document["files"].items()}

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from manifest_ckpt._render import inspect_text
-from manifest_ckpt._store import open_store, read_store_manifest
+from manifest_ckpt.cli.render import inspect_text
+from manifest_ckpt.storage.store import open_store, read_store_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import (
     ArchiveError,
@@ -75,7 +75,7 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     store = open_store(args.path)
     manifest = read_store_manifest(store)
     if args.json:
-        from manifest_ckpt._render import dtype_totals
+        from manifest_ckpt.cli.render import dtype_totals
 
         _emit_json(
             out,
@@ -113,9 +113,9 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from manifest_ckpt._factory import build_model
+    from manifest_ckpt.cli.factory import build_model
     from manifest_ckpt.reader import check
-    from manifest_ckpt.remap import parse_remap_args
+    from manifest_ckpt.comparison.remap import parse_remap_args
 
     model = build_model(args.model)
     report = check(
@@ -134,14 +134,14 @@ def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from manifest_ckpt._validate import schema_text
+    from manifest_ckpt.format.schema import schema_text
 
     out.write(schema_text())
     return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from manifest_ckpt._demo import run_demo
+    from manifest_ckpt.cli.demo import run_demo
 
     if args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
@@ -151,13 +151,13 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from manifest_ckpt.conversion import cli_convert
+    from manifest_ckpt.sources.convert import cli_convert
 
     return cli_convert(args, out, err)
 
 
 def _cmd_pack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from manifest_ckpt.archive import pack
+    from manifest_ckpt.storage.archive import pack
 
     verify = not args.no_verify
     manifest = pack(args.ckpt, args.out, overwrite=args.overwrite, verify=verify, progress=not args.quiet)
@@ -174,7 +174,7 @@ def _cmd_pack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_unpack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from manifest_ckpt.archive import unpack
+    from manifest_ckpt.storage.archive import unpack
 
     verify = not args.no_verify
     manifest = unpack(args.archive, args.dir, verify=verify, progress=not args.quiet)
@@ -189,7 +189,7 @@ def _cmd_unpack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from manifest_ckpt._diff import diff
+    from manifest_ckpt.comparison.diff import diff
 
     result = diff(args.a, args.b, values=not args.no_values, progress=not args.quiet)
     if args.json:

@@ -30,15 +30,15 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from manifest_ckpt._compare import StateSpec, TensorSpec, compare, owner_of
-from manifest_ckpt._dcp_state import live_spec, torch_dtype_name
-from manifest_ckpt._report import Problem, Report, sort_problems
-from manifest_ckpt._store import open_store, read_store_manifest
+from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, compare, owner_of
+from manifest_ckpt.distributed.state import live_spec, torch_dtype_name
+from manifest_ckpt.comparison.report import Problem, Report, sort_problems
+from manifest_ckpt.storage.store import open_store, read_store_manifest
 from manifest_ckpt.errors import IntegrityError, ManifestCkptError, ModelMismatchError
-from manifest_ckpt.introspect import module_tree
-from manifest_ckpt.manifest import Chunk, Manifest
+from manifest_ckpt.comparison.introspect import module_tree
+from manifest_ckpt.format.manifest import Chunk, Manifest
 from manifest_ckpt.reader import _Weights
-from manifest_ckpt.remap import Remap, apply_remap
+from manifest_ckpt.comparison.remap import Remap, apply_remap
 
 
 @dataclass(frozen=True)

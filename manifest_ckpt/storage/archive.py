@@ -1,7 +1,7 @@
 """``pack`` and ``unpack``: a checkpoint as one reproducible, page-aligned tar file.
 
 ``pack`` writes ``manifest.json`` and exactly the weights files the manifest lists (stray
-files in the directory are left out) with :func:`manifest_ckpt._tar.write_archive`: sorted
+files in the directory are left out) with :func:`manifest_ckpt.storage.tar.write_archive`: sorted
 members, fixed metadata and every member's data on a 4096-byte boundary, so the same
 checkpoint gives the same bytes on any machine and ``load``/``verify`` read the archive in
 place. ``unpack`` refuses hostile archives (escaping names, links, devices, duplicates) and
@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from manifest_ckpt._archive_store import open_archive_store
-from manifest_ckpt._progress import Progress
-from manifest_ckpt._store import DirectoryStore, Store, open_store, read_store_manifest
-from manifest_ckpt._tar import extract_archive, write_archive
+from manifest_ckpt.storage.archive_store import open_archive_store
+from manifest_ckpt.cli.progress import Progress
+from manifest_ckpt.storage.store import DirectoryStore, Store, open_store, read_store_manifest
+from manifest_ckpt.storage.tar import extract_archive, write_archive
 from manifest_ckpt.errors import ArchiveError, CheckpointExistsError, CheckpointNotFoundError
-from manifest_ckpt.manifest import MANIFEST_NAME, Manifest
+from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
 
 PathLike = str | os.PathLike[str]
 

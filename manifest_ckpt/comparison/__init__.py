@@ -1,0 +1,1 @@
+"""Comparing a checkpoint with a live module: introspection, remapping, the report, diffs."""

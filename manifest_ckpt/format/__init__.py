@@ -1,0 +1,1 @@
+"""The checkpoint format: manifest model, JSON Schema validation, dtypes, safetensors headers, digests (no torch)."""

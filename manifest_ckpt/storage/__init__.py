@@ -1,0 +1,1 @@
+"""Where checkpoint bytes live: directories, tar archives, and the one Store protocol readers use."""
