@@ -121,3 +121,15 @@ class ArchiveError(ManifestCkptError, ValueError):
         super().__init__(message)
         self.file = file
         self.member = member
+
+
+class StorageError(ManifestCkptError, OSError):
+    """A storage back end (object store, fsspec file system) refused or failed a request.
+
+    Attributes:
+        url: the checkpoint URL the request was for.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url

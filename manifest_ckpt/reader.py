@@ -63,6 +63,7 @@ def check(
     strict: bool = True,
     cast: bool = False,
     check_classes: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Report:
     """Compare a checkpoint with a live module; change nothing.
 
@@ -70,7 +71,7 @@ def check(
         A :class:`Report` listing every missing, unexpected, shape, dtype, class and alias
         difference at once, with hints (such as the remap that fixes a prefix).
     """
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, storage_options=storage_options)
     comparison, _ = _compare(manifest, capture(module), remap, allow_missing, allow_unexpected, strict, cast, check_classes)
     return comparison.report
 
@@ -116,7 +117,7 @@ class _Weights:
         """
         for name in sorted(set(names)):
             expected = self.manifest.files[name]
-            mapping, offset, size = self.store.file_map(name)
+            size = self.store.file_size(name)
             where = f"{self.store.location}/{name}"
             if size != expected.size:
                 raise IntegrityError(
@@ -126,8 +127,8 @@ class _Weights:
                 )
             # Copy only the header the length prefix announces, not MAX_HEADER_BYTES of
             # tensor data (100 MB of memory and time on every load); parse_header bounds it.
-            length = int.from_bytes(mapping[offset : offset + min(size, 8)], "little")
-            head = mapping[offset : offset + min(size, 8 + min(length, MAX_HEADER_BYTES))]
+            length = int.from_bytes(self.store.read_range(name, 0, min(size, 8)), "little")
+            head = self.store.read_range(name, 0, min(size, 8 + min(length, MAX_HEADER_BYTES)))
             header = parse_header(head, size, file=where)
             found = hashlib.sha256(header.raw).hexdigest()
             if found != expected.header_sha256:
@@ -215,7 +216,9 @@ def _byte_reader(
     return get
 
 
-def verify(path: PathLike, *, search: Iterable[PathLike] = ()) -> None:
+def verify(
+    path: PathLike, *, search: Iterable[PathLike] = (), storage_options: Mapping[str, Any] | None = None
+) -> None:
     """Prove what can be proven offline: schema, file binding, sizes and every digest.
 
     Args:
@@ -226,12 +229,18 @@ def verify(path: PathLike, *, search: Iterable[PathLike] = ()) -> None:
         ManifestError: invalid manifest, or manifest and weights that do not belong together.
         IntegrityError: a missing, truncated or corrupt file, or a parent found that does not verify.
     """
-    verify_report(path, search=search)
+    verify_report(path, search=search, storage_options=storage_options)
 
 
-def verify_report(path: PathLike, *, progress: bool = False, search: Iterable[PathLike] = ()) -> dict[str, Any]:
+def verify_report(
+    path: PathLike,
+    *,
+    progress: bool = False,
+    search: Iterable[PathLike] = (),
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """``verify``, returning what was proven (for the CLI); same errors as ``verify``."""
-    store = open_store(path)
+    store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)
     weights = _Weights(store, manifest)
     weights.bind(manifest.files)
@@ -264,6 +273,7 @@ def load(
     allow_unexpected: Iterable[str] = (),
     check_classes: bool = True,
     device: str | torch.device | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadResult:
     """Load a checkpoint into ``module`` after checking that it matches, all or nothing.
 
@@ -276,6 +286,7 @@ def load(
         allow_missing, allow_unexpected: ``re.fullmatch`` patterns of allowed differences.
         check_classes: compare layer classes (off for deliberate architecture swaps).
         device: where tensors of a meta-device module are materialised (default CPU).
+        storage_options: fsspec options when ``path`` is a URL (``s3://...``).
 
     Raises:
         ModelMismatchError: the module and the checkpoint differ (``.report`` lists all).
@@ -283,7 +294,7 @@ def load(
         ManifestError: invalid manifest or weights that do not belong to it.
         UnsupportedTensorError: a module tensor cannot be written (an expanded view).
     """
-    store = open_store(path)
+    store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)
     if expect_digest is not None and manifest.digest != expect_digest:
         raise IntegrityError(

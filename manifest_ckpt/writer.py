@@ -24,7 +24,7 @@ from torch import nn
 
 from manifest_ckpt.format.dtypes import nbytes
 from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
-from manifest_ckpt.storage.store import read_manifest
+from manifest_ckpt.storage.store import is_url, read_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError
 from manifest_ckpt.format.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir
@@ -92,6 +92,7 @@ def save(
     source: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     modules: Mapping[str, ModuleEntry] | None = None,
     progress: Callable[[int], None] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Save a module or state dict as a checkpoint directory and return its manifest.
 
@@ -114,12 +115,36 @@ def save(
         modules: the module tree to record for a state dict ``obj`` (``introspect.module_tree``
             of the module it belongs to); it must declare exactly the state dict's keys.
         progress: called with each tensor's byte count once it is written.
+        storage_options: fsspec options when ``path`` is a URL (``s3://bucket/ck``, ...): the
+            checkpoint is written to a local staging directory, then uploaded weights first and
+            ``manifest.json`` last (see :mod:`manifest_ckpt.storage.remote`).
 
     Raises:
         CheckpointExistsError: ``path`` exists and ``overwrite`` is False.
         UnsupportedTensorError: a tensor cannot be stored faithfully.
         ManifestError: ``modules`` does not declare exactly the state dict's keys.
     """
+    if is_url(path):
+        from manifest_ckpt.storage.remote import upload_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix=".manifest-ckpt-upload.") as staging:
+            local = Path(staging) / "checkpoint"
+            manifest = save(
+                obj,
+                local,
+                lineage=lineage,
+                metadata=metadata,
+                parents=parents,
+                max_file_size=max_file_size,
+                record_code=record_code,
+                timestamp=timestamp,
+                fsync=False,
+                source=source,
+                modules=modules,
+                progress=progress,
+            )
+            upload_checkpoint(local, str(path), overwrite=overwrite, storage_options=storage_options)
+        return manifest
     target = Path(path)
     state = capture(obj)
     if modules is not None:

@@ -71,8 +71,15 @@ def _emit_json(stdout: TextIO, document: Any) -> None:
 # -- commands ---------------------------------------------------------------------------
 
 
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` pairs as fsspec options (empty for local paths)."""
+    from manifest_ckpt.storage.remote import parse_storage_options
+
+    return parse_storage_options(getattr(args, "storage_option", None))
+
+
 def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    store = open_store(args.path)
+    store = open_store(args.path, storage_options=_storage_options(args))
     manifest = read_store_manifest(store)
     if args.json:
         from manifest_ckpt.cli.render import dtype_totals
@@ -91,7 +98,9 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.reader import verify_report
 
     try:
-        result = verify_report(args.path, progress=not args.quiet, search=args.search)
+        result = verify_report(
+            args.path, progress=not args.quiet, search=args.search, storage_options=_storage_options(args)
+        )
     except CheckpointNotFoundError:
         raise
     except (IntegrityError, ManifestError, ArchiveError) as exc:  # a damaged archive fails verification
@@ -125,6 +134,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         allow_missing=args.allow_missing,
         allow_unexpected=args.allow_unexpected,
         cast=args.cast,
+        storage_options=_storage_options(args),
     )
     if args.json:
         _emit_json(out, {"checkpoint": str(args.path), "model": args.model, **report.to_dict()})
@@ -191,7 +201,9 @@ def _cmd_unpack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.comparison.diff import diff
 
-    result = diff(args.a, args.b, values=not args.no_values, progress=not args.quiet)
+    result = diff(
+        args.a, args.b, values=not args.no_values, progress=not args.quiet, storage_options=_storage_options(args)
+    )
     if args.json:
         _emit_json(out, result.to_dict())
     else:
@@ -226,25 +238,31 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def add(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, handler: Command, help_text: str, *, storage: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, stream=stream, out=out)
         p.set_defaults(handler=handler)
+        if storage:
+            p.add_argument(
+                "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                help="fsspec option for URL paths (s3://, gs://, memory://...), repeatable; JSON values are "
+                "parsed (anon=true). Endpoints and credentials also come from AWS_ENDPOINT_URL and friends.",
+            )
         return p
 
-    p = add("inspect", _cmd_inspect, "show the module tree, dtypes, sizes, digest and lineage")
-    p.add_argument("path", help="checkpoint directory, manifest.json or archive")
+    p = add("inspect", _cmd_inspect, "show the module tree, dtypes, sizes, digest and lineage", storage=True)
+    p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--depth", type=int, default=None, help="show the module tree to this depth")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = add("verify", _cmd_verify, "check schema, file binding, sizes, every digest, and parents found")
-    p.add_argument("path", help="checkpoint directory, manifest.json or archive")
+    p = add("verify", _cmd_verify, "check schema, file binding, sizes, every digest, and parents found", storage=True)
+    p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--search", action="append", default=[], metavar="DIR",
                    help="also verify parents found under DIR (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("check", _cmd_check, "compare a checkpoint with a model built by a factory; load nothing")
-    p.add_argument("path", help="checkpoint directory, manifest.json or archive")
+    p = add("check", _cmd_check, "compare a checkpoint with a model built by a factory; load nothing", storage=True)
+    p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--model", required=True, metavar="pkg.module:factory",
                    help="import path (or file.py:name) of a module or a factory that builds one")
     p.add_argument("--remap", action="append", default=[], metavar="REGEX=REPLACEMENT",
@@ -286,15 +304,15 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("diff", _cmd_diff, "structure, value and lineage differences; exit 0 identical, 1 different")
-    p.add_argument("a", help="checkpoint directory, manifest.json or archive")
-    p.add_argument("b", help="checkpoint directory, manifest.json or archive")
+    p = add("diff", _cmd_diff, "structure, value and lineage differences; exit 0 identical, 1 different", storage=True)
+    p.add_argument("a", help="checkpoint directory, manifest.json, archive or URL")
+    p.add_argument("b", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--no-values", action="store_true", help="list keys whose digests differ without reading them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("lineage", _cmd_lineage, "print the ancestry, verifying every ancestor found by digest")
-    p.add_argument("path", help="checkpoint directory, manifest.json or archive")
+    p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--search", action="append", default=[], metavar="DIR",
                    help="look for ancestors under DIR (repeatable): checkpoint directories and archives")
     p.add_argument("--no-verify", action="store_true", help="find ancestors without hashing their tensors")

@@ -227,7 +227,14 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def diff(a: PathLike, b: PathLike, *, values: bool = True, progress: bool = False) -> CheckpointDiff:
+def diff(
+    a: PathLike,
+    b: PathLike,
+    *,
+    values: bool = True,
+    progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> CheckpointDiff:
     """Compare checkpoints A and B: structure, values and lineage.
 
     Tensor digests are trusted as recorded (run ``verify`` to prove them); a key whose
@@ -247,7 +254,8 @@ def diff(a: PathLike, b: PathLike, *, values: bool = True, progress: bool = Fals
         CheckpointNotFoundError, ManifestError: a side is not a readable checkpoint.
         IntegrityError: a weights file needed for the value comparison is missing or truncated.
     """
-    store_a, store_b = open_store(a), open_store(b)
+    store_a = open_store(a, storage_options=storage_options)
+    store_b = open_store(b, storage_options=storage_options)
     ma, mb = read_store_manifest(store_a), read_store_manifest(store_b)
     spec_a, spec_b = StateSpec.from_manifest(ma), StateSpec.from_manifest(mb)
     report = compare(spec_b, spec_a).report

@@ -15,14 +15,13 @@ from pathlib import Path
 from manifest_ckpt.storage.tar import ArchiveMember, index_archive, is_archive
 from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
 from manifest_ckpt.format.manifest import MANIFEST_NAME
+from manifest_ckpt.storage.store import MAX_MANIFEST_BYTES as _MAX_MANIFEST_BYTES
+from manifest_ckpt.storage.store import MappedStore
 
-# Same bound as for a manifest.json on disk (``_store.MAX_MANIFEST_BYTES``); kept here to
-# avoid importing ``_store``, which imports this module lazily.
-_MAX_MANIFEST_BYTES = 1 << 30
 
 
 @dataclass
-class ArchiveStore:
+class ArchiveStore(MappedStore):
     """A checkpoint inside one archive file, read through a single memory map.
 
     Attributes:

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
+
+
+# A scheme as RFC 3986 spells it, then "://" (Windows drive letters do not match).
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_url(path: object) -> bool:
+    """True for ``scheme://...`` strings (fsspec URLs); False for local paths."""
+    return isinstance(path, str) and bool(_URL.match(path))
 
 MAX_MANIFEST_BYTES = 1 << 30
 
@@ -26,12 +37,34 @@ class Store(Protocol):
     def manifest_bytes(self) -> bytes: ...
 
     def file_map(self, name: str) -> tuple[mmap.mmap, int, int]:
-        """``(mapping, offset of the file in it, size of the file)``."""
+        """``(mapping, offset of the file in it, size of the file)``: the whole file's bytes."""
+        ...
+
+    def file_size(self, name: str) -> int:
+        """The size of weights file ``name`` without reading its data."""
+        ...
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of weights file ``name`` (headers: no whole-file read)."""
         ...
 
 
+class MappedStore:
+    """``file_size`` and ``read_range`` for stores whose files are memory-mapped (local ones)."""
+
+    def file_map(self, name: str) -> tuple[mmap.mmap, int, int]:
+        raise NotImplementedError
+
+    def file_size(self, name: str) -> int:
+        return self.file_map(name)[2]
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        mapping, offset, size = self.file_map(name)
+        return mapping[offset + min(start, size) : offset + min(end, size)]
+
+
 @dataclass
-class DirectoryStore:
+class DirectoryStore(MappedStore):
     """A checkpoint directory."""
 
     root: Path
@@ -91,12 +124,21 @@ class DirectoryStore:
         return self._maps[name]
 
 
-def open_store(path: str | os.PathLike[str]) -> Store:
-    """Open a checkpoint directory, a ``manifest.json`` path, or an archive file.
+def open_store(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> Store:
+    """Open a checkpoint directory, a ``manifest.json`` path, an archive file, or a URL.
+
+    Args:
+        storage_options: passed to fsspec for URLs (``s3://``, ``gs://``, ``memory://``...);
+            must be empty for local paths.
 
     Raises:
         ManifestError: the path does not exist or is not a checkpoint.
+        StorageError: a URL whose file system is not installed or refuses the request.
     """
+    if is_url(path):
+        from manifest_ckpt.storage.remote import open_remote_store
+
+        return open_remote_store(str(path), storage_options)
     p = Path(path)
     if p.is_dir():
         return DirectoryStore(p, str(p))
@@ -119,12 +161,14 @@ def read_store_manifest(store: Store) -> Manifest:
     return Manifest.from_json(store.manifest_bytes(), file=f"{store.location}/{MANIFEST_NAME}")
 
 
-def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and validate a checkpoint's manifest (directory, ``manifest.json`` or archive).
+def read_manifest(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+    """Read and validate a checkpoint's manifest (directory, ``manifest.json``, archive or URL).
+
+    For a URL only ``manifest.json`` is fetched.
 
     Raises:
         CheckpointNotFoundError: the path is not a checkpoint.
         ManifestError: unreadable, invalid or inconsistent manifest.
         UnsupportedVersionError: a format major version this release cannot read.
     """
-    return read_store_manifest(open_store(path))
+    return read_store_manifest(open_store(path, storage_options=storage_options))

@@ -1,0 +1,301 @@
+"""Checkpoints on object storage and other fsspec file systems (no torch).
+
+A URL (``s3://``, ``gs://``, ``az://``, ``hf://``, ``http(s)://``, ``memory://``, ``file://``) is
+read through fsspec, imported only when a URL is used. Reads are ranged: ``check`` and
+``inspect`` fetch the manifest and the 8-byte length prefix and header of each weights file,
+never tensor data; ``load`` and ``verify`` fetch each needed byte once, in large ranges issued
+concurrently.
+
+Writes commit last. Object stores have no rename, so a checkpoint is never assembled in place:
+it is written to a local staging directory with the ordinary (atomic, deterministic) writer,
+then its weights files are uploaded, then ``manifest.json`` (one PUT, which S3 makes visible
+all at once), then the objects the previous manifest listed and the new one does not are
+deleted. A reader therefore sees the old checkpoint, or the new one, never a manifest whose
+files are not all there; an interrupted upload leaves at most unreferenced weights objects,
+which the next successful save to that URL removes.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manifest_ckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    ManifestError,
+    StorageError,
+)
+from manifest_ckpt.format.manifest import MANIFEST_NAME
+
+MAX_MANIFEST_BYTES = 1 << 30
+# The writer's content-addressed weights file names (``writer.content_file_name``).
+_WEIGHTS_NAME = re.compile(r"weights-[0-9a-f]{16}[\w.-]*\.safetensors")
+# Ranged reads of this size, several in flight: large enough to amortise a request's latency,
+# small enough that a verifying read never holds more than a few blocks beyond the file.
+BLOCK_BYTES = 16 << 20
+CONCURRENCY = 8
+
+StorageOptions = Mapping[str, Any]
+
+
+def _filesystem(url: str, storage_options: StorageOptions | None) -> tuple[Any, str]:
+    """The fsspec file system and the path inside it for ``url``.
+
+    Raises:
+        StorageError: fsspec (or the scheme's driver, e.g. s3fs) is not installed, or the URL
+            names an unknown protocol.
+    """
+    try:
+        import fsspec
+    except ImportError:
+        raise StorageError(
+            f"{url}: reading URLs needs fsspec; install it with `pip install manifest-ckpt[remote]`", url=url
+        ) from None
+    try:
+        fs, inner = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as exc:
+        raise StorageError(f"{url}: this URL's file system is not installed ({exc}); install its fsspec driver", url=url) from None
+    except (ValueError, TypeError) as exc:
+        raise StorageError(f"{url}: cannot open this URL: {exc}", url=url) from None
+    return fs, inner.rstrip("/")
+
+
+@contextmanager
+def storage_errors(url: str, action: str, *, writing: bool = False) -> Iterator[None]:
+    """Turn a file system's own exceptions into a typed error naming the URL and what to do.
+
+    A missing object on a read means no checkpoint (:class:`CheckpointNotFoundError`); on a
+    write it means a missing bucket or container (:class:`StorageError`).
+    """
+    try:
+        yield
+    except (StorageError, ManifestError, IntegrityError, CheckpointNotFoundError, CheckpointExistsError):
+        raise
+    except FileNotFoundError as exc:
+        if writing:
+            raise StorageError(f"{url}: {action}: {exc}; create the bucket (or container) first", url=url) from None
+        raise CheckpointNotFoundError(f"{url}: {action}: not found ({exc}); check the bucket and key", file=url) from None
+    except PermissionError as exc:
+        raise StorageError(
+            f"{url}: {action}: access denied ({exc}); check the credentials (AWS_ACCESS_KEY_ID, "
+            "--storage-option key=..., storage_options={...})",
+            url=url,
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - drivers raise their own types (botocore, aiohttp); name them all
+        raise StorageError(f"{url}: {action} failed: {type(exc).__name__}: {exc}", url=url) from None
+
+
+@dataclass
+class FsspecStore:
+    """A checkpoint directory on an fsspec file system, read with ranged requests."""
+
+    fs: Any
+    root: str
+    location: str
+    _sizes: dict[str, int] = field(default_factory=dict)
+    _buffers: dict[str, tuple[bytearray, int, int]] = field(default_factory=dict)
+    _heads: dict[str, bytes] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    bytes_read: int = 0
+
+    def _path(self, name: str) -> str:
+        if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+            raise ManifestError(f"{self.location}: file name {name!r} escapes the checkpoint", file=name)
+        return f"{self.root}/{name}"
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += n
+
+    def manifest_bytes(self) -> bytes:
+        path = self._path(MANIFEST_NAME)
+        where = f"{self.location}/{MANIFEST_NAME}"
+        try:
+            with storage_errors(where, "reading the manifest"):
+                size = int(self.fs.size(path))
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{self.location}: no {MANIFEST_NAME}; this is not a manifest-ckpt checkpoint (or its upload "
+                "did not finish: the manifest is written last)",
+                file=where,
+            ) from None
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where}: {size} bytes is too large for a manifest", file=where)
+        with storage_errors(where, "reading the manifest"):
+            data = bytes(self.fs.cat_file(path, start=0, end=size))
+        self._count(len(data))
+        return data
+
+    def file_size(self, name: str) -> int:
+        """The size of weights file ``name``, from the store's listing (no data read)."""
+        if name not in self._sizes:
+            where = f"{self.location}/{name}"
+            try:
+                with storage_errors(where, "reading a weights file's size"):
+                    self._sizes[name] = int(self.fs.size(self._path(name)))
+            except CheckpointNotFoundError:
+                raise IntegrityError(
+                    f"{where}: weights file listed in the manifest is missing; restore it or re-save the checkpoint",
+                    file=name,
+                ) from None
+        return self._sizes[name]
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of weights file ``name`` (one ranged request at most).
+
+        Reads from the start of a file (the header) are kept, so binding's length prefix,
+        then its header, then ``file_map`` fetch each byte once.
+        """
+        if name in self._buffers:
+            buf, offset, _ = self._buffers[name]
+            return bytes(buf[offset + start : offset + end])
+        head = self._heads.get(name, b"")
+        if start == 0 and end > len(head):
+            head = self._heads[name] = head + self._fetch(name, len(head), end)
+        if end <= len(head):
+            return head[start:end]
+        return self._fetch(name, start, end)
+
+    def _fetch(self, name: str, start: int, end: int) -> bytes:
+        with storage_errors(f"{self.location}/{name}", "a ranged read"):
+            data = bytes(self.fs.cat_file(self._path(name), start=start, end=end))
+        self._count(len(data))
+        if len(data) != end - start:
+            raise IntegrityError(
+                f"{self.location}/{name}: asked for bytes {start}-{end}, got {len(data)} bytes; the object changed "
+                "or is truncated",
+                file=name,
+            )
+        return data
+
+    def file_map(self, name: str) -> tuple[bytearray, int, int]:
+        """The whole file, fetched once in concurrent ranged reads, as a writable buffer."""
+        if name in self._buffers:
+            return self._buffers[name]
+        size = self.file_size(name)
+        if size == 0:
+            raise IntegrityError(f"{self.location}/{name}: file is empty (truncated)", file=name)
+        buf = bytearray(size)
+        view = memoryview(buf)
+        head = self._heads.pop(name, b"")[:size]
+        view[: len(head)] = head
+        ranges = [(s, min(s + BLOCK_BYTES, size)) for s in range(len(head), size, BLOCK_BYTES)]
+
+        def fetch(r: tuple[int, int]) -> None:
+            view[r[0] : r[1]] = self._fetch(name, r[0], r[1])
+
+        if ranges:
+            with ThreadPoolExecutor(max_workers=min(CONCURRENCY, len(ranges))) as pool:
+                list(pool.map(fetch, ranges))
+        self._buffers[name] = (buf, 0, size)
+        return self._buffers[name]
+
+
+def open_remote_store(url: str, storage_options: StorageOptions | None = None) -> FsspecStore:
+    """A store for the checkpoint at ``url`` (its directory, or its ``manifest.json``)."""
+    fs, root = _filesystem(url, storage_options)
+    location = url.rstrip("/")
+    if posixpath.basename(root) == MANIFEST_NAME:
+        root, location = posixpath.dirname(root), location[: -len(MANIFEST_NAME) - 1]
+    return FsspecStore(fs, root, location)
+
+
+def upload_checkpoint(
+    local: Path,
+    url: str,
+    *,
+    overwrite: bool,
+    storage_options: StorageOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Upload the finished local checkpoint ``local`` to ``url``, committing the manifest last.
+
+    Raises:
+        CheckpointExistsError: ``url`` holds a checkpoint (or other objects) and ``overwrite``
+            is False.
+        StorageError: the store refused a write (credentials, missing bucket, network).
+    """
+    fs, root = _filesystem(url, storage_options)
+    location = url.rstrip("/")
+    manifest_path = f"{root}/{MANIFEST_NAME}"
+    with storage_errors(location, "checking the destination"):
+        exists = fs.exists(manifest_path)
+        others = [] if exists else _listing(fs, root)
+    if exists and not overwrite:
+        raise CheckpointExistsError(f"{location} already holds a checkpoint; pass overwrite=True to replace it")
+    # Weights objects without a manifest are what an interrupted upload leaves (the manifest
+    # goes last): replacing them loses nothing. Anything else is somebody's data.
+    foreign = [p for p in others if not _WEIGHTS_NAME.fullmatch(posixpath.basename(p.rstrip("/")))]
+    if foreign and not overwrite:
+        raise CheckpointExistsError(
+            f"{location} holds {len(foreign)} objects that are not weights files (e.g. "
+            f"{posixpath.basename(foreign[0].rstrip('/'))!r}) and no {MANIFEST_NAME}; refusing to write into what is "
+            "not a checkpoint. Choose another URL, or pass overwrite=True to write beside them."
+        )
+    old = _referenced_files(fs, manifest_path) if exists else set()
+    names = sorted(p.name for p in local.iterdir() if p.name != MANIFEST_NAME)
+    with storage_errors(location, "uploading weights", writing=True):
+        for name in names:
+            fs.put_file(str(local / name), f"{root}/{name}")
+            if progress is not None:
+                progress((local / name).stat().st_size)
+    with storage_errors(location, "committing the manifest", writing=True):
+        fs.pipe_file(manifest_path, (local / MANIFEST_NAME).read_bytes())
+    # Objects the committed manifest no longer lists, and leftovers of interrupted uploads.
+    leftovers = {posixpath.basename(p.rstrip("/")) for p in others if p not in foreign}
+    stale = (old | leftovers) - set(names) - {MANIFEST_NAME}
+    with storage_errors(location, "removing replaced weights", writing=True):
+        for name in sorted(stale):
+            if "/" not in name:
+                fs.rm_file(f"{root}/{name}")
+
+
+def _listing(fs: Any, root: str) -> list[str]:
+    try:
+        return [p for p in fs.ls(root, detail=False) if p.rstrip("/") != root]
+    except FileNotFoundError:
+        return []
+
+
+def _referenced_files(fs: Any, manifest_path: str) -> set[str]:
+    import json
+
+    try:
+        document = json.loads(fs.cat_file(manifest_path))
+        return {n for n in document["files"] if isinstance(n, str) and "/" not in n}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (the CLI's ``--storage-option``) as fsspec storage options.
+
+    Values are parsed as JSON where they are JSON (``anon=true``, ``client_kwargs={...}``),
+    else kept as strings. The endpoint and credentials otherwise come from the standard
+    environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), which the drivers
+    (botocore for ``s3://``) read themselves.
+
+    Raises:
+        StorageError: a pair without ``=``.
+    """
+    import json
+
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise StorageError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options

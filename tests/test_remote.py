@@ -1,0 +1,262 @@
+"""Tests for checkpoints on object storage, against a real S3-compatible server on 127.0.0.1.
+
+The server is moto in server mode (real HTTP); the client is s3fs/botocore, as users run it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import manifest_ckpt as mc
+from manifest_ckpt.cli import run
+from manifest_ckpt.storage import remote
+from manifest_ckpt.storage.store import is_url
+from tests._models import TiedNet, assert_bitwise_equal
+
+moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+
+class S3:
+    """A moto S3 server on 127.0.0.1 and the storage options that reach it."""
+
+    def __init__(self) -> None:
+        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, self.port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{self.port}"
+        # Fail fast when the server is gone (the kill test): no retries, short timeouts.
+        self.options: dict[str, Any] = {
+            "key": "testing",
+            "secret": "testing",
+            "endpoint_url": self.endpoint,
+            "skip_instance_cache": True,
+            "use_listings_cache": False,
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5},
+        }
+        self.fs = self.filesystem()
+
+    def filesystem(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options)
+
+    def restart(self) -> None:
+        # moto keeps its buckets in process memory, so objects survive a restart on the same port.
+        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    server = S3()
+    server.fs.mkdir("bucket")
+    yield server
+    server.server.stop()
+
+
+@pytest.fixture
+def url(s3: S3, request: pytest.FixtureRequest) -> str:
+    return f"s3://bucket/{request.node.name}"
+
+
+def trained() -> TiedNet:
+    torch.manual_seed(0)
+    model = TiedNet()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_()
+    return model
+
+
+def counting(monkeypatch: pytest.MonkeyPatch) -> list[remote.FsspecStore]:
+    """Record every remote store the library opens, to read its byte counter."""
+    opened: list[remote.FsspecStore] = []
+    original = remote.open_remote_store
+
+    def spy(url: str, storage_options: Any = None) -> remote.FsspecStore:
+        store = original(url, storage_options)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(remote, "open_remote_store", spy)
+    return opened
+
+
+def test_urls_are_told_from_local_paths() -> None:
+    """Schemes with ``://`` are URLs; relative, absolute and Windows-drive paths are not."""
+    assert [is_url(p) for p in ["s3://b/k", "memory://x", "file:///tmp/x", "hf://org/repo", "gcs+x://a"]] == [True] * 5
+    assert [is_url(p) for p in ["ck", "/tmp/ck", "C:\\ck", "C:/ck", Path("s3://b")]] == [False] * 5
+
+
+def test_local_paths_never_import_fsspec(tmp_path: Path) -> None:
+    """Saving, checking and loading local checkpoints leaves fsspec unimported (it is an optional extra)."""
+    code = (
+        "import sys, torch, manifest_ckpt as mc\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        f"mc.save(m, {str(tmp_path / 'ck')!r}, record_code=False)\n"
+        f"mc.load(torch.nn.Linear(2, 2), {str(tmp_path / 'ck')!r})\n"
+        "assert 'fsspec' not in sys.modules, 'fsspec imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_round_trip_through_s3_is_bit_exact(s3: S3, url: str, tmp_path: Path) -> None:
+    """save to s3://, then read_manifest, check, verify and load give the local results bit for bit."""
+    model = trained()
+    local = mc.save(model, tmp_path / "ck", record_code=False)
+    manifest = mc.save(model, url, storage_options=s3.options, record_code=False)
+    assert manifest.digest == local.digest
+    assert mc.read_manifest(url, storage_options=s3.options).digest == local.digest
+    assert mc.check(TiedNet(), url, storage_options=s3.options).ok
+    mc.verify(url, storage_options=s3.options)
+    target = TiedNet()
+    result = mc.load(target, url, storage_options=s3.options)
+    assert result.manifest.digest == local.digest
+    assert_bitwise_equal(target.state_dict(), model.state_dict())
+    assert target.head.weight is target.emb.weight
+    # The uploaded objects are byte-identical to the local checkpoint's files.
+    for name in ["manifest.json", *local.files]:
+        assert s3.fs.cat_file(f"{url[5:]}/{name}") == (tmp_path / "ck" / name).read_bytes()
+
+
+def test_check_reads_only_the_manifest_and_load_reads_each_byte_once(
+    s3: S3, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check fetches manifest.json alone; load fetches the manifest, the headers and the files once."""
+    model = trained()
+    manifest = mc.save(model, url, storage_options=s3.options, record_code=False, max_file_size=256)
+    opened = counting(monkeypatch)
+    assert mc.check(TiedNet(), url, storage_options=s3.options).ok
+    manifest_size = len(s3.fs.cat_file(f"{url[5:]}/manifest.json"))
+    assert [store.bytes_read for store in opened] == [manifest_size]
+
+    opened.clear()
+    mc.load(TiedNet(), url, storage_options=s3.options)
+    (store,) = opened
+    # The manifest, then each file's header (binding, before any copy), then the rest of each
+    # file: every byte once.
+    assert len(manifest.files) > 1
+    assert store.bytes_read == manifest_size + sum(entry.size for entry in manifest.files.values())
+
+
+def test_a_flipped_byte_in_an_object_fails_verify_and_names_the_tensor(s3: S3, url: str) -> None:
+    """Tampering with one stored byte on the server is caught by verify, which names the tensor and file."""
+    manifest = mc.save(trained(), url, storage_options=s3.options, record_code=False)
+    name = "fc.weight"
+    chunk = manifest.tensors[name].pieces()[0]
+    key = f"{url[5:]}/{chunk.file}"
+    data = bytearray(s3.fs.cat_file(key))
+    data[chunk.byte_range[0]] ^= 0x01
+    s3.fs.pipe_file(key, bytes(data))
+    with pytest.raises(mc.IntegrityError) as info:
+        mc.verify(url, storage_options=s3.options)
+    assert info.value.key == name and info.value.file == chunk.file
+    assert name in str(info.value)
+    with pytest.raises(mc.IntegrityError):
+        mc.load(TiedNet(), url, storage_options=s3.options, verify_digests=True)
+
+
+def test_overwrite_commits_the_manifest_last_and_deletes_replaced_objects(s3: S3, url: str) -> None:
+    """A second save needs overwrite=True; afterwards only the new manifest's objects remain."""
+    first = mc.save(trained(), url, storage_options=s3.options, record_code=False)
+    with pytest.raises(mc.CheckpointExistsError, match="overwrite=True"):
+        mc.save(TiedNet(), url, storage_options=s3.options, record_code=False)
+    torch.manual_seed(5)
+    second_model = TiedNet()
+    second = mc.save(second_model, url, storage_options=s3.options, record_code=False, overwrite=True)
+    assert second.digest != first.digest
+    names = sorted(p.rsplit("/", 1)[1] for p in s3.fs.ls(url[5:], detail=False))
+    assert names == sorted(["manifest.json", *second.files])
+    target = TiedNet()
+    mc.load(target, url, storage_options=s3.options)
+    assert_bitwise_equal(target.state_dict(), second_model.state_dict())
+
+
+def test_a_missing_bucket_gives_typed_errors_naming_the_url(s3: S3) -> None:
+    """Reads from and writes to a bucket that does not exist raise typed errors that name the URL."""
+    missing = "s3://no-such-bucket/ck"
+    with pytest.raises(mc.CheckpointNotFoundError, match="no-such-bucket"):
+        mc.read_manifest(missing, storage_options=s3.options)
+    with pytest.raises(mc.StorageError, match="no-such-bucket") as info:
+        mc.save(TiedNet(), missing, storage_options=s3.options, record_code=False)
+    assert info.value.url == missing
+
+
+def test_a_prefix_without_a_manifest_is_not_a_checkpoint(s3: S3, url: str) -> None:
+    """Objects under the prefix but no manifest.json: check says so and names the URL."""
+    s3.fs.pipe_file(f"{url[5:]}/weights-0123456789abcdef.safetensors", b"partial upload")
+    with pytest.raises(mc.CheckpointNotFoundError, match=r"no manifest\.json"):
+        mc.check(TiedNet(), url, storage_options=s3.options)
+
+
+def test_server_killed_mid_upload_leaves_no_checkpoint_and_a_retry_succeeds(s3: S3, url: str) -> None:
+    """The server dies after the first weights file: no manifest appears, the error is typed, a retry works."""
+    model = trained()
+    uploaded: list[int] = []
+
+    def kill_after_first(n: int) -> None:
+        uploaded.append(n)
+        if len(uploaded) == 1:
+            s3.server.stop()
+
+    original = remote.upload_checkpoint
+
+    def upload(local: Path, dest: str, **kwargs: Any) -> None:
+        original(local, dest, **{**kwargs, "progress": kill_after_first})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote, "upload_checkpoint", upload)
+        try:
+            with pytest.raises(mc.StorageError, match=url):
+                mc.save(model, url, storage_options=s3.options, record_code=False, max_file_size=256)
+        finally:
+            s3.restart()
+    assert len(uploaded) == 1
+    assert not s3.filesystem().exists(f"{url[5:]}/manifest.json")
+    with pytest.raises(mc.CheckpointNotFoundError):
+        mc.read_manifest(url, storage_options=s3.options)
+    # Leftover weights objects of the interrupted upload do not block the retry, and are removed.
+    manifest = mc.save(model, url, storage_options=s3.options, record_code=False, max_file_size=256)
+    mc.verify(url, storage_options=s3.options)
+    names = sorted(p.rsplit("/", 1)[1] for p in s3.filesystem().ls(url[5:], detail=False))
+    assert names == sorted(["manifest.json", *manifest.files])
+
+
+def test_memory_urls_work_without_a_server(tmp_path: Path) -> None:
+    """fsspec's memory:// file system is a store like any other."""
+    model = trained()
+    manifest = mc.save(model, "memory://ckpts/one", record_code=False)
+    target = TiedNet()
+    mc.load(target, "memory://ckpts/one")
+    assert_bitwise_equal(target.state_dict(), model.state_dict())
+    local = mc.save(model, tmp_path / "ck", record_code=False)
+    assert mc.diff("memory://ckpts/one", tmp_path / "ck").identical
+    assert local.digest == manifest.digest
+    assert mc.read_manifest("memory://ckpts/one/manifest.json").digest == manifest.digest
+
+
+def test_cli_reads_urls_with_storage_options_and_the_endpoint_from_the_environment(
+    s3: S3, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inspect/verify --json take --storage-option KEY=VALUE, and AWS_ENDPOINT_URL supplies the endpoint."""
+    manifest = mc.save(trained(), url, storage_options=s3.options, record_code=False)
+    out, err = io.StringIO(), io.StringIO()
+    opts = ["--storage-option", "key=testing", "--storage-option", "secret=testing"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    assert run(["verify", url, "--json", *opts], out, err) == 0, err.getvalue()
+    assert json.loads(out.getvalue())["digest"] == manifest.digest
+    out = io.StringIO()
+    assert run(["inspect", url, "--json", *opts], out, err) == 0, err.getvalue()
+    assert json.loads(out.getvalue())["digest"] == manifest.digest
+    out, err = io.StringIO(), io.StringIO()
+    assert run(["inspect", url, "--storage-option", "novalue"], out, err) == 2
+    assert "KEY=VALUE" in err.getvalue()
