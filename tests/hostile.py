@@ -136,3 +136,17 @@ def zip_with(dst: Path, members: dict[str, bytes]) -> Path:
         for name, data in members.items():
             out.writestr(name, data)
     return dst
+
+
+def sized_call(module: str, name: str, count: int, opcode: bytes = b"R") -> bytes:
+    """``{"w": module.name(count)}`` as protocol-2 opcodes: a constructor called with a bare size."""
+    call = b"c" + f"{module}\n{name}\n".encode() + b"J" + struct.pack("<i", count) + b"\x85" + opcode
+    return PROTO2 + b"}" + unicode("w") + call + b"s" + STOP
+
+
+def rebuilt_from_sized_storage(count: int) -> bytes:
+    """``{"w": _rebuild_tensor_v2(TypedStorage(count), 0, (count,), (1,), False, OrderedDict())}``."""
+    size = b"J" + struct.pack("<i", count)
+    storage = b"ctorch.storage\nTypedStorage\n" + size + b"\x85R"
+    args = b"(" + storage + b"K\x00" + size + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)Rt"
+    return PROTO2 + b"}" + unicode("w") + b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"R" + b"s" + STOP

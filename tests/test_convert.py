@@ -387,9 +387,16 @@ def test_key_is_refused_for_safetensors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["torch-zip", "torch-legacy"])
 def test_shared_storage_becomes_an_alias_and_views_stay_separate(tmp_path: Path, fmt: str) -> None:
-    """A tensor saved twice becomes an alias; views at different offsets of one storage are stored separately."""
+    """A tensor saved twice becomes an alias; disjoint views at different offsets of one storage are stored separately."""
     base = torch.arange(12, dtype=torch.float32)
-    state = {"whole": base, "again": base, "head": base[:4], "tail": base[4:].view(2, 4), "cols": base.view(3, 4).t()}
+    other = torch.arange(12, 24, dtype=torch.float32)
+    state = {
+        "whole": base,
+        "again": base,
+        "head": other[:4],
+        "tail": other[4:].view(2, 4),
+        "cols": torch.arange(24, 36, dtype=torch.float32).view(3, 4).t(),
+    }
     src = torch_file(state, tmp_path / "s.pt", fmt)
     manifest = convert(src, tmp_path / "out")
     assert dict(manifest.aliases) == {"again": "whole"}
@@ -399,6 +406,33 @@ def test_shared_storage_becomes_an_alias_and_views_stay_separate(tmp_path: Path,
     mc.load(holder, tmp_path / "out", allow_unexpected=["again"])
     for key in ("whole", "head", "tail", "cols"):
         assert torch.equal(out[key], state[key]), key
+
+
+@pytest.mark.parametrize("fmt", ["torch-zip", "torch-legacy"])
+def test_expanded_view_is_refused_before_anything_is_written(tmp_path: Path, fmt: str) -> None:
+    """A 1-element storage expanded to a million elements is refused by name; nothing is written."""
+    src = torch_file({"ok": torch.ones(2), "big": torch.zeros(1).expand(1_000_000)}, tmp_path / "s.pt", fmt)
+    with pytest.raises(ConversionError, match=r"'big' is an expanded view \(stride 0\).*storage of only 4 bytes"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_self_overlapping_strides_are_refused(tmp_path: Path) -> None:
+    """An as_strided view that reads each element many times is refused (more bytes than its storage)."""
+    view = torch.arange(128, dtype=torch.float32).as_strided((64, 64), (1, 1))
+    src = torch_file({"w": view}, tmp_path / "s.pt")
+    with pytest.raises(ConversionError, match=r"'w' is a view whose strides repeat elements.*16384 bytes.*only 512 bytes"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overlapping_views_beyond_their_storage_are_refused(tmp_path: Path) -> None:
+    """A tensor and an overlapping view of it would write more than their storage: refused, naming both."""
+    base = torch.arange(12, dtype=torch.float32)
+    src = torch_file({"whole": base, "rows": base[2:10]}, tmp_path / "s.pt")
+    with pytest.raises(ConversionError, match=r"2 tensors are overlapping views of one 48-byte storage \('whole'"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "safetensors-sharded"])

@@ -627,7 +627,7 @@ def test_oversized_storage_claim_is_refused(tmp_path: Path) -> None:
     with zipfile.ZipFile(big) as z:
         big_pkl = z.read("big/data.pkl")
     path = hostile.swap_data_pkl(small, tmp_path / "liar.pt", big_pkl)
-    expect_conversion_error(path, "could not read the torch-zip checkpoint")
+    expect_conversion_error(path, "storages declare 4000 bytes but the file has only")
 
 
 def test_read_leaves_no_files_behind(tmp_path: Path) -> None:
@@ -636,3 +636,38 @@ def test_read_leaves_no_files_behind(tmp_path: Path) -> None:
     before = sorted(os.listdir(tmp_path))
     read_torch_file(path)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "opcode"),
+    [
+        ("torch.storage", "UntypedStorage", b"R"),
+        ("torch.storage", "TypedStorage", b"R"),
+        ("torch", "FloatStorage", b"R"),
+        ("torch", "Tensor", b"R"),
+        ("torch", "Tensor", b"\x81"),  # NEWOBJ
+        ("builtins", "bytearray", b"R"),
+    ],
+)
+def test_constructor_called_with_a_bare_size_is_refused(tmp_path: Path, module: str, name: str, opcode: bytes) -> None:
+    """A storage, tensor or bytearray built from an integer (uninitialised memory) is refused before torch runs."""
+    base = save({"w": torch.ones(1)}, tmp_path / "base.pt")
+    path = hostile.swap_data_pkl(base, tmp_path / "alloc.pt", hostile.sized_call(module, name, 1 << 20, opcode))
+    with pytest.raises(UnsafeCheckpointError, match=r"calls `.*` at byte \d+ to build an object from a bare size") as info:
+        read_torch_file(path)
+    assert info.value.global_name == f"{module}.{name}"
+
+
+def test_tensor_rebuilt_on_a_sized_storage_is_refused(tmp_path: Path) -> None:
+    """_rebuild_tensor_v2 over TypedStorage(n) would expose n uninitialised floats: refused naming TypedStorage."""
+    base = save({"w": torch.ones(1)}, tmp_path / "base.pt")
+    path = hostile.swap_data_pkl(base, tmp_path / "alloc.pt", hostile.rebuilt_from_sized_storage(1 << 20))
+    with pytest.raises(UnsafeCheckpointError) as info:
+        read_torch_file(path)
+    assert info.value.global_name == "torch.storage.TypedStorage"
+
+
+def test_bytearray_from_data_is_still_read(tmp_path: Path) -> None:
+    """A real bytearray value (built from its bytes, as torch.save writes it) is not mistaken for an allocation."""
+    path = save({"w": torch.ones(1), "blob": bytearray(b"abc")}, tmp_path / "b.pt")
+    assert read_torch_file(path).obj["blob"] == bytearray(b"abc")

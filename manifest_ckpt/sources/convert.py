@@ -775,6 +775,7 @@ def _convert(
     else:
         record.update(module=None, ties_added=[], ties_merged=[], key_prefix=_common_prefix(state))
     aliases = find_aliases(state)
+    _check_footprint(state, aliases, str(src))
     total = sum(t.numel() * t.element_size() for k, t in state.items() if k not in aliases)
     with Progress(f"convert {record['file']}", total, enabled=progress) as bar:
         return save(
@@ -803,6 +804,55 @@ def _check_tensors(state: Mapping[str, torch.Tensor], where: str) -> None:
             "save real weights and convert those.",
             file=where,
         )
+
+
+def _check_footprint(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str], where: str) -> None:
+    """Bound what conversion writes by the bytes the source really stores.
+
+    Every stored key is written in full, so a tensor whose view repeats elements of its
+    storage (``torch.zeros(1).expand(n)``, ``as_strided`` with overlapping strides), or
+    several views that together cover more bytes than their shared storage holds, would
+    turn a small file into a large one. Views that fit (``w[:4]`` and ``w[4:]``, or tied
+    keys, which become aliases) are fine. Refusing, rather than storing each storage once,
+    keeps the format free of strides and offsets; a reader never sees a view.
+
+    Raises:
+        ConversionError: naming the keys, their sizes and the storage's, and how to re-save.
+    """
+    by_storage: dict[int, list[str]] = {}
+    storage_bytes: dict[int, int] = {}
+    for key, tensor in state.items():
+        if key in aliases or tensor.numel() == 0:
+            continue
+        storage = tensor.untyped_storage()
+        address = storage.data_ptr()
+        by_storage.setdefault(address, []).append(key)
+        storage_bytes[address] = storage.nbytes()
+    for address, keys in by_storage.items():
+        available = storage_bytes[address]
+        sizes = {k: state[k].numel() * state[k].element_size() for k in keys}
+        for key in keys:
+            tensor = state[key]
+            if sizes[key] > available:
+                expanded = any(s == 0 and n > 1 for s, n in zip(tensor.stride(), tensor.shape))
+                how = "an expanded view (stride 0)" if expanded else "a view whose strides repeat elements"
+                raise ConversionError(
+                    f"{where}: {key!r} is {how}: shape {list(tensor.shape)}, strides {list(tensor.stride())}, "
+                    f"{sizes[key]} bytes when written out, from a storage of only {available} bytes. Converting "
+                    "it would write more than the source holds, so it is refused. If the expanded values are "
+                    "really wanted, materialise them (`t.clone()`) in a trusted environment and re-save; "
+                    "otherwise save the unexpanded tensor.",
+                    file=where,
+                )
+        if sum(sizes.values()) > available:
+            listed = ", ".join(f"{k!r} ({sizes[k]} bytes)" for k in keys[:5]) + (" ..." if len(keys) > 5 else "")
+            raise ConversionError(
+                f"{where}: {len(keys)} tensors are overlapping views of one {available}-byte storage ({listed}); "
+                f"written out they would take {sum(sizes.values())} bytes, more than the source holds, so they are "
+                "refused. Save each view as its own tensor (`{k: v.clone() for k, v in state.items()}`) in a "
+                "trusted environment and convert that file, or keep only the whole tensor.",
+                file=where,
+            )
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

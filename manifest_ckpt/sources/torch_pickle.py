@@ -23,7 +23,7 @@ import sys
 import threading
 import zipfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Final, Literal
 
 import torch
@@ -267,6 +267,7 @@ _STRING_OPCODES: Final = frozenset(
 )
 _INT_OPCODES: Final = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"})
 _PUT_OPCODES: Final = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_TUPLE_SIZES: Final = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "TUPLE": None}
 _GET_OPCODES: Final = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _MAX_LISTED: Final = 10  # refused globals named in one message
 # Strings that only an nn.Module's pickled __dict__ contains together.
@@ -275,6 +276,13 @@ _MODULE_MARKERS: Final = frozenset({"_parameters", "_modules"})
 
 class _CorruptPickle(ValueError):
     """The byte stream is not a complete, well-formed pickle."""
+
+
+@dataclass(frozen=True)
+class _Global:
+    """A global on the simulated stack, so a later call of it can be judged by name."""
+
+    name: str
 
 
 @dataclass
@@ -286,6 +294,79 @@ class _Scan:
     opcodes: set[str]
     markers: set[str]
     result: object = _UNKNOWN  # the value STOP returned, when it is a plain str/int
+    # Calls that would allocate memory from nothing: (callable, byte position).
+    allocations: list[tuple[str, int]] = field(default_factory=list)
+    # Storage key -> bytes it declares (its persistent id's element count x element size).
+    storages: dict[str, int] = field(default_factory=dict)
+    # Persistent ids that are not the literal storage tuple torch.save writes (byte positions).
+    odd_pids: list[int] = field(default_factory=list)
+
+
+def _new_scan() -> _Scan:
+    return _Scan({}, [], set(), set())
+
+
+# Callables torch.save never calls through REDUCE/NEWOBJ: each builds an n-element storage
+# or tensor from an integer, i.e. uninitialised memory of the converting process (or, for
+# bytearray, n zero bytes from a 5-byte opcode).
+_STORAGE_KINDS: Final = (*_LEGACY_TYPES, "ComplexDouble", "ComplexFloat", "QUInt8", "QInt8", "QInt32", "QUInt4x2", "QUInt2x4")
+_ALLOCATORS: Final = frozenset(
+    {"torch.storage.UntypedStorage", "torch.storage.TypedStorage", "torch.Tensor", "torch.nn.parameter.Parameter"}
+    | {f"torch.{kind}Storage" for kind in _STORAGE_KINDS}
+    | {f"torch.cuda.{kind}Storage" for kind in _STORAGE_KINDS}
+    | {f"torch.{kind}Tensor" for kind in _LEGACY_TYPES}
+    | {f"torch.cuda.{kind}Tensor" for kind in _LEGACY_TYPES}
+)
+_SIZED: Final = frozenset({"builtins.bytearray"})  # allowed with data, refused with an integer size
+_CALL_DEPTH: Final = {"REDUCE": 2, "NEWOBJ": 2, "NEWOBJ_EX": 3}  # the callable's distance from the top
+
+
+_STORAGE_ITEMSIZES: Final = {
+    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1, "Byte": 1,
+    "Bool": 1, "ComplexDouble": 16, "ComplexFloat": 8, "QUInt8": 1, "QInt8": 1, "QInt32": 4, "QUInt4x2": 1,
+    "QUInt2x4": 1,
+}  # fmt: skip
+
+
+def _storage_itemsize(type_name: str) -> int:
+    """Bytes per element of a storage type named in a persistent id (``torch.FloatStorage`` -> 4)."""
+    kind = type_name.rpartition(".")[2].removesuffix("Storage")
+    return _STORAGE_ITEMSIZES.get(kind, 1)  # UntypedStorage counts bytes
+
+
+def _judge_call(scan: _Scan, name: str, stack: list[object], pos: int) -> None:
+    """Record a REDUCE/NEWOBJ/NEWOBJ_EX/OBJ whose callable allocates memory from a size."""
+    if name == "OBJ":
+        mark = max((i for i, v in enumerate(stack) if v is _MARK), default=-1)
+        callable_ = stack[mark + 1] if 0 <= mark < len(stack) - 1 else None
+        args: object = tuple(stack[mark + 2 :]) if mark >= 0 else None
+    else:
+        depth = _CALL_DEPTH[name]
+        if len(stack) < depth:
+            return  # the generic pop reports the underflow
+        callable_, args = stack[-depth], stack[-depth + 1]
+    if not isinstance(callable_, _Global):
+        return
+    if callable_.name in _ALLOCATORS:
+        scan.allocations.append((callable_.name, pos))
+    elif callable_.name in _SIZED and not (isinstance(args, tuple) and args and not isinstance(args[0], int)):
+        scan.allocations.append((callable_.name, pos))
+
+
+def _record_pid(scan: _Scan, pid: object, pos: int) -> None:
+    """Note the storage a ``BINPERSID`` names: ``('storage', type, key, location, numel, ...)``."""
+    if (
+        isinstance(pid, tuple)
+        and len(pid) >= 5
+        and pid[0] == "storage"
+        and isinstance(pid[1], _Global)
+        and isinstance(pid[2], str)
+        and type(pid[4]) is int
+        and pid[4] >= 0
+    ):
+        scan.storages[pid[2]] = pid[4] * _storage_itemsize(pid[1].name)
+    else:
+        scan.odd_pids.append(pos)
 
 
 def _canonical(module: str, name: str) -> str:
@@ -337,17 +418,35 @@ def _scan_pickle(stream: IO[bytes], scan: _Scan) -> None:
         for opcode, arg, pos in pickletools.genops(stream):
             name = opcode.name
             scan.opcodes.add(name)
+            pushed: object = _UNKNOWN  # what the generic branch leaves on top, when known better
             if name in ("GLOBAL", "INST"):
                 module, _, qualname = str(arg).partition(" ")
-                scan.globals[_canonical(module, qualname)] = None
+                pushed = _Global(_canonical(module, qualname))
+                scan.globals[pushed.name] = None
+                if name == "INST" and pushed.name in _ALLOCATORS:
+                    scan.allocations.append((pushed.name, pos))
             elif name == "STACK_GLOBAL":
                 qualname_value, module_value = pop(), pop()
                 if isinstance(module_value, str) and isinstance(qualname_value, str):
-                    scan.globals[_canonical(module_value, qualname_value)] = None
+                    pushed = _Global(_canonical(module_value, qualname_value))
+                    scan.globals[pushed.name] = None
                 else:
                     scan.unresolved.append(f"STACK_GLOBAL at byte {pos}")
-                stack.append(_UNKNOWN)
+                stack.append(pushed)
                 continue
+            elif name in _CALL_DEPTH or name == "OBJ":
+                _judge_call(scan, name, stack, pos)
+            elif name == "BINPERSID" and stack and stack[-1] is not _MARK:
+                _record_pid(scan, stack[-1], pos)
+            elif name == "PERSID":
+                scan.odd_pids.append(pos)
+            elif name in _TUPLE_SIZES:
+                count = _TUPLE_SIZES[name]
+                if count is None:
+                    mark = max((i for i, v in enumerate(stack) if v is _MARK), default=-1)
+                    pushed = tuple(stack[mark + 1 :])
+                elif len(stack) >= count and _MARK not in stack[len(stack) - count :]:
+                    pushed = tuple(stack[len(stack) - count :])
             elif name in ("EXT1", "EXT2", "EXT4"):
                 scan.unresolved.append(f"{name} (copyreg extension code {arg}) at byte {pos}")
 
@@ -384,7 +483,7 @@ def _scan_pickle(stream: IO[bytes], scan: _Scan) -> None:
                     elif name in _INT_OPCODES:
                         stack.append(arg)
                     else:
-                        stack.append(_UNKNOWN)
+                        stack.append(pushed)
     except (ValueError, EOFError, OverflowError, IndexError, KeyError, struct.error) as exc:
         if isinstance(exc, _CorruptPickle):
             raise
@@ -411,6 +510,7 @@ def _check_scan(scan: _Scan, path: str) -> None:
     """
     bad = [name for name in scan.globals if name not in ALLOWED_GLOBALS]  # in order of first use
     if not bad and not scan.unresolved:
+        _check_allocations(scan, path)
         return
     module_class = _module_pickle(scan, bad)
     if module_class is not None:
@@ -438,6 +538,52 @@ def _check_scan(scan: _Scan, path: str) -> None:
         global_name=first,
         file=path,
     )
+
+
+def _check_allocations(scan: _Scan, path: str) -> None:
+    """Refuse calls that build storages, tensors or buffers from a bare size.
+
+    Raises:
+        UnsafeCheckpointError: naming the callable and where it is called.
+    """
+    if not scan.allocations:
+        return
+    callable_, pos = scan.allocations[0]
+    raise UnsafeCheckpointError(
+        f"{path}: refusing to unpickle: the pickle calls `{callable_}` at byte {pos} to build an object from a bare "
+        "size instead of from the file's stored data; that would hand out uninitialised memory of the converting "
+        f"process (or allocate memory the file does not hold){f' ({len(scan.allocations)} such calls)' if len(scan.allocations) > 1 else ''}. "
+        "torch.save never writes such a call, so the file is hand-made. Nothing from the file was executed. "
+        "Re-save the weights with `torch.save(model.state_dict(), path)` in a trusted environment.",
+        global_name=callable_,
+        file=path,
+    )
+
+
+def _check_storages(scan: _Scan, path: str, size: int) -> None:
+    """Every storage must be named by a literal persistent id and fit, all together, in the file.
+
+    torch.save writes each storage's bytes into the file (uncompressed), so storages declaring
+    more bytes than the file holds are a lie that would make torch allocate them anyway.
+
+    Raises:
+        ConversionError: an odd persistent id, or more declared storage bytes than the file has.
+    """
+    if scan.odd_pids:
+        raise ConversionError(
+            f"{path}: the pickle has a persistent id at byte {scan.odd_pids[0]} that is not the literal "
+            "('storage', type, key, location, size) tuple torch.save writes; the file is hand-made or damaged. "
+            "Re-save it with `torch.save(model.state_dict(), path)`.",
+            file=path,
+        )
+    declared = sum(scan.storages.values())
+    if declared > size:
+        raise ConversionError(
+            f"{path}: its {len(scan.storages)} storages declare {declared} bytes but the file has only {size}; "
+            "torch.save stores every storage's bytes in the file, so the file is truncated, compressed by hand "
+            "or hand-made. Re-copy the file, or re-save it with `torch.save(model.state_dict(), path)`.",
+            file=path,
+        )
 
 
 def _check_opcodes(scan: _Scan, path: str) -> None:
@@ -520,7 +666,7 @@ def _zip_data_pickle(path: str) -> _ZipPickle:
 
 def _scan_zip(path: str) -> tuple[_Scan, bool]:
     """Scan a zip checkpoint's data.pkl; also say whether its records can be memory-mapped."""
-    scan = _Scan({}, [], set(), set())
+    scan = _new_scan()
     record = _zip_data_pickle(path)
     try:
         _scan_pickle(io.BytesIO(record.data), scan)
@@ -566,7 +712,7 @@ def _scan_legacy(path: str, size: int) -> _Scan:
         UnsafeCheckpointError: a pickle references a global outside the allowlist.
         ConversionError: the file is not a legacy checkpoint or is truncated.
     """
-    scan = _Scan({}, [], set(), set())
+    scan = _new_scan()
     with open(path, "rb") as raw:
         stream: Any = _ClampedReader(raw, size)
         for index in range(_LEGACY_PICKLES):
@@ -750,6 +896,7 @@ def read_torch_file(path: str | os.PathLike[str], *, sha256: bool = True) -> Tor
         scan, mappable = _scan_legacy(where, size), False
     _check_scan(scan, where)
     _check_opcodes(scan, where)
+    _check_storages(scan, where, size)
     digest = file_sha256(where) if sha256 else ""
 
     try:
