@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +192,43 @@ def test_a_missing_bucket_gives_typed_errors_naming_the_url(s3: S3) -> None:
     with pytest.raises(mc.StorageError, match="no-such-bucket") as info:
         mc.save(TiedNet(), missing, storage_options=s3.options, record_code=False)
     assert info.value.url == missing
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth() -> Iterator[str]:
+    """A second moto server that checks credentials (none are registered, so every key is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto server with authentication did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_credentials_give_a_typed_error_naming_the_url_and_the_fix(s3_with_auth: str) -> None:
+    """A server that refuses the access key: reads and writes raise StorageError naming the URL and credentials."""
+    options = {"key": "wrong", "secret": "wrong", "endpoint_url": s3_with_auth, "skip_instance_cache": True}
+    ck = "s3://bucket/ck"
+    with pytest.raises(mc.StorageError, match="credentials") as info:
+        mc.read_manifest(ck, storage_options=options)
+    assert info.value.url == f"{ck}/manifest.json"
+    with pytest.raises(mc.StorageError, match="access denied") as info:
+        mc.save(TiedNet(), ck, storage_options=options, record_code=False)
+    assert info.value.url == ck
 
 
 def test_a_prefix_without_a_manifest_is_not_a_checkpoint(s3: S3, url: str) -> None:
