@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from manifest_ckpt.storage.archive_store import open_archive_store
-from manifest_ckpt.storage.store import open_store, read_manifest, read_store_manifest
+from manifest_ckpt.storage.store import is_url, open_store, read_manifest, read_store_manifest
 from manifest_ckpt.storage.tar import is_archive
 from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestCkptError
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
@@ -50,13 +50,16 @@ class CheckpointIndex:
     unreadable: Mapping[str, str] = field(default_factory=dict)
 
 
-def index_checkpoints(search: Iterable[PathLike]) -> CheckpointIndex:
+def index_checkpoints(
+    search: Iterable[PathLike], *, storage_options: Mapping[str, Any] | None = None
+) -> CheckpointIndex:
     """Index the checkpoints under ``search`` by digest (manifests only; no weights are read).
 
     A directory holding ``manifest.json`` is a checkpoint and is not descended into; any
     other regular file that is a tar archive is opened as an archive. Hidden entries
     (``.name``, where interrupted saves leave their staging directories) are skipped, and
-    symbolic links to directories are not followed, so the walk cannot loop.
+    symbolic links to directories are not followed, so the walk cannot loop. A URL is
+    searched by listing the ``manifest.json`` objects under it (archives there are not opened).
 
     Raises:
         CheckpointNotFoundError: a search path does not exist.
@@ -64,7 +67,7 @@ def index_checkpoints(search: Iterable[PathLike]) -> CheckpointIndex:
     found: dict[str, set[str]] = {}
     unreadable: dict[str, str] = {}
 
-    def add(location: Path, archive: bool) -> None:
+    def add(location: Path | str, archive: bool) -> None:
         try:
             if archive:
                 store = open_archive_store(location)
@@ -72,7 +75,7 @@ def index_checkpoints(search: Iterable[PathLike]) -> CheckpointIndex:
                     return
                 digest = read_store_manifest(store).digest
             else:
-                digest = read_manifest(location).digest
+                digest = read_manifest(location, storage_options=storage_options).digest
         except (ManifestCkptError, OSError) as exc:
             unreadable[str(location)] = str(exc).splitlines()[0]
             return
@@ -102,6 +105,12 @@ def index_checkpoints(search: Iterable[PathLike]) -> CheckpointIndex:
                 add(path, archive=True)
 
     for root in search:
+        if is_url(root):
+            from manifest_ckpt.storage.remote import find_manifests
+
+            for location in find_manifests(str(root), storage_options):
+                add(location, archive=False)
+            continue
         path = Path(root)
         if path.is_dir():
             walk(path, 0)
@@ -221,8 +230,16 @@ def _until_shallower(rest: tuple[Ancestor, ...], depth: int) -> list[Ancestor]:
 class _Resolver:
     """Finds parents in an index and verifies each digest at most once."""
 
-    def __init__(self, index: CheckpointIndex | None, *, verify: bool, progress: bool) -> None:
+    def __init__(
+        self,
+        index: CheckpointIndex | None,
+        *,
+        verify: bool,
+        progress: bool,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.index = index
+        self.storage_options = storage_options
         self.verify = verify
         self.progress = progress
         self._cache: dict[str, tuple[Status, str | None, str | None, Manifest | None]] = {}
@@ -242,22 +259,22 @@ class _Resolver:
             note = f" ({unreadable} unreadable checkpoints were skipped)" if unreadable else ""
             return "not found", None, f"no checkpoint with this digest under the search directories{note}", None
         if not self.verify:
-            return "found", locations[0], None, read_manifest(locations[0])
+            return "found", locations[0], None, read_manifest(locations[0], storage_options=self.storage_options)
         from manifest_ckpt.reader import verify_report  # imports torch
 
         failures = []
         for location in locations:
             try:
-                verify_report(location, progress=self.progress)
+                verify_report(location, progress=self.progress, storage_options=self.storage_options)
             except (ManifestCkptError, OSError) as exc:
                 # The message starts with the location, which the status line already shows.
                 failures.append((location, str(exc).removeprefix(f"{location}: ")))
                 continue
-            return "verified", location, None, read_manifest(location)
+            return "verified", location, None, read_manifest(location, storage_options=self.storage_options)
         location, why = failures[0]
         more = f" ({len(failures) - 1} other copies fail too)" if len(failures) > 1 else ""
         try:
-            manifest: Manifest | None = read_manifest(location)
+            manifest: Manifest | None = read_manifest(location, storage_options=self.storage_options)
         except (ManifestCkptError, OSError):
             manifest = None
         first, _, rest = why.partition("\n")
@@ -302,6 +319,7 @@ def ancestry(
     search: Iterable[PathLike] = (),
     verify: bool = True,
     progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Ancestry:
     """Walk a checkpoint's recorded parents, grandparents and so on, finding each by digest.
 
@@ -311,6 +329,7 @@ def ancestry(
         verify: verify every ancestor found in full (all tensor digests), so a found
             ancestor is proven to be the content its child recorded.
         progress: show verification progress on stderr when it is a terminal.
+        storage_options: fsspec options for URLs in ``path`` and ``search``.
 
     Returns:
         The chain; ``.ok`` is False when an ancestor was found but does not verify.
@@ -319,16 +338,21 @@ def ancestry(
         CheckpointNotFoundError: ``path`` or a search directory does not exist.
         ManifestError: the checkpoint's own manifest is invalid.
     """
-    store = open_store(path)
+    store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)
     roots = [os.fspath(s) for s in search]
-    index = index_checkpoints(roots) if roots else None
-    resolver = _Resolver(index, verify=verify, progress=progress)
+    index = index_checkpoints(roots, storage_options=storage_options) if roots else None
+    resolver = _Resolver(index, verify=verify, progress=progress, storage_options=storage_options)
     return Ancestry(store.location, manifest.digest, tuple(_walk(manifest, resolver, max_depth=None)), tuple(roots))
 
 
 def check_parents(
-    manifest: Manifest, location: str, search: Iterable[PathLike], *, progress: bool = False
+    manifest: Manifest,
+    location: str,
+    search: Iterable[PathLike],
+    *,
+    progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Find and verify a checkpoint's direct parents (for ``verify``).
 
@@ -340,7 +364,8 @@ def check_parents(
         CheckpointNotFoundError: a search directory does not exist.
     """
     roots = [os.fspath(s) for s in search]
-    resolver = _Resolver(index_checkpoints(roots) if roots else None, verify=True, progress=progress)
+    index = index_checkpoints(roots, storage_options=storage_options) if roots else None
+    resolver = _Resolver(index, verify=True, progress=progress, storage_options=storage_options)
     parents = _walk(manifest, resolver, max_depth=1)
     failed = [a for a in parents if a.status == "failed"]
     if failed:

@@ -256,7 +256,9 @@ def verify_report(
         from manifest_ckpt.lineage import check_parents
 
         # Parents found under ``search`` are verified in full; raises if one does not verify.
-        result.update(check_parents(manifest, store.location, search, progress=progress))
+        result.update(
+            check_parents(manifest, store.location, search, progress=progress, storage_options=storage_options)
+        )
     return result
 
 

@@ -300,3 +300,33 @@ def test_cli_reads_urls_with_storage_options_and_the_endpoint_from_the_environme
     out, err = io.StringIO(), io.StringIO()
     assert run(["inspect", url, "--storage-option", "novalue"], out, err) == 2
     assert "KEY=VALUE" in err.getvalue()
+
+
+def test_pack_and_unpack_to_and_from_s3_keep_the_bytes_and_digest(s3: S3, url: str, tmp_path: Path) -> None:
+    """pack s3:// -> s3:// archive, unpack it back to s3:// and to disk: same digest, same archive bytes."""
+    model = trained()
+    manifest = mc.save(model, url, storage_options=s3.options, record_code=False)
+    mc.save(model, tmp_path / "ck", record_code=False)
+    mc.pack(tmp_path / "ck", tmp_path / "local.tar")
+    archive = f"{url}-archive.tar"
+    assert mc.pack(url, archive, storage_options=s3.options).digest == manifest.digest
+    assert s3.fs.cat_file(archive[5:]) == (tmp_path / "local.tar").read_bytes()
+    with pytest.raises(mc.CheckpointExistsError, match="overwrite"):
+        mc.pack(url, archive, storage_options=s3.options)
+    # An archive on S3 is one object; unpack brings it back as a directory, locally or under a prefix.
+    assert mc.unpack(archive, tmp_path / "out", storage_options=s3.options).digest == manifest.digest
+    mc.verify(tmp_path / "out")
+    assert mc.unpack(archive, f"{url}-unpacked", storage_options=s3.options).digest == manifest.digest
+    mc.verify(f"{url}-unpacked", storage_options=s3.options)
+
+
+def test_ancestry_finds_parents_under_an_s3_prefix(s3: S3, url: str) -> None:
+    """A child's recorded parent is found by digest under a search URL, and verified there."""
+    parent = mc.save(trained(), f"{url}/runs/parent", storage_options=s3.options, record_code=False)
+    torch.manual_seed(9)
+    child = mc.save(TiedNet(), f"{url}/runs/child", storage_options=s3.options, record_code=False,
+                    parents=[parent.digest])
+    chain = mc.ancestry(f"{url}/runs/child", search=[f"{url}/runs"], storage_options=s3.options)
+    assert chain.ok and chain.digest == child.digest
+    (ancestor,) = chain.ancestors
+    assert (ancestor.digest, ancestor.status, ancestor.location) == (parent.digest, "verified", f"{url}/runs/parent")

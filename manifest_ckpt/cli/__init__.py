@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from manifest_ckpt.cli.render import inspect_text
-from manifest_ckpt.storage.store import open_store, read_store_manifest
+from manifest_ckpt.storage.store import is_url, open_store, read_store_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import (
     ArchiveError,
@@ -170,8 +170,16 @@ def _cmd_pack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.storage.archive import pack
 
     verify = not args.no_verify
-    manifest = pack(args.ckpt, args.out, overwrite=args.overwrite, verify=verify, progress=not args.quiet)
-    size = Path(args.out).stat().st_size
+    options = _storage_options(args)
+    manifest = pack(
+        args.ckpt, args.out, overwrite=args.overwrite, verify=verify, progress=not args.quiet, storage_options=options
+    )
+    if is_url(args.out):
+        from manifest_ckpt.storage.remote import object_size
+
+        size = object_size(args.out, options)
+    else:
+        size = Path(args.out).stat().st_size
     members = 1 + len(manifest.files)
     if args.json:
         _emit_json(out, {"archive": str(args.out), "checkpoint": str(args.ckpt), "digest": manifest.digest,
@@ -187,7 +195,9 @@ def _cmd_unpack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.storage.archive import unpack
 
     verify = not args.no_verify
-    manifest = unpack(args.archive, args.dir, verify=verify, progress=not args.quiet)
+    manifest = unpack(
+        args.archive, args.dir, verify=verify, progress=not args.quiet, storage_options=_storage_options(args)
+    )
     if args.json:
         _emit_json(out, {"archive": str(args.archive), "checkpoint": str(args.dir), "digest": manifest.digest,
                          "files": 1 + len(manifest.files), "verified": verify})
@@ -214,7 +224,10 @@ def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_lineage(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.lineage import ancestry
 
-    chain = ancestry(args.path, search=args.search, verify=not args.no_verify, progress=not args.quiet)
+    chain = ancestry(
+        args.path, search=args.search, verify=not args.no_verify, progress=not args.quiet,
+        storage_options=_storage_options(args),
+    )
     if args.json:
         _emit_json(out, chain.to_dict())
     else:
@@ -289,7 +302,7 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = add("pack", _cmd_pack, "write a checkpoint as one reproducible, page-aligned tar archive")
+    p = add("pack", _cmd_pack, "write a checkpoint as one reproducible, page-aligned tar archive", storage=True)
     p.add_argument("ckpt", help="checkpoint directory or manifest.json")
     p.add_argument("out", help="archive file to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -297,7 +310,7 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("unpack", _cmd_unpack, "extract an archive into a new directory; refuse unsafe entries")
+    p = add("unpack", _cmd_unpack, "extract an archive into a new directory; refuse unsafe entries", storage=True)
     p.add_argument("archive", help="archive file")
     p.add_argument("dir", help="directory to create (must not exist, or be empty)")
     p.add_argument("--no-verify", action="store_true", help="skip hashing every tensor before extracting")
@@ -311,7 +324,7 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("lineage", _cmd_lineage, "print the ancestry, verifying every ancestor found by digest")
+    p = add("lineage", _cmd_lineage, "print the ancestry, verifying every ancestor found by digest", storage=True)
     p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--search", action="append", default=[], metavar="DIR",
                    help="look for ancestors under DIR (repeatable): checkpoint directories and archives")

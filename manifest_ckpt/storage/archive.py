@@ -10,12 +10,16 @@ writes nothing when it refuses.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from manifest_ckpt.storage.archive_store import open_archive_store
 from manifest_ckpt.cli.progress import Progress
-from manifest_ckpt.storage.store import DirectoryStore, Store, open_store, read_store_manifest
+from manifest_ckpt.storage.store import DirectoryStore, Store, is_url, open_store, read_store_manifest
 from manifest_ckpt.storage.tar import extract_archive, write_archive
 from manifest_ckpt.errors import ArchiveError, CheckpointExistsError, CheckpointNotFoundError
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
@@ -32,6 +36,7 @@ def pack(
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write the checkpoint directory ``ckpt`` as one reproducible archive file ``out``.
 
@@ -47,6 +52,8 @@ def pack(
         verify: hash every tensor before packing, so a corrupt checkpoint is never archived;
             when False only the cheap manifest/weights binding is checked.
         progress: show progress on stderr when it is a terminal.
+        storage_options: fsspec options when ``ckpt`` or ``out`` is a URL (the checkpoint is
+            downloaded to a temporary directory first; the archive is uploaded in one PUT).
 
     Returns:
         The packed checkpoint's manifest.
@@ -56,6 +63,9 @@ def pack(
         ArchiveError: ``ckpt`` is already an archive, or a file changed while it was packed.
         ManifestError, IntegrityError: the checkpoint is invalid or corrupt (nothing written).
     """
+    if is_url(ckpt) or is_url(out):
+        return _pack_remote(ckpt, out, overwrite=overwrite, verify=verify, progress=progress,
+                            storage_options=storage_options)
     store = open_store(ckpt)
     if not isinstance(store, DirectoryStore):
         raise ArchiveError(
@@ -82,7 +92,14 @@ def pack(
     return manifest
 
 
-def unpack(archive: PathLike, dest: PathLike, *, verify: bool = True, progress: bool = False) -> Manifest:
+def unpack(
+    archive: PathLike,
+    dest: PathLike,
+    *,
+    verify: bool = True,
+    progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Manifest:
     """Extract a checkpoint archive into the new directory ``dest``, all or nothing.
 
     Every member is checked before anything is written: names that escape ``dest``
@@ -94,6 +111,8 @@ def unpack(archive: PathLike, dest: PathLike, *, verify: bool = True, progress: 
         dest: a directory that does not exist yet (or is empty); parents are created.
         verify: hash every tensor in place before extracting, so a corrupt archive is refused.
         progress: show progress on stderr when it is a terminal.
+        storage_options: fsspec options when ``archive`` or ``dest`` is a URL (the archive is
+            downloaded first; an extracted checkpoint is uploaded with its manifest last).
 
     Returns:
         The extracted checkpoint's manifest.
@@ -104,6 +123,8 @@ def unpack(archive: PathLike, dest: PathLike, *, verify: bool = True, progress: 
         CheckpointExistsError: ``dest`` exists and is not an empty directory.
         ManifestError, IntegrityError: invalid manifest or corrupt weights (nothing written).
     """
+    if is_url(archive) or is_url(dest):
+        return _unpack_remote(archive, dest, verify=verify, progress=progress, storage_options=storage_options)
     source = Path(archive)
     store = open_archive_store(source) if source.is_file() else None
     if store is None:
@@ -122,6 +143,39 @@ def unpack(archive: PathLike, dest: PathLike, *, verify: bool = True, progress: 
     _check_weights(store, manifest, source, verify=verify, progress=progress)
     extract_archive(source, target)
     return manifest
+
+
+def _pack_remote(
+    ckpt: PathLike, out: PathLike, *, overwrite: bool, verify: bool, progress: bool,
+    storage_options: Mapping[str, Any] | None,
+) -> Manifest:
+    """``pack`` where either side is a URL: stage locally, then pack, then upload."""
+    from manifest_ckpt.storage.remote import downloaded, upload_file
+
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(downloaded(str(ckpt), storage_options)) if is_url(ckpt) else ckpt
+        if not is_url(out):
+            return pack(source, out, overwrite=overwrite, verify=verify, progress=progress)
+        staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".manifest-ckpt-pack.")))
+        manifest = pack(source, staging / "checkpoint.tar", verify=verify, progress=progress)
+        upload_file(staging / "checkpoint.tar", str(out), overwrite=overwrite, storage_options=storage_options)
+        return manifest
+
+
+def _unpack_remote(
+    archive: PathLike, dest: PathLike, *, verify: bool, progress: bool, storage_options: Mapping[str, Any] | None
+) -> Manifest:
+    """``unpack`` where either side is a URL: download the archive, extract, upload manifest last."""
+    from manifest_ckpt.storage.remote import downloaded, upload_checkpoint
+
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(downloaded(str(archive), storage_options)) if is_url(archive) else archive
+        if not is_url(dest):
+            return unpack(source, dest, verify=verify, progress=progress)
+        staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".manifest-ckpt-unpack.")))
+        manifest = unpack(source, staging / "checkpoint", verify=verify, progress=progress)
+        upload_checkpoint(staging / "checkpoint", str(dest), overwrite=False, storage_options=storage_options)
+        return manifest
 
 
 def _check_target(target: Path, overwrite: bool) -> None:

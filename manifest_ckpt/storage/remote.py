@@ -259,6 +259,74 @@ def upload_checkpoint(
                 fs.rm_file(f"{root}/{name}")
 
 
+def find_manifests(url: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """The checkpoint URLs under ``url``: every prefix holding a ``manifest.json`` (one listing)."""
+    fs, root = _filesystem(url, storage_options)
+    protocol = url.split("://", 1)[0]
+    with storage_errors(url, "listing checkpoints"):
+        found = fs.glob(f"{root}/**/{MANIFEST_NAME}") + (
+            [f"{root}/{MANIFEST_NAME}"] if fs.exists(f"{root}/{MANIFEST_NAME}") else []
+        )
+    prefixes = {posixpath.dirname(p.rstrip("/")) for p in found}
+    # Hidden prefixes are where interrupted local saves stage; skip them as the local walk does.
+    visible = [p for p in prefixes if not any(part.startswith(".") for part in p[len(root) :].split("/"))]
+    return sorted(f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}" for p in visible)
+
+
+@contextmanager
+def downloaded(url: str, storage_options: StorageOptions | None = None) -> Iterator[Path]:
+    """A local copy of the checkpoint or file at ``url`` in a temporary directory, removed after.
+
+    A checkpoint (a prefix with ``manifest.json``) is copied as its manifest plus exactly the
+    files it lists; anything else is copied as one file.
+    """
+    import tempfile
+
+    fs, root = _filesystem(url, storage_options)
+    with tempfile.TemporaryDirectory(prefix=".manifest-ckpt-download.") as tmp:
+        with storage_errors(url, "downloading"):
+            if fs.isdir(root) or fs.exists(f"{root}/{MANIFEST_NAME}"):
+                local = Path(tmp) / "checkpoint"
+                local.mkdir()
+                store = open_remote_store(url, storage_options)
+                manifest = store.manifest_bytes()
+                (local / MANIFEST_NAME).write_bytes(manifest)
+                for name in sorted(_referenced_names(manifest)):
+                    fs.get_file(store._path(name), str(local / name))
+            else:
+                local = Path(tmp) / posixpath.basename(root)
+                fs.get_file(root, str(local))
+        yield local
+
+
+def upload_file(local: Path, url: str, *, overwrite: bool, storage_options: StorageOptions | None = None) -> None:
+    """Upload one finished file (an archive) to ``url``: one PUT, so it appears whole or not at all."""
+    fs, root = _filesystem(url, storage_options)
+    with storage_errors(url, "checking the destination"):
+        exists = fs.exists(root)
+    if exists and not overwrite:
+        raise CheckpointExistsError(f"{url} already exists; pass overwrite=True (--overwrite) to replace it")
+    with storage_errors(url, "uploading", writing=True):
+        fs.put_file(str(local), root)
+
+
+def object_size(url: str, storage_options: StorageOptions | None = None) -> int:
+    """The size in bytes of the object at ``url``."""
+    fs, root = _filesystem(url, storage_options)
+    with storage_errors(url, "reading the size"):
+        return int(fs.size(root))
+
+
+def _referenced_names(manifest: bytes) -> set[str]:
+    import json
+
+    try:
+        document = json.loads(manifest)
+        return {n for n in document["files"] if isinstance(n, str) and "/" not in n and n != MANIFEST_NAME}
+    except (ValueError, KeyError, TypeError):
+        return set()
+
+
 def _listing(fs: Any, root: str) -> list[str]:
     try:
         return [p for p in fs.ls(root, detail=False) if p.rstrip("/") != root]
@@ -267,12 +335,9 @@ def _listing(fs: Any, root: str) -> list[str]:
 
 
 def _referenced_files(fs: Any, manifest_path: str) -> set[str]:
-    import json
-
     try:
-        document = json.loads(fs.cat_file(manifest_path))
-        return {n for n in document["files"] if isinstance(n, str) and "/" not in n}
-    except (OSError, ValueError, KeyError, TypeError):
+        return _referenced_names(fs.cat_file(manifest_path))
+    except OSError:
         return set()
 
 
