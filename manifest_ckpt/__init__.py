@@ -28,6 +28,7 @@ from manifest_ckpt.errors import (
     RemapError,
     StorageError,
     UnsafeCheckpointError,
+    UnsupportedOptionError,
     UnsupportedTensorError,
     UnsupportedVersionError,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "Report",
     "StorageError",
     "UnsafeCheckpointError",
+    "UnsupportedOptionError",
     "UnsupportedTensorError",
     "UnsupportedVersionError",
     "__version__",

@@ -133,3 +133,10 @@ class StorageError(ManifestCkptError, OSError):
     def __init__(self, message: str, *, url: str | None = None) -> None:
         super().__init__(message)
         self.url = url
+
+
+class UnsupportedOptionError(ManifestCkptError, ValueError):
+    """An option of a torch API this library stands in for is not supported; nothing was written.
+
+    Raised rather than ignoring the option, so a setting never silently has no effect.
+    """

@@ -555,6 +555,123 @@ def test_load_planner_checks_a_plain_dcp_checkpoint(tmp_path: Path) -> None:
     assert not state["a"].any() and not state["b"].any()
 
 
+class _Identity:
+    """A stream transform as DCP's ZStandard is one (zstandard itself may not be installed)."""
+
+    @staticmethod
+    def make() -> Any:
+        from torch.distributed.checkpoint._extension import StreamTransformExtension
+
+        class Identity(StreamTransformExtension):
+            @staticmethod
+            def registry_name() -> str:
+                return "identity"
+
+            @staticmethod
+            def from_descriptor(version: str) -> Identity:
+                return Identity()
+
+            def get_descriptor(self) -> str:
+                return "identity/1"
+
+            def transform_to(self, output: Any) -> Any:
+                return output
+
+            def transform_from(self, input: Any) -> Any:
+                return input
+
+        return Identity()
+
+
+def test_stream_extensions_are_refused(tmp_path: Path) -> None:
+    """_extensions (compression) raises UnsupportedOptionError naming the extension; nothing is created."""
+    with pytest.raises(mc.UnsupportedOptionError, match=r"_extensions=Identity is not supported"):
+        mcd.ManifestStorageWriter(tmp_path / "ck", _extensions=[_Identity.make()])
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(mc.UnsupportedOptionError, match="thread_count must be an int >= 1, got 0"):
+        mcd.ManifestStorageWriter(tmp_path / "ck", thread_count=0)
+
+
+def _dcp_save_with(state: dict[str, Any], path: Path, **options: Any) -> mc.Manifest:
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    writer = mcd.ManifestStorageWriter(path, record_code=False, **options)
+    with pytest.warns(UserWarning, match="single process"):
+        dcp_save(state, storage_writer=writer, planner=mcd.ManifestSavePlanner())
+    return mc.read_manifest(path)
+
+
+def test_thread_count_writes_that_many_files_with_the_same_digest(tmp_path: Path) -> None:
+    """thread_count=3 spreads one rank's tensors over 3 files (3 threads); content and digest are unchanged."""
+    one = _dcp_save_with(_model().state_dict(), tmp_path / "one")
+    three = _dcp_save_with(_model().state_dict(), tmp_path / "three", thread_count=3)
+    assert len(one.files) == 1 and len(three.files) == 3
+    assert three.digest == one.digest
+    model = Model()
+    mc.load(model, tmp_path / "three", verify_digests=True)
+    for key, want in expected_values().items():
+        assert torch.equal(model.state_dict()[key], want), key
+
+
+def test_single_file_per_rank_false_writes_a_file_per_tensor(tmp_path: Path) -> None:
+    """single_file_per_rank=False stores each tensor in its own file, as FileSystemWriter does."""
+    manifest = _dcp_save_with(_model().state_dict(), tmp_path / "ck", single_file_per_rank=False)
+    assert len(manifest.files) == len(manifest.tensors) == len(expected_values()) - 1  # the tie is an alias
+    assert len({t.file for t in manifest.tensors.values()}) == len(manifest.tensors)
+    mc.verify(tmp_path / "ck")
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_tensors_raise_the_library_error(tmp_path: Path, layout: str) -> None:
+    """A sparse tensor is refused with UnsupportedTensorError naming its key, not DCP's CheckpointException."""
+    dense = torch.eye(3)
+    value = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    with pytest.raises(mc.UnsupportedTensorError, match=rf"'opt\.s' has layout torch\.sparse_{layout}"):
+        mcd.save({"w": dense, "opt": {"s": value}}, tmp_path / "ck")
+    assert not (tmp_path / "ck" / "manifest.json").exists()
+
+
+_WITHOUT_LIBRARY = """
+import sys
+sys.modules["manifest_ckpt"] = None  # any import of it fails
+import warnings
+warnings.simplefilter("ignore")
+import torch
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict_loader import load
+state = {"a": torch.zeros(3), "b": torch.zeros(3), "nested": {"c": torch.zeros(2, dtype=torch.int64)}}
+load(state, storage_reader=FileSystemReader(sys.argv[1]))
+dcp_to_torch_save(sys.argv[1], sys.argv[2])
+whole = torch.load(sys.argv[2])
+assert sorted(whole) == ["a", "b", "nested"], sorted(whole)
+assert torch.equal(whole["nested"]["c"], torch.arange(2)), whole
+print("ok", state["a"].tolist(), state["b"].tolist(), state["nested"]["c"].tolist())
+"""
+
+
+def test_our_save_planner_leaves_dcp_metadata_readable_without_the_library(tmp_path: Path) -> None:
+    """FileSystemWriter under ManifestSavePlanner writes .metadata that torch reads where manifest_ckpt is absent."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    shared = torch.arange(3, dtype=torch.float32)
+    state = {"a": shared, "b": shared, "nested": {"c": torch.arange(2)}}  # a tie: ManifestSavePlanner's aliases
+    with pytest.warns(UserWarning, match="single process"):
+        dcp_save(state, storage_writer=FileSystemWriter(tmp_path / "plain"), planner=mcd.ManifestSavePlanner())
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_LIBRARY, str(tmp_path / "plain"), str(tmp_path / "whole.pt")],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == "ok [0.0, 1.0, 2.0] [0.0, 1.0, 2.0] [0, 1]"
+
+
 def test_model_mismatch_error_survives_pickling() -> None:
     """ModelMismatchError crosses processes with its report and an unchanged message (regression)."""
     error = mc.ModelMismatchError(Report([Problem("missing", "a", "float32[2]", None)]), path="/ck")

@@ -32,6 +32,11 @@ class LiveState:
 
 def dtype_name(tensor: torch.Tensor, key: str) -> str:
     """The manifest dtype name of a tensor, or a clear error for what cannot be stored."""
+    if tensor.layout != torch.strided:
+        raise UnsupportedTensorError(
+            f"tensor {key!r} has layout {tensor.layout} (sparse); a manifest checkpoint stores dense tensors. "
+            "Store its parts as dense tensors (for COO: t.coalesce().indices() and .values()), or call .to_dense()."
+        )
     name = str(tensor.dtype).removeprefix("torch.")
     if name not in DTYPES:
         raise UnsupportedTensorError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,13 @@ from torch.futures import Future
 
 from manifest_ckpt.distributed.state import local_aliases, require_tensors, torch_dtype_name
 from manifest_ckpt.format.dtypes import itemsize, nbytes
-from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError, UnsupportedTensorError
+from manifest_ckpt.errors import (
+    CheckpointExistsError,
+    ManifestCkptError,
+    ManifestError,
+    UnsupportedOptionError,
+    UnsupportedTensorError,
+)
 from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.comparison.introspect import module_tree
 from manifest_ckpt.format.manifest import (
@@ -59,10 +66,9 @@ class _LocalSaveInfo:
 
 
 @dataclass(frozen=True)
-class SaveInfo:
-    """``Metadata.planner_data`` after global planning: the mappings and the agreed ties."""
+class _Ties:
+    """A global ``SavePlan.planner_data``: the ties every rank sees, alias -> key saved."""
 
-    mappings: Any
     aliases: dict[str, str]
 
 
@@ -128,13 +134,14 @@ class ManifestSavePlanner(DefaultSavePlanner):
         # A tie only some ranks see is stored twice rather than guessed.
         first = infos[0].aliases
         aliases = {k: v for k, v in first.items() if all(i.aliases.get(k) == v for i in infos[1:])}
-        stripped = [
-            dataclasses.replace(p, items=[it for it in p.items if it.index.fqn not in aliases], planner_data=i.mappings)
-            for p, i in zip(all_plans, infos)
-        ]
-        plans, metadata = super().create_global_plan(stripped)
-        metadata = dataclasses.replace(metadata, planner_data=SaveInfo(metadata.planner_data, aliases))
-        self.metadata = metadata
+        plans, metadata = super().create_global_plan(
+            [dataclasses.replace(p, planner_data=i.mappings) for p, i in zip(all_plans, infos)]
+        )
+        # The ties travel in the global plans, which ManifestStorageWriter reads (it writes an
+        # alias's chunks once); another writer ignores them and writes every key. DCP's Metadata
+        # keeps only torch's own types, so that a checkpoint written by FileSystemWriter under
+        # this planner unpickles where manifest_ckpt is not installed.
+        plans = [dataclasses.replace(p, planner_data=_Ties(aliases)) for p in plans]
         return plans, metadata
 
 
@@ -153,6 +160,16 @@ class ManifestStorageWriter(FileSystemWriter):
         lineage, metadata, parents, record_code, timestamp: as in :func:`manifest_ckpt.save`.
         overwrite: replace an existing checkpoint at ``path``.
         sync_files: fsync every file before the manifest commits them (DCP's default).
+        thread_count: write each rank's chunks as this many files, on as many threads
+            (as ``FileSystemWriter`` does).
+        single_file_per_rank: False writes one file per chunk (as ``FileSystemWriter`` does).
+        per_thread_copy_ahead, cache_staged_state_dict, serialization_format: accepted as
+            ``FileSystemWriter`` accepts them; every file is safetensors whatever the format.
+
+    Raises:
+        UnsupportedOptionError: ``_extensions`` (stream transforms such as ``ZStandard``):
+            compressed data could not be memory-mapped, digested per tensor or read by
+            ``manifest_ckpt.load``; or a ``thread_count`` below 1.
     """
 
     def __init__(
@@ -167,10 +184,29 @@ class ManifestStorageWriter(FileSystemWriter):
         timestamp: bool = False,
         overwrite: bool = False,
         sync_files: bool = True,
+        thread_count: int = 1,
+        single_file_per_rank: bool = True,
         **kwargs: Any,
     ) -> None:
+        extensions = kwargs.pop("_extensions", None)
+        if extensions:
+            names = ", ".join(type(e).__name__ for e in extensions)
+            raise UnsupportedOptionError(
+                f"ManifestStorageWriter: _extensions={names} is not supported: a manifest checkpoint stores raw "
+                "tensor bytes in safetensors files (memory-mapped on load, digested per tensor). Leave "
+                "_extensions out (compress finished checkpoints with an external tool if you must)."
+            )
+        if not isinstance(thread_count, int) or isinstance(thread_count, bool) or thread_count < 1:
+            raise UnsupportedOptionError(f"ManifestStorageWriter: thread_count must be an int >= 1, got {thread_count!r}")
         # The parent's own overwrite check looks for DCP's pickled ``.metadata``; ours is below.
-        super().__init__(path, sync_files=sync_files, overwrite=True, **kwargs)
+        super().__init__(
+            path,
+            sync_files=sync_files,
+            overwrite=True,
+            thread_count=thread_count,
+            single_file_per_rank=single_file_per_rank,
+            **kwargs,
+        )
         _require_json("lineage", lineage)
         _require_json("metadata", metadata)
         self.modules: dict[str, ModuleEntry] | None = None if module is None else module_tree(module)
@@ -183,6 +219,7 @@ class ManifestStorageWriter(FileSystemWriter):
         self.is_coordinator = False
         self.manifest: Manifest | None = None
         self._lineage_doc: dict[str, Any] | None = None
+        self._aliases: dict[str, str] = {}
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
@@ -204,21 +241,36 @@ class ManifestStorageWriter(FileSystemWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # Lineage reads parent manifests and git state: fail here, before any rank writes.
         self._lineage_doc = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
-        return [dataclasses.replace(p, storage_data=_RankFiles(i)) for i, p in enumerate(plans)]
+        ties = plans[0].planner_data if plans else None
+        self._aliases = dict(ties.aliases) if isinstance(ties, _Ties) else {}
+        return [
+            dataclasses.replace(p, items=[it for it in p.items if it.index.fqn not in self._aliases], storage_data=_RankFiles(i))
+            for i, p in enumerate(plans)
+        ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank = plan.storage_data.index if isinstance(plan.storage_data, _RankFiles) else 0
+        files = _files_of(plan.items, self.thread_count if self.single_file_per_rank else None)
+        directory = Path(self.path)
         results: list[WriteResult] = []
-        for j, items in enumerate(_files_of(plan.items)):
-            results += _write_file(Path(self.path), rank, j, items, planner, self.sync_files)
+        if self.thread_count > 1 and len(files) > 1:
+            with ThreadPoolExecutor(min(self.thread_count, len(files))) as pool:
+                jobs = [
+                    pool.submit(_write_file, directory, rank, j, items, planner, self.sync_files)
+                    for j, items in enumerate(files)
+                ]
+                for job in jobs:
+                    results += job.result()
+        else:
+            for j, items in enumerate(files):
+                results += _write_file(directory, rank, j, items, planner, self.sync_files)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         target = Path(self.path)
-        info = metadata.planner_data
-        aliases = dict(info.aliases) if isinstance(info, SaveInfo) else {}
+        aliases = self._aliases
         lineage = self._lineage_doc
         if lineage is None:
             lineage = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
@@ -293,26 +345,45 @@ def build_manifest(
     return manifest
 
 
-def _files_of(items: list[WriteItem]) -> list[list[WriteItem]]:
+def _files_of(items: list[WriteItem], buckets: int | None) -> list[list[WriteItem]]:
     """Split a rank's items into files holding at most one chunk of each tensor.
 
-    One file per rank in the usual case; a rank holding several chunks of one tensor
-    (a ShardedTensor with several local shards) gets one more file per extra chunk.
+    ``buckets`` files per rank (``thread_count``), balanced by size as ``FileSystemWriter``
+    balances them, or one file per chunk when ``buckets`` is None (``single_file_per_rank=False``).
+    A bucket holding several chunks of one tensor (a ShardedTensor with several local
+    shards) becomes one more file per extra chunk. Empty buckets make no file.
     """
-    files: list[list[WriteItem]] = []
-    seen: dict[str, int] = defaultdict(int)
     for item in items:
         if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
             raise UnsupportedTensorError(
                 f"{item.index.fqn!r} is not a tensor; a manifest checkpoint stores tensors only "
                 "(use ManifestSavePlanner, which says so before anything is written)"
             )
-        j = seen[item.index.fqn]
-        seen[item.index.fqn] += 1
-        if j == len(files):
-            files.append([])
-        files[j].append(item)
+    if buckets is None:
+        return [[item] for item in items]
+    groups: list[list[WriteItem]] = [[] for _ in range(buckets)]
+    sizes = [0] * buckets
+    # Largest first into the emptiest bucket; ties go to the lower bucket, so it is deterministic.
+    for item in sorted(items, key=lambda it: -_item_bytes(it)):
+        j = min(range(buckets), key=lambda b: (sizes[b], b))
+        groups[j].append(item)
+        sizes[j] += _item_bytes(item)
+    files: list[list[WriteItem]] = []
+    for group in groups:
+        seen: dict[str, int] = defaultdict(int)
+        start = len(files)
+        for item in group:
+            j = start + seen[item.index.fqn]
+            seen[item.index.fqn] += 1
+            if j == len(files):
+                files.append([])
+            files[j].append(item)
     return files
+
+
+def _item_bytes(item: WriteItem) -> int:
+    assert item.tensor_data is not None
+    return nbytes(torch_dtype_name(item.tensor_data.properties.dtype), tuple(item.tensor_data.chunk.sizes))
 
 
 def _write_file(
