@@ -34,7 +34,7 @@ from manifest_ckpt.cli.progress import Progress, human_bytes
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, Header, parse_header
 from manifest_ckpt.sources.torch_pickle import read_torch_file
 from manifest_ckpt.errors import ConversionError, IntegrityError, ModelMismatchError
-from manifest_ckpt.format.integrity import file_sha256
+from manifest_ckpt.format.integrity import file_sha256, kind_of, open_regular, os_reason, read_regular
 from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
 from manifest_ckpt.format.manifest import Manifest
 from manifest_ckpt.comparison.remap import Remap, apply_remap
@@ -152,6 +152,7 @@ def _resolve(value: Any) -> Any:
 
 def _read(path: Path, key: str | None, hashes: _Hashes) -> SourceCheckpoint:
     """``read_source`` with the source's hashes left pending on ``hashes``."""
+    _check_source_kind(path)
     index = path.name.endswith(INDEX_SUFFIX)
     if key is not None and (path.is_dir() or index or _looks_like_safetensors(path)):
         raise ConversionError(
@@ -165,6 +166,26 @@ def _read(path: Path, key: str | None, hashes: _Hashes) -> SourceCheckpoint:
     if _looks_like_safetensors(path):
         return _single_safetensors(path, hashes)
     return _read_torch_source(path, key, hashes)
+
+
+def _check_source_kind(path: Path) -> None:
+    """Refuse a source that is neither a directory nor a regular file before anything opens it.
+
+    Raises:
+        ConversionError: missing, a FIFO, device or socket (reading could block forever), a
+            link loop or an over-long name.
+    """
+    where = str(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConversionError(f"{where}: cannot read the source: {os_reason(exc)}", file=where) from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise ConversionError(
+            f"{where}: is {kind_of(mode)}, not a checkpoint file or directory; refusing to read it "
+            "(a pipe or device can block forever). Point at the real file.",
+            file=where,
+        )
 
 
 # --------------------------------------------------------------------------- pickled files
@@ -491,10 +512,10 @@ def _looks_like_safetensors(path: Path) -> bool:
     if path.name.endswith(".safetensors"):
         return True
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, what="a checkpoint file", error=lambda message: ConversionError(message)) as f:
             head = f.read(9)
             size = os.fstat(f.fileno()).st_size
-    except OSError:
+    except (OSError, ConversionError):
         return False  # read_torch_file reports the problem
     if len(head) < 9 or head[8:9] != b"{":
         return False
@@ -506,22 +527,18 @@ def _open_regular(path: Path, what: str) -> tuple[int, mmap.mmap]:
     """Size and a private read-only-in-practice map of a regular, non-empty file."""
     where = str(path)
     try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise ConversionError(
-            f"{where}: cannot read the {what} ({exc.strerror or type(exc).__name__})", file=where
-        ) from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise ConversionError(f"{where}: is not a regular file; expected a {what}", file=where)
-    if info.st_size < 8:
-        raise ConversionError(
-            f"{where}: {info.st_size} bytes, too short for a {what} (8-byte header length, JSON header, data); "
-            "it is truncated or not a safetensors file",
-            file=where,
-        )
-    with open(path, "rb") as f:
-        # ACCESS_COPY: torch wants a writable buffer; pages are never written back to the file.
-        return info.st_size, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        with open_regular(path, what=f"a {what}", error=lambda message: ConversionError(message, file=where)) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ConversionError(
+                    f"{where}: {size} bytes, too short for a {what} (8-byte header length, JSON header, data); "
+                    "it is truncated or not a safetensors file",
+                    file=where,
+                )
+            # ACCESS_COPY: torch wants a writable buffer; pages are never written back to the file.
+            return size, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError as exc:
+        raise ConversionError(f"{where}: cannot read the {what} ({exc.strerror})", file=where) from None
 
 
 def _read_safetensors_file(path: Path, hashes: _Hashes) -> tuple[dict[str, torch.Tensor], Header, dict[str, Any]]:
@@ -657,10 +674,17 @@ def _read_sharded(index_path: Path, hashes: _Hashes) -> SourceCheckpoint:
 def _read_index(path: Path) -> tuple[dict[str, str], Any]:
     """The ``weight_map`` of a safetensors index (checked to map names to file names) and its metadata."""
     where = str(path)
-    if path.stat().st_size > _MAX_INDEX_BYTES:
-        raise ConversionError(f"{where}: {path.stat().st_size} bytes is too large for a safetensors index", file=where)
     try:
-        doc = json.loads(path.read_bytes())
+        data = read_regular(
+            path,
+            what="a safetensors index",
+            limit=_MAX_INDEX_BYTES,
+            error=lambda message: ConversionError(message, file=where),
+        )
+    except FileNotFoundError as exc:
+        raise ConversionError(f"{where}: cannot read the safetensors index ({exc.strerror})", file=where) from None
+    try:
+        doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ConversionError(f"{where}: not valid JSON ({exc}); expected a safetensors index", file=where) from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None

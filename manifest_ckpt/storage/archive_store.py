@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from manifest_ckpt.storage.tar import ArchiveMember, index_archive, is_archive
-from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
+from manifest_ckpt.errors import ArchiveError, CheckpointNotFoundError, IntegrityError, ManifestError
+from manifest_ckpt.format.integrity import open_regular
 from manifest_ckpt.format.manifest import MANIFEST_NAME
 from manifest_ckpt.storage.store import MAX_MANIFEST_BYTES as _MAX_MANIFEST_BYTES
 from manifest_ckpt.storage.store import MappedStore
@@ -37,7 +38,9 @@ class ArchiveStore(MappedStore):
 
     def _map(self) -> mmap.mmap:
         if self._mapping is None:
-            with open(self.path, "rb") as f:
+            with open_regular(
+                self.path, what="an archive", error=lambda message: ArchiveError(message, file=self.location)
+            ) as f:
                 size = os.fstat(f.fileno()).st_size
                 end = max((m.offset + m.size for m in self.members.values()), default=0)
                 if size < end:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
+from manifest_ckpt.format.integrity import kind_of, open_regular, os_reason, read_regular
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
 
 
@@ -74,18 +76,18 @@ class DirectoryStore(MappedStore):
     def manifest_bytes(self) -> bytes:
         path = self.root / MANIFEST_NAME
         try:
-            size = path.stat().st_size
-            if size > MAX_MANIFEST_BYTES:
-                raise ManifestError(f"{path}: {size} bytes is too large for a manifest", file=str(path))
-            return path.read_bytes()
+            return read_regular(
+                path,
+                what="a manifest.json file",
+                limit=MAX_MANIFEST_BYTES,
+                error=lambda message: ManifestError(message, file=str(path)),
+            )
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"{self.root}: no {MANIFEST_NAME}; this is not a manifest-ckpt checkpoint (or its save was "
                 "interrupted). Convert foreign weights with `manifest-ckpt convert`.",
                 file=str(path),
             ) from None
-        except IsADirectoryError:
-            raise ManifestError(f"{path} is a directory, expected a file", file=str(path)) from None
 
     def resolve(self, name: str) -> Path:
         """The real path of a manifest file name, refusing anything outside the checkpoint."""
@@ -106,7 +108,9 @@ class DirectoryStore(MappedStore):
             return self._maps[name]
         path = self.resolve(name)
         try:
-            with open(path, "rb") as f:
+            with open_regular(
+                path, what="a weights file", error=lambda message: IntegrityError(message, file=name)
+            ) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:
                     raise IntegrityError(f"{path}: file is empty (truncated)", file=name)
@@ -118,8 +122,6 @@ class DirectoryStore(MappedStore):
                 f"{path}: weights file listed in the manifest is missing; restore it or re-save the checkpoint",
                 file=name,
             ) from None
-        except IsADirectoryError:
-            raise IntegrityError(f"{path}: expected a weights file, found a directory", file=name) from None
         self._maps[name] = (mapping, 0, size)
         return self._maps[name]
 
@@ -140,20 +142,28 @@ def open_store(path: str | os.PathLike[str], *, storage_options: Mapping[str, An
 
         return open_remote_store(str(path), storage_options)
     p = Path(path)
-    if p.is_dir():
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{p}: no such checkpoint (file or directory not found)", file=str(p)) from None
+    except (OSError, ValueError) as exc:  # ValueError: an embedded NUL byte
+        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        raise CheckpointNotFoundError(f"{p}: cannot open the checkpoint: {reason}", file=str(p)) from None
+    if stat.S_ISDIR(mode):
         return DirectoryStore(p, str(p))
-    if p.is_file() and p.name == MANIFEST_NAME:
-        return DirectoryStore(p.parent, str(p.parent))
-    if p.is_file():
-        from manifest_ckpt.storage import archive_store as _archive_store
-
-        store: Store | None = _archive_store.open_archive_store(p)
-        if store is not None:
-            return store
+    if not stat.S_ISREG(mode):
         raise CheckpointNotFoundError(
-            f"{p}: not a checkpoint directory, manifest.json or manifest-ckpt archive", file=str(p)
+            f"{p}: is {kind_of(mode)}, not a checkpoint directory, manifest.json or archive; refusing to read it",
+            file=str(p),
         )
-    raise CheckpointNotFoundError(f"{p}: no such checkpoint (file or directory not found)", file=str(p))
+    if p.name == MANIFEST_NAME:
+        return DirectoryStore(p.parent, str(p.parent))
+    from manifest_ckpt.storage import archive_store as _archive_store
+
+    store: Store | None = _archive_store.open_archive_store(p)
+    if store is not None:
+        return store
+    raise CheckpointNotFoundError(f"{p}: not a checkpoint directory, manifest.json or manifest-ckpt archive", file=str(p))
 
 
 def read_store_manifest(store: Store) -> Manifest:

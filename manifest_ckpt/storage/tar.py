@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
 from manifest_ckpt.errors import ArchiveError, CheckpointExistsError
+from manifest_ckpt.format.integrity import open_regular
 
 __all__ = [
     "ALIGNMENT",
@@ -89,7 +90,6 @@ _REFUSED_TYPES = {
     b"S": "a GNU sparse file",
 }
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
 _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 )
@@ -655,12 +655,7 @@ def _scan(stream: io.BufferedReader, file_size: int, where: str) -> dict[str, Ar
 
 def _open_regular(where: str) -> io.BufferedReader:
     """Open ``where`` for reading without blocking on fifos; refuse anything not a regular file."""
-    fd = os.open(where, _OPEN_FLAGS)
-    stream = open(fd, "rb")  # noqa: SIM115 -- returned open; callers close it with `with`
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        stream.close()
-        raise ArchiveError(f"{where} is not a regular file, so it cannot be an archive", file=where)
-    return stream
+    return open_regular(where, what="an archive", error=lambda message: ArchiveError(message, file=where))
 
 
 def index_archive(path: str | os.PathLike[str]) -> dict[str, ArchiveMember]:
