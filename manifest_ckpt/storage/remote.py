@@ -43,6 +43,8 @@ _WEIGHTS_NAME = re.compile(r"weights-[0-9a-f]{16}[\w.-]*\.safetensors")
 # small enough that a verifying read never holds more than a few blocks beyond the file.
 BLOCK_BYTES = 16 << 20
 CONCURRENCY = 8
+# A file's first request: the safetensors length prefix and, in the same request, its header.
+HEAD_BYTES = 1 << 20
 
 StorageOptions = Mapping[str, Any]
 
@@ -104,6 +106,7 @@ class FsspecStore:
     _sizes: dict[str, int] = field(default_factory=dict)
     _buffers: dict[str, tuple[bytearray, int, int]] = field(default_factory=dict)
     _heads: dict[str, bytes] = field(default_factory=dict)
+    _listing: dict[str, int] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     bytes_read: int = 0
 
@@ -116,12 +119,39 @@ class FsspecStore:
         with self._lock:
             self.bytes_read += n
 
+    def _listed_sizes(self) -> dict[str, int]:
+        """Every object's size under the checkpoint from one listing (one request on S3).
+
+        Refreshed, not from the driver's listing cache, so another writer's overwrite is seen.
+        File systems that cannot list give ``{}`` and each size is asked for on its own.
+        """
+        if self._listing is None:
+            try:
+                try:
+                    entries = self.fs.ls(self.root, detail=True, refresh=True)
+                except TypeError:  # drivers without the refresh keyword
+                    entries = self.fs.ls(self.root, detail=True)
+                self._listing = {
+                    posixpath.basename(str(e["name"]).rstrip("/")): int(e["size"])
+                    for e in entries
+                    if e.get("type") == "file" and e.get("size") is not None
+                }
+            except Exception:  # noqa: BLE001 - listing is an optimisation; sizes are then asked one by one
+                self._listing = {}
+        return self._listing
+
+    def _size(self, name: str, what: str) -> int:
+        listed = self._listed_sizes().get(name)
+        if listed is not None:
+            return listed
+        with storage_errors(f"{self.location}/{name}", what):
+            return int(self.fs.size(self._path(name)))
+
     def manifest_bytes(self) -> bytes:
         path = self._path(MANIFEST_NAME)
         where = f"{self.location}/{MANIFEST_NAME}"
         try:
-            with storage_errors(where, "reading the manifest"):
-                size = int(self.fs.size(path))
+            size = self._size(MANIFEST_NAME, "reading the manifest")
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(
                 f"{self.location}: no {MANIFEST_NAME}; this is not a manifest-ckpt checkpoint (or its upload "
@@ -138,13 +168,12 @@ class FsspecStore:
     def file_size(self, name: str) -> int:
         """The size of weights file ``name``, from the store's listing (no data read)."""
         if name not in self._sizes:
-            where = f"{self.location}/{name}"
             try:
-                with storage_errors(where, "reading a weights file's size"):
-                    self._sizes[name] = int(self.fs.size(self._path(name)))
+                self._sizes[name] = self._size(name, "reading a weights file's size")
             except CheckpointNotFoundError:
                 raise IntegrityError(
-                    f"{where}: weights file listed in the manifest is missing; restore it or re-save the checkpoint",
+                    f"{self.location}/{name}: weights file listed in the manifest is missing; restore it or "
+                    "re-save the checkpoint",
                     file=name,
                 ) from None
         return self._sizes[name]
@@ -160,7 +189,10 @@ class FsspecStore:
             return bytes(buf[offset + start : offset + end])
         head = self._heads.get(name, b"")
         if start == 0 and end > len(head):
-            head = self._heads[name] = head + self._fetch(name, len(head), end)
+            # The first read of a file is its header's length prefix: fetch a whole first block
+            # so the header (and often the whole file) comes in the same request.
+            want = max(end, min(HEAD_BYTES, self.file_size(name)))
+            head = self._heads[name] = head + self._fetch(name, len(head), want)
         if end <= len(head):
             return head[start:end]
         return self._fetch(name, start, end)
