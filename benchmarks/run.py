@@ -419,7 +419,7 @@ def _validate_ops(ctx: Ctx) -> list[Contender]:
         reference.validate(document)
 
     return [
-        Contender("mc.validate", "manifest-ckpt schema validation (compiled)", "ours", ours),
+        Contender("mc.validate", "manifest-ckpt schema validation (jsonschema-rs)", "ours", ours),
         Contender("jsonschema", "jsonschema Draft202012Validator.validate", "peer", plain),
     ]
 

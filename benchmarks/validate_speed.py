@@ -1,8 +1,8 @@
-"""Time manifest schema validation: the reference ``jsonschema`` against the compiled validator.
+"""Time manifest schema validation: the reference ``jsonschema`` against jsonschema-rs.
 
 Run from the repository root: ``PYTHONPATH=. python benchmarks/validate_speed.py [N ...]``
 (default: 10000 and 100000 tensors; ``--no-reference`` skips the slow jsonschema run).
-Columns: json.loads with and without the cyclic GC, the compiled boolean check alone,
+Columns: json.loads with and without the cyclic GC, jsonschema-rs's boolean check alone,
 ``validate()`` (which runs that check), and ``jsonschema.Draft202012Validator.validate``.
 """
 
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from manifest_ckpt.format.schema import _compiled, load_schema, validate
+from manifest_ckpt.format.schema import _validator, load_schema, validate
 
 
 def _digest(i: int) -> str:
@@ -99,7 +99,7 @@ def _parse_without_gc(text: str) -> object:
 def _measure(n: int, *, reference: bool) -> str:
     text = json.dumps(synthetic_manifest(n))
     doc = json.loads(text)
-    compiled = _compiled()
+    compiled = _validator()
     assert compiled.is_valid(doc), "the synthetic manifest must be valid"
     t_parse = _best(lambda: json.loads(text), 3)
     t_parse_nogc = _best(lambda: _parse_without_gc(text), 3)

@@ -1,37 +1,63 @@
-"""Tests for manifest_ckpt.format.schema: the compiled JSON Schema validator of manifest.json."""
+"""Tests for manifest_ckpt.format.schema: manifest.json validation (jsonschema-rs, checked against jsonschema)."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import jsonschema_rs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 
+from manifest_ckpt.errors import ManifestError
 from manifest_ckpt.format import schema as _validate
 from manifest_ckpt.format.schema import (
     MAX_ERRORS,
     SCHEMA_NAME,
     SchemaViolation,
-    compile_schema,
     iter_errors,
     load_schema,
     schema_text,
     validate,
 )
-from manifest_ckpt.errors import ManifestError
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = Draft202012Validator(load_schema())
-COMPILED = compile_schema(load_schema())
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
+    """``pattern`` as ECMA-262 reads it: ``$`` ends the string (Python's ``$`` also matches before a final newline)."""
+    from jsonschema.exceptions import ValidationError
+
+    if isinstance(instance, str) and not re.search(re.sub(r"\$$", r"\\Z", pattern), instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# The reference: jsonschema's draft 2020-12 validator, with ECMA-262 anchors (as the spec and
+# jsonschema-rs have them) and tuples as arrays (as jsonschema-rs, and json.dumps, treat them).
+_Reference = validators.extend(
+    Draft202012Validator,
+    {"pattern": _ecma_pattern},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "array", lambda checker, instance: isinstance(instance, (list, tuple))
+    ),
+)
+
+
+def reference(schema: Any) -> Any:
+    """The reference validator for ``schema``."""
+    return _Reference(schema)
+
+
+REFERENCE = reference(load_schema())
 
 
 def _digest(seed: str) -> str:
@@ -122,6 +148,16 @@ def _errors(doc: Any) -> list[SchemaViolation]:
     return list(iter_errors(doc))
 
 
+def _is_valid(doc: Any) -> bool:
+    """validate() accepts ``doc`` (and then iter_errors finds nothing)."""
+    try:
+        validate(doc)
+    except ManifestError:
+        return False
+    assert _errors(doc) == []
+    return True
+
+
 # --- valid documents ----------------------------------------------------------------------
 
 
@@ -130,7 +166,7 @@ def test_valid_manifests_pass(build: Any) -> None:
     """Hand-built valid manifests pass validate(), yield no errors, and the reference agrees."""
     doc = build()
     assert REFERENCE.is_valid(doc)
-    assert COMPILED.is_valid(doc) is True
+    assert _is_valid(doc) is True
     assert _errors(doc) == []
     validate(doc, file="x/manifest.json")  # does not raise
 
@@ -139,7 +175,7 @@ def test_integral_float_is_an_integer() -> None:
     """A JSON integer written as 48.0 is an integer, as in the reference validator."""
     doc = make_manifest()
     doc["tensors"]["fc.weight"]["byte_range"] = [0, 48.0]
-    assert REFERENCE.is_valid(doc) and COMPILED.is_valid(doc)
+    assert REFERENCE.is_valid(doc) and _is_valid(doc)
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -150,7 +186,7 @@ def test_negative_dimension_names_its_json_path() -> None:
     doc = make_manifest()
     doc["tensors"]["fc.weight"]["shape"][1] = -3
     assert _errors(doc) == [
-        SchemaViolation('$.tensors["fc.weight"].shape[1]', "expected a number >= 0, found integer -3")
+        SchemaViolation('$.tensors["fc.weight"].shape[1]', "-3 is less than the minimum of 0")
     ]
     with pytest.raises(ManifestError) as caught:
         validate(doc, file="ckpt/manifest.json")
@@ -159,7 +195,7 @@ def test_negative_dimension_names_its_json_path() -> None:
     assert err.file == "ckpt/manifest.json"
     assert str(err) == (
         "manifest ckpt/manifest.json does not follow the manifest-ckpt format v1 schema (1 problem):\n"
-        '  $.tensors["fc.weight"].shape[1]: expected a number >= 0, found integer -3\n'
+        '  $.tensors["fc.weight"].shape[1]: -3 is less than the minimum of 0\n'
         "The manifest was edited by hand or written by a newer/other tool; "
         "re-save the checkpoint or run `manifest-ckpt verify`."
     )
@@ -171,7 +207,7 @@ def test_bool_is_not_an_integer() -> None:
     doc["files"]["model.safetensors"]["size"] = True
     assert not REFERENCE.is_valid(doc)
     assert _errors(doc) == [
-        SchemaViolation('$.files["model.safetensors"].size', "expected integer, found true"),
+        SchemaViolation('$.files["model.safetensors"].size', 'true is not of type "integer"'),
     ]
 
 
@@ -181,11 +217,10 @@ def test_unknown_and_missing_properties_are_named() -> None:
     doc["tensors"]["fc.bias"]["strides"] = [1]
     del doc["lineage"]
     assert _errors(doc) == [
-        SchemaViolation("$", 'expected property "lineage", found it missing'),
+        SchemaViolation("$", '"lineage" is a required property'),
         SchemaViolation(
             '$.tensors["fc.bias"].strides',
-            'expected only the properties "dtype", "shape", "digest", "file", "byte_range", "chunks", '
-            'found unknown property "strides"',
+            'is not an allowed property (allowed: "dtype", "shape", "digest", "file", "byte_range", "chunks")',
         ),
     ]
 
@@ -197,9 +232,9 @@ def test_file_and_chunks_together_break_one_of() -> None:
     doc["tensors"]["emb.weight"]["byte_range"] = [0, 4]
     (violation,) = _errors(doc)
     assert violation.json_path == '$.tensors["emb.weight"]'
-    assert violation.message.startswith(
-        'expected exactly one of (with "file", "byte_range" and without "chunks") or '
-        '(with "chunks" and without any of "file", "byte_range"), found an object with keys'
+    assert violation.message == (
+        "matches none of the alternatives of #/$defs/tensor/oneOf, found an object with keys "
+        '"byte_range", "chunks", "digest", "dtype", "file", "shape"'
     )
 
 
@@ -219,7 +254,7 @@ def test_escaping_file_names_are_rejected(bad: str) -> None:
     assert not REFERENCE.is_valid(doc)
     paths = [v.json_path for v in _errors(doc)]
     assert paths == [f"$.files[{json.dumps(bad)}]", '$.tensors["fc.weight"].file']
-    assert _errors(doc)[0].message.startswith("invalid property name: expected a string matching")
+    assert _errors(doc)[0].message.startswith(f"invalid property name: {json.dumps(bad)} does not match")
 
 
 def test_wrong_digest_format_quotes_the_value() -> None:
@@ -229,7 +264,7 @@ def test_wrong_digest_format_quotes_the_value() -> None:
     (violation,) = _errors(doc)
     assert violation.json_path == "$.digest"
     assert violation.message == (
-        f"expected a string matching the pattern ^sha256:[0-9a-f]{{64}}$, found string {json.dumps(doc['digest'])}"
+        f'{json.dumps(doc["digest"])} does not match "^sha256:[0-9a-f]{{64}}$"'
     )
 
 
@@ -240,7 +275,7 @@ def test_modules_of_wrong_type_names_the_alternatives() -> None:
     assert _errors(doc) == [
         SchemaViolation(
             "$.modules",
-            "expected (null) or (object and constrained by additionalProperties), found an array of 0 items",
+            "matches none of the alternatives of #/properties/modules/anyOf, found an array of 0 items",
         )
     ]
 
@@ -263,17 +298,26 @@ def test_errors_are_bounded_and_message_shows_ten() -> None:
 
 def test_non_object_document() -> None:
     """A document that is not an object gets one violation at the root."""
-    assert _errors([1, 2]) == [SchemaViolation("$", "expected object, found an array of 2 items")]
+    assert _errors([1, 2]) == [SchemaViolation("$", '[1,2] is not of type "object"')]
 
 
-def test_python_tuple_is_not_a_json_array() -> None:
-    """Only lists are arrays (as in jsonschema): a tuple shape built in memory is rejected and named."""
+def test_python_set_is_named_through_the_reference() -> None:
+    """A value JSON cannot hold (a set) in a document built in memory is reported at its path."""
     doc = make_manifest()
-    doc["tensors"]["fc.bias"]["shape"] = (4,)
+    doc["tensors"]["fc.bias"]["shape"] = {4}
+    assert _errors(doc) == [SchemaViolation('$.tensors["fc.bias"].shape', "{4} is not of type 'array'")]
+    with pytest.raises(ManifestError) as caught:
+        validate(doc)
+    assert caught.value.field == '$.tensors["fc.bias"].shape'
+
+
+def test_trailing_newline_does_not_match_an_anchored_pattern() -> None:
+    """``$`` ends the string (ECMA-262), so a digest with a final newline is refused, unlike Python's re.search."""
+    doc = make_manifest()
+    doc["digest"] += "\n"
+    assert Draft202012Validator(load_schema()).is_valid(doc)  # plain jsonschema: Python's $ matches before \n
     assert not REFERENCE.is_valid(doc)
-    assert _errors(doc) == [
-        SchemaViolation('$.tensors["fc.bias"].shape', "expected array, found a Python tuple (4,) (not a JSON value)")
-    ]
+    assert [v.json_path for v in _errors(doc)] == ["$.digest"]
 
 
 # --- the schema file ----------------------------------------------------------------------
@@ -309,83 +353,6 @@ def test_packaged_schema_is_preferred(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_shipped_schema_is_a_valid_draft_2020_12_schema() -> None:
     """The schema file itself passes the draft 2020-12 metaschema."""
     Draft202012Validator.check_schema(load_schema())
-
-
-# --- the compiler -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("schema", "keyword"),
-    [
-        ({"type": "object", "if": {"required": ["a"]}, "then": {}}, "'if', 'then'"),
-        ({"properties": {"a": {"format": "uri"}}}, "'format'"),
-        ({"items": {"uniqueItems": True}}, "'uniqueItems'"),
-        ({"$defs": {"unused": {"exclusiveMinimum": 0}}}, "'exclusiveMinimum'"),
-        ({"$ref": "#/$defs/a", "$defs": {"a": {"anyOf": [{"dependentRequired": {}}]}}}, "'dependentRequired'"),
-        ({"allOf": [{}]}, "'allOf'"),
-    ],
-)
-def test_unsupported_keywords_make_the_compiler_raise(schema: dict[str, Any], keyword: str) -> None:
-    """Any keyword the compiler does not implement, wherever it sits, raises at compile time."""
-    with pytest.raises(ValueError, match="unsupported keyword") as caught:
-        compile_schema(schema)
-    assert keyword in str(caught.value)
-
-
-@pytest.mark.parametrize(
-    ("schema", "fragment"),
-    [
-        ({"$ref": "https://example.com/s.json"}, "only local JSON-pointer refs"),
-        ({"$ref": "#/$defs/missing"}, "points at nothing"),
-        ({"pattern": "("}, "not a valid regular expression"),
-        ({"type": "text"}, "'type' must be a JSON type name"),
-        ({"minItems": -1}, "'minItems' must be a non-negative integer"),
-        ({"properties": {"a": {"$id": "x"}}}, "'$id' is only supported at the root"),
-    ],
-)
-def test_malformed_schemas_make_the_compiler_raise(schema: dict[str, Any], fragment: str) -> None:
-    """Unresolvable refs, bad regexes and malformed keyword values are compile-time errors."""
-    with pytest.raises(ValueError, match="schema at") as caught:
-        compile_schema(schema)
-    assert fragment in str(caught.value)
-
-
-def test_recursive_refs_compile_once_and_validate() -> None:
-    """A self-referencing definition compiles (no infinite recursion) and validates nested data."""
-    schema = {
-        "$ref": "#/$defs/node",
-        "$defs": {
-            "node": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {"value": {"type": "integer"}, "child": {"$ref": "#/$defs/node"}},
-            }
-        },
-    }
-    compiled = compile_schema(schema)
-    good = {"value": 1, "child": {"value": 2, "child": {"child": {}}}}
-    bad = {"value": 1, "child": {"child": {"value": "x"}}}
-    assert compiled.is_valid(good) is True
-    assert compiled.is_valid(bad) is False
-    assert list(compiled.iter_errors(bad)) == [
-        SchemaViolation("$.child.child.value", 'expected integer, found string "x"')
-    ]
-
-
-def test_string_memo_is_sound_for_str_subclasses() -> None:
-    """The memo of string verdicts ignores str subclasses and never changes a verdict."""
-
-    class Sneaky(str):
-        # Collides with "aa" in a dict although its value is "ab".
-        def __hash__(self) -> int:
-            return hash("aa")
-
-        def __eq__(self, other: object) -> bool:
-            return True
-
-    compiled = compile_schema({"type": "string", "pattern": "^a+$"})
-    verdicts = [compiled.is_valid(v) for v in ["aa", "aa", Sneaky("ab"), "ab", "ab", 5]]
-    assert verdicts == [True, True, False, False, False, False]
 
 
 # --- agreement with the reference validator -----------------------------------------------
@@ -487,10 +454,10 @@ def mutated_manifests(draw: st.DrawFn) -> Any:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=mutated_manifests())
-def test_compiled_validator_agrees_with_jsonschema_on_mutated_manifests(doc: Any) -> None:
-    """For random edits of a valid manifest, compiled check, iter_errors and jsonschema agree on validity."""
+def test_validator_agrees_with_jsonschema_on_mutated_manifests(doc: Any) -> None:
+    """For random edits of a valid manifest, validate, iter_errors and the reference agree on validity."""
     expected = REFERENCE.is_valid(doc)
-    assert COMPILED.is_valid(doc) is expected
+    assert _is_valid(doc) is expected
     errors = _errors(doc)
     assert (errors == []) is expected
     if not expected:
@@ -520,13 +487,13 @@ def _single_edits() -> Iterator[tuple[str, Any]]:
                     yield f"rename {_validate._json_path(loc)}", doc
 
 
-def test_compiled_validator_agrees_with_jsonschema_on_every_single_edit() -> None:
-    """Exhaustively over single edits of the example manifests, compiled and reference validity agree."""
+def test_validator_agrees_with_jsonschema_on_every_single_edit() -> None:
+    """Exhaustively over single edits of the example manifests, validate and the reference agree."""
     seen = {True: 0, False: 0}
     for label, doc in _single_edits():
         expected = REFERENCE.is_valid(doc)
         seen[expected] += 1
-        assert COMPILED.is_valid(doc) is expected, label
+        assert _is_valid(doc) is expected, label
         assert (next(iter_errors(doc), None) is None) is expected, label
     assert seen[True] > 50 and seen[False] > 1000  # both outcomes are really exercised
 
@@ -584,98 +551,10 @@ _SEMANTIC_EDGES: list[tuple[dict[str, Any], Any]] = [
 @pytest.mark.parametrize(("schema", "instance"), _SEMANTIC_EDGES)
 def test_semantic_edges_match_the_reference(schema: dict[str, Any], instance: Any) -> None:
     """Bool vs. integer, integral floats, NaN bounds, re.search, code-point lengths, oneOf counting: as jsonschema."""
-    expected = Draft202012Validator(schema).is_valid(instance)
-    compiled = compile_schema(schema)
-    assert compiled.is_valid(instance) is expected
-    assert (next(compiled.iter_errors(instance), None) is None) is expected
-
-
-# Random schemas over the supported subset, checked against the reference on random JSON.
-_KEYS = ["a", "b", "c", "1"]
-_json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-3, 3)
-    | st.sampled_from([0.0, 1.0, -2.0, 1.5, float("nan"), 2**70])
-    | st.text(alphabet="ab01/.", max_size=4)
-)
-_EDGE_SCALARS: list[Any] = [None, True, False, 0, 1, -1, 2, 3, 1.0, -0.0, 1.5, float("nan"), float("inf"), 2**70]
-_EDGE_SCALARS += ["", "a", "b", "ab", "ba", "0", "a/b", "a\n", "\U0001f600"]
-_edge_scalars = st.sampled_from(_EDGE_SCALARS)
-_json_values = st.recursive(
-    _json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(_KEYS), children, max_size=4),
-    max_leaves=10,
-)
-# Half edge-case scalars: plain recursive generation is dominated by containers.
-_instances = _edge_scalars | _json_values
-_TYPES = ["null", "boolean", "integer", "number", "string", "array", "object"]
-_PATTERNS = ["^a", "b$", "^[ab]+$", "0|1", "^$", "a/?b"]
-
-
-def _keyword_values(word: str, sub: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    counts = st.integers(0, 3)
-    table: dict[str, st.SearchStrategy[Any]] = {
-        "type": st.sampled_from(_TYPES) | st.lists(st.sampled_from(_TYPES), min_size=1, max_size=3, unique=True),
-        "const": _json_values,
-        "enum": st.lists(_json_values, max_size=3),
-        "minLength": counts,
-        "maxLength": counts,
-        "minItems": counts,
-        "maxItems": counts,
-        "minimum": st.integers(-2, 2) | st.sampled_from([0.5, -1.5]),
-        "maximum": st.integers(-2, 2) | st.sampled_from([0.5, -1.5]),
-        "pattern": st.sampled_from(_PATTERNS),
-        "required": st.lists(st.sampled_from(_KEYS), max_size=3),
-        "properties": st.dictionaries(st.sampled_from(_KEYS), sub, max_size=3),
-        "patternProperties": st.dictionaries(st.sampled_from(_PATTERNS), sub, max_size=2),
-        "additionalProperties": sub,
-        "propertyNames": sub,
-        "items": sub,
-        "prefixItems": st.lists(sub, max_size=3),
-        "anyOf": st.lists(sub, min_size=1, max_size=3),
-        "oneOf": st.lists(sub, min_size=1, max_size=3),
-        "not": sub,
-        "$ref": st.just("#/$defs/d"),
-    }
-    return table[word]
-
-
-def _schemas(depth: int, *, refs: bool) -> st.SearchStrategy[Any]:
-    words = ["type", "const", "enum", "minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum"]
-    words += ["pattern", "required"]
-    if depth > 0:
-        words += ["properties", "patternProperties", "additionalProperties", "propertyNames", "items"]
-        words += ["prefixItems", "anyOf", "oneOf", "not"]
-    if refs:
-        words.append("$ref")
-    sub = _schemas(depth - 1, refs=refs) if depth > 0 else st.booleans()
-
-    @st.composite
-    def build(draw: st.DrawFn) -> Any:
-        chosen = draw(st.lists(st.sampled_from(words), min_size=1, max_size=4, unique=True))
-        return {w: draw(_keyword_values(w, sub)) for w in chosen}
-
-    return st.booleans() | build()
-
-
-@st.composite
-def schemas_with_defs(draw: st.DrawFn) -> dict[str, Any]:
-    """A random schema of the supported subset whose ``$ref`` (if any) points at a non-recursive definition."""
-    root = draw(_schemas(2, refs=True).filter(lambda s: isinstance(s, dict)))
-    return {**root, "$defs": {"d": draw(_schemas(1, refs=False))}}
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(schema=schemas_with_defs(), instances=st.lists(_instances, min_size=1, max_size=8))
-def test_compiler_agrees_with_jsonschema_on_random_schemas(schema: dict[str, Any], instances: list[Any]) -> None:
-    """For random schemas of the supported subset, on edge scalars and random JSON, compiled and reference agree."""
-    reference = Draft202012Validator(schema)
-    compiled = compile_schema(schema)
-    for instance in [*_EDGE_SCALARS, *instances]:
-        expected = reference.is_valid(instance)
-        assert compiled.is_valid(instance) is expected, (json.dumps(schema), instance)
-        assert (next(compiled.iter_errors(instance), None) is None) is expected
+    expected = reference(schema).is_valid(instance)
+    fast = jsonschema_rs.Draft202012Validator(schema)
+    assert fast.is_valid(instance) is expected
+    assert (next(fast.iter_errors(instance), None) is None) is expected
 
 
 # --- scale --------------------------------------------------------------------------------
