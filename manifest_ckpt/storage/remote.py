@@ -284,7 +284,8 @@ def upload_checkpoint(
         fs.pipe_file(manifest_path, (local / MANIFEST_NAME).read_bytes())
     # Objects the committed manifest no longer lists, and leftovers of interrupted uploads.
     leftovers = {posixpath.basename(p.rstrip("/")) for p in others if p not in foreign}
-    stale = (old | leftovers) - set(names) - {MANIFEST_NAME}
+    # Keep whatever the manifest on the store lists now: another writer may have committed since.
+    stale = (old | leftovers) - set(names) - _referenced_files(fs, manifest_path) - {MANIFEST_NAME}
     with storage_errors(location, "removing replaced weights", writing=True):
         for name in sorted(stale):
             if "/" not in name:
