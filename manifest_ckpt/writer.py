@@ -24,10 +24,11 @@ from torch import nn
 
 from manifest_ckpt.format.dtypes import nbytes
 from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
-from manifest_ckpt.storage.store import is_url, read_manifest
+from manifest_ckpt.format import jsonio
+from manifest_ckpt.storage.store import MAX_MANIFEST_BYTES, is_url, read_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError
-from manifest_ckpt.format.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir
+from manifest_ckpt.format.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir, read_regular
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.format.manifest import (
     FORMAT_VERSION,
@@ -261,10 +262,13 @@ def _write_into(
 def _old_weight_files(directory: Path) -> set[str]:
     """Weights files the current manifest lists, to delete once the new one is committed."""
     try:
-        document = json.loads((directory / MANIFEST_NAME).read_bytes())
+        data = read_regular(
+            directory / MANIFEST_NAME, what="a manifest.json file", limit=MAX_MANIFEST_BYTES, error=ManifestError
+        )
+        document = jsonio.loads(data, where=str(directory), what="a manifest", error=ManifestError)
         names = document["files"]
         return {n for n in names if isinstance(n, str) and "/" not in n and not n.startswith(".")}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # ManifestError is a ValueError
         return set()
 
 
@@ -404,6 +408,14 @@ def _content_digest(keys: list[str], digests: list[str]) -> str:
 
 
 def _require_json(what: str, value: Any) -> None:
+    """Refuse what the reader would refuse: not JSON, nested too deeply, lone surrogates.
+
+    Raises:
+        ManifestError: naming the field and the problem.
+    """
+    problem = jsonio.check_value(value, what)
+    if problem is not None:
+        raise ManifestError(f"{what} cannot be stored: {problem}; pass plainer JSON", field=what)
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -223,7 +223,7 @@ def test_prefix_shorter_than_the_header_it_announces() -> None:
 def test_header_that_is_not_json(body: bytes) -> None:
     """Bytes that are not JSON are refused as a corrupt file."""
     exc = refused(header_file(None, raw_json=body))
-    assert "header is not valid JSON" in str(exc)
+    assert "header: not valid JSON" in str(exc)
 
 
 @pytest.mark.parametrize("doc", [[], "x", 1, None])

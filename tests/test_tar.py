@@ -470,6 +470,15 @@ def _random_bytes(tmp_path: Path) -> Path:
     return path
 
 
+def _huge_pax_size(tmp_path: Path) -> Path:
+    """A pax size record of 5,000 digits (past int()'s 4,300-digit limit)."""
+    info = _info("w")
+    info.pax_headers = {"size": "9" * 5000}
+    path = _tar_with(tmp_path, (info, b"x"))
+    assert b"9" * 5000 in path.read_bytes()
+    return path
+
+
 HOSTILE: dict[str, tuple[Callable[[Path], Path], str | None, str]] = {
     "parent": (lambda p: _tar_with(p, (_info("../evil"), b"x")), "../evil", "'..' segment"),
     "nested-parent": (
@@ -508,6 +517,13 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str | None, str]] = {
         "w/x",
         "needs 'w' to be a directory",
     ),
+    "long-segment": (lambda p: _tar_with(p, (_info("e" * 256), b"x")), "e" * 256, "longer than file systems allow"),
+    "long-name": (
+        lambda p: _tar_with(p, (_info("/".join(["d" * 250] * 17)), b"x")),
+        "/".join(["d" * 250] * 17),
+        "longer than file systems allow",
+    ),
+    "huge-pax-size": (_huge_pax_size, "w", "that is not a number"),
     "truncated": (_truncated, "w.safetensors", "is truncated"),
     "truncated-header": (_truncated_header, None, "without the end-of-archive marker"),
     "bad-checksum": (_bad_checksum, "w.safetensors", "checksum"),

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,11 +20,14 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from manifest_ckpt.format import dtypes as _dtypes
+from manifest_ckpt.format import jsonio as _jsonio
 from manifest_ckpt.errors import ManifestError, UnsupportedVersionError
 
 FORMAT_NAME: Final = "manifest-ckpt"
 FORMAT_VERSION: Final = "1.0.0"
 MANIFEST_NAME: Final = "manifest.json"
+# ASCII digits only ("²" is a digit to str.isdigit but not to int()); nine digits is plenty.
+_VERSION: Final = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}")
 
 
 class FormatVersionWarning(UserWarning):
@@ -194,17 +198,14 @@ class Manifest:
             ManifestError: the bytes are not JSON, or the document is invalid.
             UnsupportedVersionError: the format's major version is not 1.
         """
-        try:
-            with _gc_paused():
-                document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(
-                f"{file or 'manifest'}: not valid JSON ({exc}); the file is damaged or is not a "
-                "manifest-ckpt manifest. Re-save the checkpoint or restore the file.",
-                file=file,
-            ) from None
-        except RecursionError:
-            raise ManifestError(f"{file or 'manifest'}: JSON nested too deeply", file=file) from None
+        with _gc_paused():
+            document = _jsonio.loads(
+                data,
+                where=file or "manifest",
+                what="a manifest-ckpt manifest (the file is damaged or is not one; re-save the checkpoint "
+                "or restore the file)",
+                error=lambda message: ManifestError(message, file=file),
+            )
         with _gc_paused():  # building 100,000 entries allocates no cycles either
             return cls.from_dict(document, file=file)
 
@@ -218,6 +219,7 @@ class Manifest:
         """
         where = file or "manifest"
         _check_version(document, where, file)
+        _check_free_form(document, where, file)
         from manifest_ckpt.format.schema import validate
 
         validate(document, file=file)
@@ -472,6 +474,23 @@ def _check_range(
         yield at + ".byte_range", f"[{start}, {end}) lies outside {file!r} of {entry.size} bytes"
 
 
+def _check_free_form(document: Mapping[str, Any], where: str, file: str | None) -> None:
+    """Bound the depth of the free-form fields before anything walks them recursively.
+
+    Raises:
+        ManifestError: lineage, metadata or extensions nested deeper than ``jsonio.MAX_DEPTH``.
+    """
+    for name in ("lineage", "metadata", "extensions"):
+        problem = _jsonio.check_value(document.get(name), f"$.{name}")
+        if problem is not None:
+            raise ManifestError(
+                f"{where}: {problem}; manifests keep free-form records shallower than that. The file is damaged "
+                "or hand-made; re-save the checkpoint with plainer lineage/metadata.",
+                file=file,
+                field=f"$.{name}",
+            )
+
+
 def _check_version(document: Any, where: str, file: str | None) -> None:
     if not isinstance(document, dict):
         raise ManifestError(
@@ -487,15 +506,14 @@ def _check_version(document: Any, where: str, file: str | None) -> None:
             field="$.format",
         )
     version = document.get("format_version")
-    parts = version.split(".") if isinstance(version, str) else []
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+    if not (isinstance(version, str) and _VERSION.fullmatch(version)):
         raise ManifestError(
             f"{where}: $.format_version is {version!r}, expected a version such as {FORMAT_VERSION!r}",
             file=file,
             field="$.format_version",
         )
     ours = [int(p) for p in FORMAT_VERSION.split(".")]
-    major, minor = int(parts[0]), int(parts[1])
+    major, minor = (int(p) for p in version.split(".")[:2])
     if major != ours[0]:
         raise UnsupportedVersionError(
             f"{where}: format version {version} is not supported (this is manifest-ckpt format "

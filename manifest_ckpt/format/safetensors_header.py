@@ -8,11 +8,13 @@ order (largest element size first), so every tensor starts aligned to its elemen
 from __future__ import annotations
 
 import json
+import reprlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from manifest_ckpt.format import jsonio
 from manifest_ckpt.format.dtypes import CODE_TO_NAME, DTYPES, nbytes
 from manifest_ckpt.errors import IntegrityError
 
@@ -93,10 +95,12 @@ def parse_header(prefix: bytes, file_size: int, *, file: str) -> Header:
     if len(prefix) < 8 + length:
         raise IntegrityError(f"{file}: header is truncated", file=file)
     raw = bytes(prefix[: 8 + length])
-    try:
-        doc = json.loads(raw[8:])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise IntegrityError(f"{file}: header is not valid JSON ({exc}); the file is corrupt", file=file) from None
+    doc = jsonio.loads(
+        raw[8:],
+        where=f"{file}: header",
+        what="a safetensors header (the file is corrupt or hand-made; restore it from a good copy)",
+        error=lambda message: IntegrityError(message, file=file),
+    )
     if not isinstance(doc, dict):
         raise IntegrityError(f"{file}: header is not a JSON object", file=file)
     metadata = doc.pop(METADATA_KEY, None) or {}
@@ -109,24 +113,29 @@ def parse_header(prefix: bytes, file_size: int, *, file: str) -> Header:
     return Header(raw, entries, metadata)
 
 
+def _brief(value: Any) -> str:
+    """A short repr that neither recurses deeply nor prints megabytes."""
+    return reprlib.repr(value)
+
+
 def _parse_entry(name: str, entry: Any, data_size: int, data_start: int, file: str) -> HeaderEntry:
-    def bad(what: str) -> IntegrityError:
+    def bad(what: str) -> IntegrityError:  # values in ``what`` go through _brief: they may be huge or deep
         return IntegrityError(f"{file}: header entry {name!r}: {what}; the file is corrupt", file=file, key=name)
 
     if not isinstance(entry, dict):
         raise bad("not an object")
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if code not in CODE_TO_NAME:
-        raise bad(f"unknown dtype {code!r}")
+        raise bad(f"unknown dtype {_brief(code)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        raise bad(f"shape {_brief(shape)} is not a list of non-negative integers")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data_size
     ):
-        raise bad(f"data_offsets {offsets!r} lie outside the {data_size} data bytes")
+        raise bad(f"data_offsets {_brief(offsets)} lie outside the {data_size} data bytes")
     dtype = CODE_TO_NAME[code]
     if offsets[1] - offsets[0] != nbytes(dtype, shape):
         raise bad(f"data_offsets span {offsets[1] - offsets[0]} bytes, {dtype}{shape} needs {nbytes(dtype, shape)}")

@@ -34,6 +34,7 @@ from manifest_ckpt.cli.progress import Progress, human_bytes
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, Header, parse_header
 from manifest_ckpt.sources.torch_pickle import read_torch_file
 from manifest_ckpt.errors import ConversionError, IntegrityError, ModelMismatchError
+from manifest_ckpt.format import jsonio
 from manifest_ckpt.format.integrity import file_sha256, kind_of, open_regular, os_reason, read_regular
 from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
 from manifest_ckpt.format.manifest import Manifest
@@ -683,10 +684,9 @@ def _read_index(path: Path) -> tuple[dict[str, str], Any]:
         )
     except FileNotFoundError as exc:
         raise ConversionError(f"{where}: cannot read the safetensors index ({exc.strerror})", file=where) from None
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ConversionError(f"{where}: not valid JSON ({exc}); expected a safetensors index", file=where) from None
+    doc = jsonio.loads(
+        data, where=where, what="a safetensors index", error=lambda message: ConversionError(message, file=where)
+    )
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(
@@ -695,6 +695,9 @@ def _read_index(path: Path) -> tuple[dict[str, str], Any]:
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
             raise ConversionError(f"{where}: weight_map[{name!r}] is {shard!r}, expected a file name", file=where)
+    problem = jsonio.check_value(doc.get("metadata"), "$.metadata")
+    if problem is not None:
+        raise ConversionError(f"{where}: {problem}; expected a safetensors index with plain metadata", file=where)
     return weight_map, doc.get("metadata")
 
 

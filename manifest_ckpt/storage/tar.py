@@ -117,6 +117,13 @@ class _UnsafeName(Exception):
     """Internal: a member name is unsafe; the argument says why."""
 
 
+# NAME_MAX and PATH_MAX of common file systems: a longer member could not be extracted anywhere.
+_MAX_SEGMENT_BYTES = 255
+_MAX_NAME_BYTES = 4096
+# A pax size is a decimal byte count; 20 digits hold any 64-bit size (int() refuses > 4,300).
+_MAX_SIZE_DIGITS = 20
+
+
 def _normalize_name(name: str) -> str:
     """Return ``name`` with ``.`` and empty segments dropped ("" if nothing is left).
 
@@ -134,6 +141,11 @@ def _normalize_name(name: str) -> str:
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise _UnsafeName("contains a '..' segment that would escape the destination")
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in parts), default=0)
+    if longest > _MAX_SEGMENT_BYTES or len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+        raise _UnsafeName(
+            f"is longer than file systems allow ({_MAX_SEGMENT_BYTES} bytes a segment, {_MAX_NAME_BYTES} in all)"
+        )
     return "/".join(parts)
 
 
@@ -599,7 +611,7 @@ def _scan(stream: io.BufferedReader, file_size: int, where: str) -> dict[str, Ar
         pax = long_name = None
         size = header.size
         if "size" in extended:
-            if not extended["size"].isdigit():
+            if not extended["size"].isdigit() or len(extended["size"]) > _MAX_SIZE_DIGITS:
                 raise _refuse(where, shown, f"has a pax size {extended['size']!r} that is not a number")
             size = int(extended["size"])
         if any(key.startswith("GNU.sparse") for key in extended):
