@@ -80,6 +80,31 @@ def _rebuild_model_mismatch(cls: type[ModelMismatchError], report: Report, path:
     return cls(report, path=path)
 
 
+class StateMismatchError(ModelMismatchError):
+    """A training state and the live application state disagree; ``.report`` lists every difference.
+
+    A subclass of :class:`ModelMismatchError`, so ``except ModelMismatchError`` catches both.
+    """
+
+    def __init__(self, report: Report, *, path: str | None = None) -> None:
+        where = f" ({path})" if path else ""
+        ManifestCkptError.__init__(self, f"checkpoint does not match the application state{where}:\n{report}")
+        self.report = report
+        self.path = path
+
+
+class UnsupportedValueError(ManifestCkptError, TypeError):
+    """A value cannot be stored without pickle; nothing was written.
+
+    Attributes:
+        keys: the dotted keys of every refused value.
+    """
+
+    def __init__(self, message: str, *, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
 class RemapError(ManifestCkptError, ValueError):
     """A remap rule is invalid, matches no key, or makes two keys collide."""
 

@@ -31,7 +31,7 @@ from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, Manif
 from manifest_ckpt.format.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir, read_regular
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.format.manifest import (
-    FORMAT_VERSION,
+    BASE_FORMAT_VERSION,
     MANIFEST_NAME,
     FileEntry,
     Manifest,
@@ -251,7 +251,7 @@ def _write_into(
         modules=modules,
         lineage=lineage,
         metadata=metadata,
-        format_version=FORMAT_VERSION,
+        format_version=BASE_FORMAT_VERSION,
     )
     atomic_write_bytes(directory / MANIFEST_NAME, manifest.to_json(), fsync=fsync)
     for stale in old_files - set(files):

@@ -38,7 +38,7 @@ from manifest_ckpt.errors import (
 from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.comparison.introspect import module_tree
 from manifest_ckpt.format.manifest import (
-    FORMAT_VERSION,
+    BASE_FORMAT_VERSION,
     MANIFEST_NAME,
     Chunk,
     FileEntry,
@@ -336,7 +336,7 @@ def build_manifest(
         modules=modules,
         lineage=lineage,
         metadata=user_metadata,
-        format_version=FORMAT_VERSION,
+        format_version=BASE_FORMAT_VERSION,
     )
     problems = list(manifest.iter_consistency_problems())
     if problems:

@@ -19,12 +19,18 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from manifest_ckpt.format import dtypes as _dtypes
 from manifest_ckpt.format import jsonio as _jsonio
 from manifest_ckpt.errors import ManifestError, UnsupportedVersionError
+from manifest_ckpt.format import dtypes as _dtypes
+from manifest_ckpt.format import values as _values
 
 FORMAT_NAME: Final = "manifest-ckpt"
-FORMAT_VERSION: Final = "1.0.0"
+FORMAT_VERSION: Final = "1.1.0"
+"""The newest format version this release reads and writes."""
+BASE_FORMAT_VERSION: Final = "1.0.0"
+"""Written when a manifest uses nothing added since 1.0 (weights checkpoints stay as they were)."""
+# Extensions that are content, not record: the digest covers them (docs/format.md §4).
+CONTENT_EXTENSIONS: Final = ("state",)
 MANIFEST_NAME: Final = "manifest.json"
 # ASCII digits only ("²" is a digit to str.isdigit but not to int()); nine digits is plenty.
 _VERSION: Final = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}")
@@ -133,22 +139,36 @@ class ModuleEntry:
         return self.parameters + self.buffers
 
 
+def required_version(extensions: Any) -> str:
+    """The format version a manifest with these ``extensions`` must declare."""
+    if isinstance(extensions, Mapping) and "state" in extensions:
+        return FORMAT_VERSION
+    return BASE_FORMAT_VERSION
+
+
 def compute_digest(
     tensors: Mapping[str, TensorEntry],
     aliases: Mapping[str, str],
     modules: Mapping[str, ModuleEntry] | None,
+    extensions: Any = None,
 ) -> str:
     """The checkpoint's content identity: tensor digests, shapes, dtypes, aliases, module tree.
 
     File names, byte offsets, lineage and metadata are left out on purpose, so the same
-    weights split differently across files, or re-saved later, keep their identity.
+    weights split differently across files, or re-saved later, keep their identity. The
+    content extensions (the application-state tree of a training state) are covered: two
+    training states that differ only in a step count are different checkpoints.
     """
-    content = {
+    content: dict[str, Any] = {
         "format": f"{FORMAT_NAME}/1",
         "tensors": {k: [t.dtype, list(t.shape), t.digest] for k, t in tensors.items()},
         "aliases": dict(aliases),
         "modules": None if modules is None else {p: m.to_dict() for p, m in modules.items()},
     }
+    if isinstance(extensions, Mapping):
+        for name in CONTENT_EXTENSIONS:
+            if name in extensions:
+                content[name] = _plain(extensions[name])
     blob = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
@@ -303,9 +323,48 @@ class Manifest:
                 yield _path("modules"), f"declares {key!r}, which is neither stored nor an alias"
             for key in sorted(stored - declared):
                 yield _path("tensors", key), "is stored but no module in the tree declares it"
-        expected = compute_digest(self.tensors, self.aliases, self.modules)
+        yield from self._state_problems()
+        expected = compute_digest(self.tensors, self.aliases, self.modules, self.extensions)
         if self.digest != expected:
             yield "$.digest", f"is {self.digest}, the content gives {expected}"
+
+    def _state_problems(self) -> Iterator[tuple[str, str]]:
+        """The rules of a training state's entry tree (docs/format.md §8)."""
+        state = self.state
+        if state is None:
+            return
+        at = "$.extensions.state"
+        if self.modules is not None:
+            yield "$.modules", "must be null in a training state (each module entry carries its own tree)"
+        if self.format_version.split(".")[:2] == BASE_FORMAT_VERSION.split(".")[:2]:
+            yield "$.format_version", f"is {self.format_version}; a training state needs {FORMAT_VERSION} or later"
+        yield from ((at + p, msg) for p, msg in _values.duplicate_names(state))
+        stored = set(self.tensors) | set(self.aliases)
+        seen: dict[str, str] = {}
+        for tag, key, where in _values.iter_refs(state):
+            if key not in stored:
+                yield at + where, f"references {key!r}, which is neither a stored tensor nor an alias"
+                continue
+            if key in seen:
+                yield at + where, f"references {key!r}, already referenced at {at}{seen[key]}; store a shared value once"
+            seen.setdefault(key, where)
+            if tag != "tensor":
+                entry = self.entry(key)
+                if entry.dtype != "uint8" or len(entry.shape) != 1:
+                    yield _path("tensors", key), f"holds {tag} and must be uint8[n], found {_dtypes.describe(entry.dtype, entry.shape)}"
+        for key in sorted(stored - set(seen)):
+            yield _path("tensors", key) if key in self.tensors else _path("aliases", key), (
+                "is stored but no entry of the application state references it"
+            )
+
+    @property
+    def state(self) -> Mapping[str, Any] | None:
+        """The application-state tree of a training state (``$.extensions.state``), else None."""
+        if isinstance(self.extensions, Mapping):
+            state = self.extensions.get("state")
+            if isinstance(state, Mapping):
+                return state
+        return None
 
     # -- writing -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
