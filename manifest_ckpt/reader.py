@@ -19,7 +19,6 @@ from manifest_ckpt.comparison.report import Report
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt.storage.store import Store, open_store, read_manifest, read_store_manifest
 from manifest_ckpt.errors import IntegrityError, ManifestError, ModelMismatchError, UnsupportedTensorError
-from manifest_ckpt.format.integrity import digest_many
 from manifest_ckpt.comparison.introspect import LiveState, capture
 from manifest_ckpt.format.manifest import Chunk, Manifest, _gc_paused
 from manifest_ckpt.comparison.remap import Remap, apply_remap
@@ -186,7 +185,7 @@ class _Weights:
 
         The distributed reader verifies only the chunks its rank reads.
         """
-        found = digest_many([_byte_reader(self, c, progress) for _, c in jobs])
+        found = self.store.digest_ranges([(c.file, *c.byte_range) for _, c in jobs], progress=progress)
         bad = [(key, c, d) for (key, c), d in zip(jobs, found) if d != c.digest]
         if bad:
             lines = "\n".join(
@@ -201,19 +200,6 @@ class _Weights:
                 file=bad[0][1].file,
                 key=bad[0][0],
             )
-
-
-def _byte_reader(
-    weights: _Weights, chunk: Chunk, progress: Callable[[int], None] | None
-) -> Callable[[], memoryview]:
-    def get() -> memoryview:
-        mapping, offset, _ = weights.store.file_map(chunk.file)
-        start, end = chunk.byte_range
-        if progress is not None:
-            progress(end - start)
-        return memoryview(mapping)[offset + start : offset + end]
-
-    return get
 
 
 def verify(

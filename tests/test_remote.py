@@ -330,3 +330,43 @@ def test_ancestry_finds_parents_under_an_s3_prefix(s3: S3, url: str) -> None:
     assert chain.ok and chain.digest == child.digest
     (ancestor,) = chain.ancestors
     assert (ancestor.digest, ancestor.status, ancestor.location) == (parent.digest, "verified", f"{url}/runs/parent")
+
+
+def test_block_plan_covers_each_range_once_in_order() -> None:
+    """Blocks cover the union of the ranges, at most BLOCK_BYTES each, and list every range they serve."""
+    block = remote.BLOCK_BYTES
+    ranges = [("b", 0, 10), ("a", 5, 3 * block), ("a", 0, 5), ("a", 4 * block, 4 * block + 1), ("a", 7, 7)]
+    plan = remote._plan_blocks(ranges)
+    spans = [(b.file, b.start, b.end) for b in plan]
+    assert spans == [("a", 0, block), ("a", block, 2 * block), ("a", 2 * block, 3 * block),
+                     ("a", 4 * block, 4 * block + 1), ("b", 0, 10)]
+    assert [sorted(i for i, _, _ in b.parts) for b in plan] == [[1, 2], [1], [1], [3], [0]]
+
+
+def test_verify_streams_with_bounded_blocks_and_reads_each_byte_once(
+    s3: S3, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify hashes while streaming: no request exceeds BLOCK_BYTES and every byte is fetched once."""
+    monkeypatch.setattr(remote, "BLOCK_BYTES", 1024)
+    monkeypatch.setattr(remote, "HEAD_BYTES", 64)
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    manifest = mc.save(model, url, storage_options=s3.options, record_code=False)
+    opened = counting(monkeypatch)
+    requests: list[int] = []
+    original = remote.FsspecStore._fetch
+
+    def fetch(self: remote.FsspecStore, name: str, start: int, end: int) -> bytes:
+        requests.append(end - start)
+        return original(self, name, start, end)
+
+    monkeypatch.setattr(remote.FsspecStore, "_fetch", fetch)
+    mc.verify(url, storage_options=s3.options)
+    (store,) = opened
+    size = sum(f.size for f in manifest.files.values())
+    manifest_size = store.bytes_read - sum(requests)
+    assert len(requests) > 10 and max(requests) <= 1024
+    # Each byte once, except the header, which binding reads first and the blocks may read again.
+    header = 8 + int.from_bytes(s3.fs.cat_file(f"{url[5:]}/{next(iter(manifest.files))}", start=0, end=8), "little")
+    assert size <= store.bytes_read - manifest_size <= size + header
+    assert not store._buffers  # nothing was held whole

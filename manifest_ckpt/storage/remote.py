@@ -17,11 +17,14 @@ which the next successful save to that URL removes.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import posixpath
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +212,50 @@ class FsspecStore:
             )
         return data
 
+    def _cached(self, name: str, start: int, end: int) -> bytes | memoryview:
+        """Bytes of a range from what was already fetched (a whole file, or its head), else a GET."""
+        if name in self._buffers:
+            buf, offset, _ = self._buffers[name]
+            return memoryview(buf)[offset + start : offset + end]
+        head = self._heads.get(name, b"")
+        if end <= len(head):
+            return memoryview(head)[start:end]
+        return self._fetch(name, start, end)
+
+    def stream(self, ranges: Sequence[tuple[str, int, int]]) -> Iterator[tuple[int, int, memoryview]]:
+        """The bytes of each ``(file, start, end)`` range, in file order, with bounded memory.
+
+        Yields ``(range index, offset within the range, piece)``. The ranges' union is read in
+        blocks of at most ``BLOCK_BYTES``, ``CONCURRENCY`` in flight, each byte once; at most
+        that many blocks are held at a time, whatever the files' sizes.
+        """
+        blocks = _plan_blocks(ranges)
+        with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+            pending: deque[tuple[_Block, Future[bytes | memoryview]]] = deque()
+            todo = iter(blocks)
+            for block in itertools.islice(todo, CONCURRENCY):
+                pending.append((block, pool.submit(self._cached, block.file, block.start, block.end)))
+            while pending:
+                block, future = pending.popleft()
+                data = memoryview(future.result())
+                following = next(todo, None)
+                if following is not None:
+                    pending.append((following, pool.submit(self._cached, following.file, following.start, following.end)))
+                for index, start, end in block.parts:
+                    lo, hi = max(start, block.start), min(end, block.end)
+                    yield index, lo - start, data[lo - block.start : hi - block.start]
+
+    def digest_ranges(
+        self, ranges: Sequence[tuple[str, int, int]], *, progress: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """Hash each range while it streams in (bounded memory; each byte fetched once)."""
+        hashers = [hashlib.sha256() for _ in ranges]
+        for index, _, piece in self.stream(ranges):
+            hashers[index].update(piece)
+            if progress is not None:
+                progress(len(piece))
+        return ["sha256:" + h.hexdigest() for h in hashers]
+
     def file_map(self, name: str) -> tuple[bytearray, int, int]:
         """The whole file, fetched once in concurrent ranged reads, as a writable buffer."""
         if name in self._buffers:
@@ -230,6 +277,46 @@ class FsspecStore:
                 list(pool.map(fetch, ranges))
         self._buffers[name] = (buf, 0, size)
         return self._buffers[name]
+
+
+@dataclass
+class _Block:
+    """One ranged read: ``[start, end)`` of ``file`` and the requested ranges it serves."""
+
+    file: str
+    start: int
+    end: int
+    parts: list[tuple[int, int, int]]  # (range index, range start, range end)
+
+
+def _plan_blocks(ranges: Sequence[tuple[str, int, int]]) -> list[_Block]:
+    """Cover the union of ``ranges`` with reads of at most ``BLOCK_BYTES``, in file order.
+
+    Linear after the sort: ranges are taken by start; each block keeps the ranges that
+    overlap it, and a range leaves the active list once a block reaches its end.
+    """
+    order = sorted((r for r in range(len(ranges)) if ranges[r][2] > ranges[r][1]), key=lambda r: ranges[r])
+    blocks: list[_Block] = []
+    k = 0
+    while k < len(order):
+        name, lo, hi = ranges[order[k]]
+        # One segment: ranges of one file that overlap or touch, read as one span.
+        end_k = k
+        while end_k + 1 < len(order) and ranges[order[end_k + 1]][0] == name and ranges[order[end_k + 1]][1] <= hi:
+            end_k += 1
+            hi = max(hi, ranges[order[end_k]][2])
+        active: list[int] = []
+        nxt = k
+        for start in range(lo, hi, BLOCK_BYTES):
+            end = min(start + BLOCK_BYTES, hi)
+            while nxt <= end_k and ranges[order[nxt]][1] < end:
+                active.append(order[nxt])
+                nxt += 1
+            parts = [(r, ranges[r][1], ranges[r][2]) for r in active if ranges[r][2] > start]
+            blocks.append(_Block(name, start, end, parts))
+            active = [r for r in active if ranges[r][2] > end]
+        k = end_k + 1
+    return blocks
 
 
 def open_remote_store(url: str, storage_options: StorageOptions | None = None) -> FsspecStore:

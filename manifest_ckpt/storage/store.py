@@ -12,11 +12,12 @@ import stat
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
 from manifest_ckpt.format.integrity import kind_of, open_regular, os_reason, read_regular
+from manifest_ckpt.format.integrity import digest_many
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
 
 
@@ -50,6 +51,12 @@ class Store(Protocol):
         """Bytes ``[start, end)`` of weights file ``name`` (headers: no whole-file read)."""
         ...
 
+    def digest_ranges(
+        self, ranges: Sequence[tuple[str, int, int]], *, progress: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """The ``sha256:`` digest of each ``(file, start, end)`` byte range, in order."""
+        ...
+
 
 class MappedStore:
     """``file_size`` and ``read_range`` for stores whose files are memory-mapped (local ones)."""
@@ -63,6 +70,22 @@ class MappedStore:
     def read_range(self, name: str, start: int, end: int) -> bytes:
         mapping, offset, size = self.file_map(name)
         return mapping[offset + min(start, size) : offset + min(end, size)]
+
+    def digest_ranges(
+        self, ranges: Sequence[tuple[str, int, int]], *, progress: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """Hash mapped views on every core; pages are touched only when a worker reaches them."""
+
+        def reader(name: str, start: int, end: int) -> Callable[[], memoryview]:
+            def get() -> memoryview:
+                mapping, offset, _ = self.file_map(name)
+                if progress is not None:
+                    progress(end - start)
+                return memoryview(mapping)[offset + start : offset + end]
+
+            return get
+
+        return digest_many([reader(*r) for r in ranges])
 
 
 @dataclass
