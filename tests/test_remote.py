@@ -370,3 +370,43 @@ def test_verify_streams_with_bounded_blocks_and_reads_each_byte_once(
     header = 8 + int.from_bytes(s3.fs.cat_file(f"{url[5:]}/{next(iter(manifest.files))}", start=0, end=8), "little")
     assert size <= store.bytes_read - manifest_size <= size + header
     assert not store._buffers  # nothing was held whole
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A plain HTTP server (no Range support) on 127.0.0.1 serving ``tmp_path``."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_urls_are_read_only_checkpoints(http_root: tuple[Path, str]) -> None:
+    """check, load (verifying) and verify work over plain HTTP; a save there is a typed refusal."""
+    root, base = http_root
+    model = trained()
+    mc.save(model, root / "ck", record_code=False)
+    assert mc.check(TiedNet(), f"{base}/ck").ok
+    target = TiedNet()
+    mc.load(target, f"{base}/ck", verify_digests=True)
+    assert_bitwise_equal(target.state_dict(), model.state_dict())
+    mc.verify(f"{base}/ck")
+    with pytest.raises(mc.CheckpointNotFoundError, match=r"no manifest\.json"):
+        mc.read_manifest(f"{base}/absent")
+    with pytest.raises(mc.StorageError):
+        mc.save(model, f"{base}/new", record_code=False)
+    assert not (root / "new").exists()
