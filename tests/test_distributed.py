@@ -11,6 +11,7 @@ Run as a script, this file is one rank of such a run:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -32,6 +33,7 @@ from torch import nn
 import manifest_ckpt as mc
 from manifest_ckpt import distributed as mcd
 from manifest_ckpt.distributed.reader import merge_reports
+from manifest_ckpt.errors import UnsupportedValueError
 from manifest_ckpt.comparison.report import Problem, Report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +156,9 @@ def _scenario_save(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     pending = mcd.async_save(state, directory / "ck_async", record_code=False)
     async_manifest = pending.result(timeout=60)
     again = _expect_failure(lambda: mcd.save(state, directory / "ck", record_code=False))
-    return {"digest": manifest.digest, "async_digest": async_manifest.digest, "again": again}
+    app = {"model": state, "progress": {"step": 7, "losses": [0.5, 0.25]}, "blob": io.BytesIO(b"same on all")}
+    app_digest = mcd.save(app, directory / "ck_app", record_code=False).digest
+    return {"digest": manifest.digest, "async_digest": async_manifest.digest, "again": again, "app_digest": app_digest}
 
 
 def _scenario_load(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
@@ -169,6 +173,10 @@ def _scenario_load(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     state = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
     mcd.load(state, directory / "ck_async")
     out["exact_async"] = _bit_exact(state)
+    app = {"model": _sharded(values, LOAD_PLACEMENT, mesh, zeros=True), "progress": {"step": 0}, "blob": io.BytesIO()}
+    mcd.load(app, directory / "ck_app", allow_unexpected=[r"progress\.losses"])
+    out["app_exact"] = _bit_exact(app["model"])
+    out["app_values"] = [app["progress"], app["blob"].getvalue().decode()]
 
     # Rank 2 expects another shape and an extra key, rank 1 another dtype: all ranks hear of all.
     wrong = dict(values)
@@ -359,6 +367,22 @@ def test_three_ranks_load_two_rank_checkpoint_resharded_bit_exact(loaded: list[d
 
 
 @pytest.mark.distributed
+def test_an_application_state_saved_on_two_ranks_loads_on_three(
+    saved: tuple[Path, list[dict[str, Any]]], loaded: list[dict[str, Any]]
+) -> None:
+    """Sharded tensors with values and bytes: one tree in the manifest, resharded bit-exact, values on every rank."""
+    directory, results = saved
+    manifest = mc.read_manifest(directory / "ck_app")
+    assert results[0]["app_digest"] == results[1]["app_digest"] == manifest.digest
+    assert manifest.state is not None and manifest.aliases == {"model.head.weight": "model.embed.weight"}
+    mc.verify(directory / "ck_app")
+    keys = sorted(expected_values())
+    for rank, result in enumerate(loaded):
+        assert result["app_exact"] == dict.fromkeys(keys, True), rank
+        assert result["app_values"] == [{"step": 7}, "same on all"], rank
+
+
+@pytest.mark.distributed
 def test_a_rank_that_differs_makes_every_rank_raise_the_same_report(loaded: list[dict[str, Any]]) -> None:
     """Problems of ranks 1 and 2 are gathered into one ModelMismatchError raised on all 3 ranks."""
     failures = [r["mismatch"] for r in loaded]
@@ -478,12 +502,14 @@ def test_missing_checkpoint_raises_the_library_error(tmp_path: Path) -> None:
         mcd.load(Model().state_dict(), tmp_path / "nothing")
 
 
-def test_non_tensor_values_are_refused_before_writing(tmp_path: Path) -> None:
-    """A state dict holding a Python number is refused by name, and nothing is written."""
-    state: dict[str, Any] = {"w": torch.zeros(2), "optim": {"lr": 0.1}}
-    with pytest.raises(mc.UnsupportedTensorError, match=r"'optim\.lr' \(float\)"):
+def test_values_that_need_pickle_are_refused_before_writing(tmp_path: Path) -> None:
+    """Objects that are neither tensors, bytes nor plain values are refused, all named, nothing written."""
+    state: dict[str, Any] = {"w": torch.zeros(2), "optim": {"lr": 0.1, "fn": print, 3.5: 1}, "p": Path("x")}
+    with pytest.raises(UnsupportedValueError) as info:
         mcd.save(state, tmp_path / "ck")
-    assert not (tmp_path / "ck" / "manifest.json").exists()
+    assert info.value.keys == ("optim.fn", "optim.3.5", "p")
+    assert "optim.fn (builtins.builtin_function_or_method)" in str(info.value)
+    assert not (tmp_path / "ck").exists()
 
 
 def test_module_tree_must_match_the_state_dict(tmp_path: Path) -> None:
@@ -670,6 +696,165 @@ def test_our_save_planner_leaves_dcp_metadata_readable_without_the_library(tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[-2] == "ok [0.0, 1.0, 2.0] [0.0, 1.0, 2.0] [0, 1]"
+
+
+# -- application states: get_state_dict, Stateful objects, values --------------------------------
+class _TrainState:
+    """A Stateful object whose state mixes tensors, plain values and a BytesIO (as in DCP's e2e test)."""
+
+    def __init__(self, step: int = 0, losses: list[float] | None = None) -> None:
+        self.step, self.losses = step, list(losses or [])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": torch.tensor(self.step), "losses": self.losses, "note": io.BytesIO(b"\x00raw")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.losses = int(state["step"]), state["losses"]
+        self.note = state["note"].getvalue()
+
+
+def _trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    optim = torch.optim.Adam(model.parameters(), lr=0.1 if seed == 0 else 0.2)
+    for _ in range(2):
+        model(torch.randn(3, 4)).sum().backward()
+        optim.step()
+        optim.zero_grad()
+    return model, optim
+
+
+def _plain(value: Any) -> Any:
+    """A comparable form: tensors as (dtype, bits), BytesIO as its bytes, containers keep their type."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), value.reshape(-1).view(torch.uint8).tolist())
+    if isinstance(value, io.BytesIO):
+        return ("bytesio", value.getvalue())
+    return value
+
+
+def test_get_state_dict_recipe_round_trips_bit_exact(tmp_path: Path) -> None:
+    """{"model": msd, "optim": osd} from get_state_dict saves and loads in place; set_state_dict restores all."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, optim = _trained(0)
+    msd, osd = get_state_dict(model, optim)
+    manifest = mcd.save({"model": msd, "optim": osd}, tmp_path / "ck", record_code=False)
+    assert manifest.format_version == "1.1.0" and manifest.modules is None
+    assert "optim.state.0.weight.exp_avg" in manifest.tensors
+    mc.verify(tmp_path / "ck")
+
+    fresh, fresh_optim = _trained(1)
+    msd2, osd2 = get_state_dict(fresh, fresh_optim)
+    target = {"model": msd2, "optim": osd2}
+    mcd.load(target, tmp_path / "ck")
+    assert target["model"] is msd2 and target["optim"] is osd2  # in place, as dcp.load
+    set_state_dict(fresh, fresh_optim, model_state_dict=msd2, optim_state_dict=osd2)
+    assert fresh_optim.param_groups[0]["lr"] == 0.1
+    assert fresh_optim.param_groups[0]["betas"] == (0.9, 0.999)  # a tuple again, not a list
+    assert _plain(get_state_dict(fresh, fresh_optim)) == _plain(get_state_dict(model, optim))
+
+
+def test_stateful_objects_and_bytes_round_trip(tmp_path: Path) -> None:
+    """Stateful objects are saved through state_dict() and restored through load_state_dict(), BytesIO included."""
+    model, optim = _trained(0)
+    mcd.save({"model": model, "optim": optim, "train": _TrainState(7, [0.5, 0.25])}, tmp_path / "ck")
+    fresh, fresh_optim = _trained(1)
+    train = _TrainState()
+    mcd.load({"model": fresh, "optim": fresh_optim, "train": train}, tmp_path / "ck")
+    assert (train.step, train.losses, train.note) == (7, [0.5, 0.25], b"\x00raw")
+    assert _plain(fresh_optim.state_dict()) == _plain(optim.state_dict())
+    assert _plain(fresh.state_dict()) == _plain(model.state_dict())
+
+
+def _dcp_reference(state: dict[str, Any], path: Path) -> None:
+    """The same state saved by torch's own FileSystemWriter, for differential checks."""
+    import copy
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    with pytest.warns(UserWarning, match="single process"):
+        dcp_save(copy.deepcopy(state), storage_writer=FileSystemWriter(path))
+
+
+def _app_state() -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(*_trained(0))
+    extra = {"step": 3, "nan": float("nan"), "blob": io.BytesIO(b"abc"), "pair": (torch.ones(2), 5), "none": None}
+    return {"model": msd, "optim": osd, "extra": extra}
+
+
+def test_dcp_to_torch_save_keeps_the_nesting_as_dcp_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dcp_to_torch_save (our reader substituted) gives what it gives for torch's own checkpoint of the state."""
+    from torch.distributed.checkpoint import format_utils
+
+    state = _app_state()
+    mcd.save(state, tmp_path / "ours", record_code=False)
+    _dcp_reference(state, tmp_path / "theirs")
+    format_utils.dcp_to_torch_save(tmp_path / "theirs", tmp_path / "theirs.pt")
+    monkeypatch.setattr(format_utils, "FileSystemReader", mcd.ManifestStorageReader)
+    format_utils.dcp_to_torch_save(tmp_path / "ours", tmp_path / "ours.pt")
+    ours, theirs = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("ours", "theirs"))
+    assert sorted(ours) == ["extra", "model", "optim"]
+    assert list(ours["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    nan_free = [{**d, "extra": {k: v for k, v in d["extra"].items() if k != "nan"}} for d in (ours, theirs)]
+    assert _plain(nan_free[0]) == _plain(nan_free[1])
+    assert str(ours["extra"]["nan"]) == str(theirs["extra"]["nan"]) == "nan"
+
+
+def test_load_state_dict_from_keys_selects_nested_keys(tmp_path: Path) -> None:
+    """_load_state_dict_from_keys("optim.state") returns {"optim": {"state": ...}} only, as from a DCP checkpoint."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    state = _app_state()
+    mcd.save(state, tmp_path / "ours", record_code=False)
+    _dcp_reference(state, tmp_path / "theirs")
+    with pytest.warns(UserWarning, match="single process"):
+        ours = _load_state_dict_from_keys("optim.state", storage_reader=mcd.ManifestStorageReader(tmp_path / "ours"))
+        theirs = _load_state_dict_from_keys("optim.state", storage_reader=FileSystemReader(tmp_path / "theirs"))
+    assert list(ours) == ["optim"] and list(ours["optim"]) == ["state"]
+    assert _plain(ours) == _plain(theirs)
+
+
+def test_dcp_default_planner_reads_values_through_our_reader(tmp_path: Path) -> None:
+    """dcp.load with DCP's own planner gets every value (its torch.load reads a stream made from the JSON tree)."""
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    mcd.save(_app_state(), tmp_path / "ck", record_code=False)
+    target: dict[str, Any] = {"extra": {"step": 0, "blob": None, "pair": None, "none": 1, "nan": 0.0}}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp_load(target, storage_reader=mcd.ManifestStorageReader(tmp_path / "ck"))
+    extra = target["extra"]
+    assert (extra["step"], extra["blob"].getvalue(), extra["none"]) == (3, b"abc", None)
+    assert _plain(extra["pair"]) == _plain((torch.ones(2), 5))
+
+
+def test_missing_values_are_reported_before_anything_is_loaded(tmp_path: Path) -> None:
+    """A value the live state expects and the checkpoint lacks is a problem; tensors stay untouched."""
+    mcd.save({"w": torch.ones(2), "progress": {"step": 3}}, tmp_path / "ck", record_code=False)
+    target: dict[str, Any] = {"w": torch.zeros(2), "progress": {"step": 0, "epoch": 0}}
+    with pytest.raises(mc.ModelMismatchError) as info:
+        mcd.load(target, tmp_path / "ck")
+    assert [(p.kind, p.key, p.expected) for p in info.value.report.problems] == [("missing", "progress.epoch", "value")]
+    assert not target["w"].any() and target["progress"] == {"step": 0, "epoch": 0}
+    mcd.load(target, tmp_path / "ck", allow_missing=[r"progress\.epoch"])
+    assert target["progress"] == {"step": 3, "epoch": 0} and target["w"].all()
+
+
+def test_async_save_of_an_application_state(tmp_path: Path) -> None:
+    """async_save stores the same tree and tensors as save."""
+    state = _app_state()
+    sync = mcd.save(state, tmp_path / "sync", record_code=False)
+    with pytest.warns(UserWarning, match="single process"):
+        done = mcd.async_save(state, tmp_path / "async", record_code=False).result(timeout=60)
+    assert done.digest == sync.digest and done.extensions == sync.extensions
 
 
 def test_model_mismatch_error_survives_pickling() -> None:

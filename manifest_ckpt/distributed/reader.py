@@ -9,6 +9,7 @@ the coordinator raises one report for all of them, before any tensor is read.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections import defaultdict
 from collections.abc import Iterable
@@ -19,7 +20,9 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
@@ -30,8 +33,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, compare, owner_of
+from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, _matcher, compare, owner_of
 from manifest_ckpt.distributed.state import live_spec, torch_dtype_name
+from manifest_ckpt.distributed.tree import DcpView, dcp_view, materialize, refs_of
 from manifest_ckpt.comparison.report import Problem, Report, sort_problems
 from manifest_ckpt.storage.store import open_store, read_store_manifest
 from manifest_ckpt.errors import IntegrityError, ManifestCkptError, ModelMismatchError
@@ -56,6 +60,7 @@ class ChunkIndex:
     spec: StateSpec
     chunks: dict[MetadataIndex, tuple[str, Chunk]]
     location: str
+    view: DcpView | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class _RankState:
     """A rank's local plan ``planner_data``: the structure of its live state dict."""
 
     spec: StateSpec
+    values: frozenset[str] = frozenset()
 
 
 class ManifestStorageReader(FileSystemReader):
@@ -116,12 +122,25 @@ class ManifestStorageReader(FileSystemReader):
                 f"{store.location}: checkpoint digest is {manifest.digest}, expected {self.expect_digest}; "
                 "this is not the checkpoint you pinned"
             )
-        names = apply_remap(manifest.keys(), self.remap)
-        spec = StateSpec.from_manifest(manifest).renamed(names)
+        view = dcp_view(manifest)
+        # DCP's key of each stored tensor: the tree's leaves (a training state), else the keys.
+        dcp_keys = {key: key for key in manifest.keys()} if view is None else {v: k for k, v in view.tensors.items()}
+        names = apply_remap(list(dcp_keys.values()), self.remap)
+        spec = StateSpec.from_manifest(manifest)
+        if view is not None:  # tensors inside values (a tuple of tensors) are no leaves of DCP's
+            spec = StateSpec(
+                {k: t for k, t in spec.tensors.items() if k in dcp_keys},
+                {a: t for a, t in spec.aliases.items() if a in dcp_keys and t in dcp_keys},
+                spec.classes,
+            )
+        spec = spec.renamed({key: names[dcp_key] for key, dcp_key in dcp_keys.items()})
         state_dict_metadata: dict[str, Any] = {}
+        planner_data: dict[str, tuple[str | int, ...]] = {}
         chunks: dict[MetadataIndex, tuple[str, Chunk]] = {}
-        for key in manifest.keys():
-            name = names[key]
+        for key, dcp_key in dcp_keys.items():
+            name = names[dcp_key]
+            renamed = name != dcp_key or view is None
+            planner_data[name] = (name,) if renamed else view.mappings[dcp_key]  # type: ignore[union-attr]
             stored = manifest.aliases.get(key, key)
             entry = manifest.tensors[stored]
             pieces = entry.pieces()
@@ -132,12 +151,17 @@ class ManifestStorageReader(FileSystemReader):
             )
             for c in pieces:
                 chunks[MetadataIndex(name, c.offsets)] = (stored, c)
-        self.index = ChunkIndex(manifest, spec, chunks, store.location)
+        if view is not None:
+            for key in view.values:
+                state_dict_metadata[key] = BytesStorageMetadata()
+                planner_data[key] = view.mappings[key]
+        self.index = ChunkIndex(manifest, spec, chunks, store.location, view)
         self.weights = _Weights(store, manifest)
         return Metadata(
             state_dict_metadata=state_dict_metadata,
-            # Flat keys: each is its own top-level entry (for DCP's state-dict rebuilding planners).
-            planner_data={name: (name,) for name in state_dict_metadata},
+            # The object path of every key, for the planners that rebuild the nesting
+            # (dcp_to_torch_save, _load_state_dict_from_keys); a weights checkpoint is flat.
+            planner_data=planner_data,
             storage_data=self.index,
             storage_meta=StorageMeta(checkpoint_id=store.location, load_id=self.load_id),
         )
@@ -159,7 +183,12 @@ class ManifestStorageReader(FileSystemReader):
 
     def _check_files(self, items: Iterable[ReadItem]) -> None:
         assert self.index is not None and self.weights is not None
-        pieces = {self.index.chunks[item.storage_index] for item in items}
+        pieces = set()
+        for item in items:
+            if item.type == LoadItemType.BYTE_IO:
+                pieces |= {(k, c) for k in self._value_refs(item.storage_index.fqn) for c in self.index.manifest.entry(k).pieces()}
+            else:
+                pieces.add(self.index.chunks[item.storage_index])
         if not pieces:
             return
         self.weights.bind({c.file for _, c in pieces})
@@ -178,7 +207,8 @@ class ManifestStorageReader(FileSystemReader):
         per_file: dict[str, list[tuple[ReadItem, str, Chunk]]] = defaultdict(list)
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
-                raise ManifestCkptError(f"{item.dest_index.fqn!r}: a manifest checkpoint holds tensors only")
+                self._read_value(item, planner)
+                continue
             stored, chunk = self.index.chunks[item.storage_index]
             per_file[chunk.file].append((item, stored, chunk))
         with torch.no_grad():
@@ -204,6 +234,40 @@ class ManifestStorageReader(FileSystemReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+    def _value_refs(self, key: str) -> list[str]:
+        assert self.index is not None
+        view = self.index.view
+        if view is None or key not in view.values:
+            raise ManifestCkptError(f"{key!r}: {self.index.location} holds no value under this key")
+        return refs_of(view.values[key], view)
+
+    def _read_value(self, item: ReadItem, planner: LoadPlanner) -> None:
+        """Hand a value leaf to the planner: as the object to ours, as torch.load-able bytes to DCP's.
+
+        DCP's planners ``torch.load`` every non-tensor; the stream given to them is made here
+        from the JSON tree (no pickle is ever read from the checkpoint).
+        """
+        assert self.index is not None and self.index.view is not None and self.weights is not None
+        key = item.storage_index.fqn
+        self._value_refs(key)
+        value = materialize(self.index.view.values[key], self.index.view, self._whole)
+        if isinstance(planner, ManifestLoadPlanner):
+            planner.load_value(item, value)
+            return
+        stream = io.BytesIO()
+        torch.save(value, stream)
+        stream.seek(0)
+        planner.load_bytes(item, stream)
+
+    def _whole(self, key: str) -> torch.Tensor:
+        """A stored tensor read whole (a value's byte string, or a tensor inside a tuple)."""
+        assert self.index is not None and self.weights is not None
+        entry = self.index.manifest.entry(key)
+        out = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
+        for c in entry.pieces():
+            out[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.shape))] = self.weights.view(c, entry.dtype)
+        return out
 
 
 class ManifestLoadPlanner(DefaultLoadPlanner):
@@ -237,16 +301,46 @@ class ManifestLoadPlanner(DefaultLoadPlanner):
         self.modules = None if module is None else module_tree(module)
         self.check_classes = check_classes
 
-    def _compare(self, live: StateSpec) -> Report:
-        return compare(
+    def _compare(self, live: _RankState) -> Report:
+        report = compare(
             self._reference(),
-            live,
+            live.spec,
             allow_missing=self.allow_missing,
             allow_unexpected=self.allow_unexpected,
             strict=self.strict,
             cast=self.allow_cast,
             check_classes=self.check_classes,
         ).report
+        extra = self._value_problems(live.values)
+        if not extra:
+            return report
+        return dataclasses.replace(report, problems=sort_problems([*report.problems, *extra]))
+
+    def _value_problems(self, live: frozenset[str]) -> list[Problem]:
+        """Values (not tensors) the live state expects and the checkpoint lacks, or the reverse."""
+        assert self.metadata is not None
+        stored = {k for k, md in self.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)}
+        if not self.strict:
+            return []
+        missing_ok, unexpected_ok = _matcher(self.allow_missing), _matcher(self.allow_unexpected)
+        problems = [
+            Problem("missing", key, "value", None)
+            for key in sorted(live - stored)
+            if not (missing_ok and missing_ok.fullmatch(key))
+        ]
+        problems += [
+            Problem("unexpected", key, None, "value")
+            for key in sorted(stored - live)
+            if not (unexpected_ok and unexpected_ok.fullmatch(key))
+        ]
+        return problems
+
+    def load_value(self, read_item: ReadItem, value: Any) -> None:
+        """Put a value leaf in place, as ``load_bytes`` does after unpickling (here there is no pickle)."""
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], value)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = value
 
     def _reference(self) -> StateSpec:
         assert self.metadata is not None
@@ -261,21 +355,24 @@ class ManifestLoadPlanner(DefaultLoadPlanner):
         return StateSpec(tensors)
 
     def create_local_plan(self) -> LoadPlan:
-        live = live_spec(self.state_dict, self.modules)
+        tensors = {k: v for k, v in self.state_dict.items() if isinstance(v, torch.Tensor)}
+        live = _RankState(
+            live_spec(tensors, self.modules), frozenset(k for k in self.state_dict if k not in tensors)
+        )
         items: list[ReadItem] = []
         if self._compare(live).ok:
             assert self.metadata is not None
             # Keys allowed to be missing are skipped (strict=False); the rest was checked above.
             items = create_default_local_load_plan(self.state_dict, self.metadata, strict=False).items
-        return LoadPlan(items, planner_data=_RankState(live))
+        return LoadPlan(items, planner_data=_RankState(live.spec, live.values))
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
-        specs = [p.planner_data.spec if isinstance(p.planner_data, _RankState) else None for p in global_plan]
-        if any(s is None for s in specs):
+        states = [p.planner_data for p in global_plan]
+        if not all(isinstance(s, _RankState) for s in states):
             raise ManifestCkptError(
                 "ManifestLoadPlanner: a rank used another planner; every rank must use the same one"
             )
-        report = merge_reports([self._compare(s) for s in specs if s is not None])
+        report = merge_reports([self._compare(s) for s in states])
         if not report.ok:
             index = self.metadata.storage_data if self.metadata is not None else None
             raise ModelMismatchError(report, path=index.location if isinstance(index, ChunkIndex) else None)

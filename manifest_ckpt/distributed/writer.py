@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from manifest_ckpt.distributed.state import local_aliases, require_tensors, torch_dtype_name
+from manifest_ckpt.distributed.tree import encode_state
 from manifest_ckpt.format.dtypes import itemsize, nbytes
 from manifest_ckpt.errors import (
     CheckpointExistsError,
@@ -38,7 +39,6 @@ from manifest_ckpt.errors import (
 from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.comparison.introspect import module_tree
 from manifest_ckpt.format.manifest import (
-    BASE_FORMAT_VERSION,
     MANIFEST_NAME,
     Chunk,
     FileEntry,
@@ -47,6 +47,7 @@ from manifest_ckpt.format.manifest import (
     TensorEntry,
     chunked_digest,
     compute_digest,
+    required_version,
 )
 from manifest_ckpt.writer import (
     _lineage,
@@ -59,17 +60,28 @@ from manifest_ckpt.writer import (
 
 @dataclass(frozen=True)
 class _LocalSaveInfo:
-    """A rank's local plan ``planner_data``: torch's flattening mappings plus its ties."""
+    """A rank's local plan ``planner_data``: torch's flattening mappings, its ties, its value tree."""
 
     mappings: Any
     aliases: dict[str, str]
+    tree: Any
+
+
+@dataclass
+class ManifestStorageMeta(StorageMeta):
+    """What :class:`ManifestStorageWriter` tells the planner: the checkpoint will be a manifest one.
+
+    :class:`ManifestSavePlanner` then hands DCP the tensors under their dotted keys and keeps
+    the rest of the state as the value tree; under another writer it plans as DCP does.
+    """
 
 
 @dataclass(frozen=True)
-class _Ties:
-    """A global ``SavePlan.planner_data``: the ties every rank sees, alias -> key saved."""
+class _GlobalSaveInfo:
+    """A global ``SavePlan.planner_data``: the ties every rank sees (alias -> key saved), the tree."""
 
     aliases: dict[str, str]
+    tree: Any
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,14 @@ class StoredChunk:
 
 
 class ManifestSavePlanner(DefaultSavePlanner):
-    """torch's default save planner, plus: tensors only, and ties saved once as aliases.
+    """torch's default save planner, plus: values stored without pickle, ties saved once.
+
+    The state dict may nest dicts and lists and hold plain values and byte strings, as for
+    ``dcp.save`` (``get_state_dict``'s optimizer ``param_groups``, a step count...); anything
+    else is refused with :class:`~manifest_ckpt.errors.UnsupportedValueError` before any
+    write. Under :class:`ManifestStorageWriter` the tensors are planned under their dotted
+    keys and the rest becomes the checkpoint's value tree; under another writer (torch's
+    ``FileSystemWriter``) the planning is DCP's own.
 
     A tie (the same tensor under two keys, such as tied embeddings) is recorded as an alias
     when every rank sees it; the alias's chunks are then not written a second time.
@@ -105,6 +124,7 @@ class ManifestSavePlanner(DefaultSavePlanner):
         super().__init__(**kwargs)
         self.ties = None if ties is None else dict(ties)
         self.aliases: dict[str, str] = {}
+        self.tree: Any = None
 
     def set_up_planner(
         self,
@@ -114,16 +134,21 @@ class ManifestSavePlanner(DefaultSavePlanner):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        super().set_up_planner(state_dict, storage_meta, is_coordinator)
-        require_tensors(self.state_dict)
-        if self.ties is None:
-            self.aliases = local_aliases(self.state_dict)
+        tree, tensors = encode_state(state_dict)
+        require_tensors(tensors)
+        if isinstance(storage_meta, ManifestStorageMeta):
+            self.tree = tree
+            super().set_up_planner(tensors, storage_meta, is_coordinator)
         else:
-            self.aliases = {k: v for k, v in self.ties.items() if k in self.state_dict and v in self.state_dict}
+            super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        if self.ties is None:
+            self.aliases = local_aliases(tensors)
+        else:
+            self.aliases = {k: v for k, v in self.ties.items() if k in tensors and v in tensors}
 
     def create_local_plan(self) -> SavePlan:
         plan = super().create_local_plan()
-        return dataclasses.replace(plan, planner_data=_LocalSaveInfo(plan.planner_data, self.aliases))
+        return dataclasses.replace(plan, planner_data=_LocalSaveInfo(plan.planner_data, self.aliases, self.tree))
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         infos = [p.planner_data for p in all_plans]
@@ -141,7 +166,8 @@ class ManifestSavePlanner(DefaultSavePlanner):
         # alias's chunks once); another writer ignores them and writes every key. DCP's Metadata
         # keeps only torch's own types, so that a checkpoint written by FileSystemWriter under
         # this planner unpickles where manifest_ckpt is not installed.
-        plans = [dataclasses.replace(p, planner_data=_Ties(aliases)) for p in plans]
+        # The coordinator's tree is the checkpoint's (DCP, too, keeps one rank's non-tensor values).
+        plans = [dataclasses.replace(p, planner_data=_GlobalSaveInfo(aliases, infos[0].tree)) for p in plans]
         return plans, metadata
 
 
@@ -220,6 +246,10 @@ class ManifestStorageWriter(FileSystemWriter):
         self.manifest: Manifest | None = None
         self._lineage_doc: dict[str, Any] | None = None
         self._aliases: dict[str, str] = {}
+        self._tree: Any = None
+
+    def storage_meta(self) -> StorageMeta | None:
+        return ManifestStorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
@@ -241,8 +271,15 @@ class ManifestStorageWriter(FileSystemWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # Lineage reads parent manifests and git state: fail here, before any rank writes.
         self._lineage_doc = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
-        ties = plans[0].planner_data if plans else None
-        self._aliases = dict(ties.aliases) if isinstance(ties, _Ties) else {}
+        info = plans[0].planner_data if plans else None
+        self._aliases = dict(info.aliases) if isinstance(info, _GlobalSaveInfo) else {}
+        self._tree = info.tree if isinstance(info, _GlobalSaveInfo) else None
+        if self._tree is not None and self.modules is not None:
+            raise ManifestError(
+                "module= records one module's tree, but the state dict is an application state (nested, or "
+                "holding values that are not tensors); leave module= out",
+                field="modules",
+            )
         return [
             dataclasses.replace(p, items=[it for it in p.items if it.index.fqn not in self._aliases], storage_data=_RankFiles(i))
             for i, p in enumerate(plans)
@@ -274,7 +311,7 @@ class ManifestStorageWriter(FileSystemWriter):
         lineage = self._lineage_doc
         if lineage is None:
             lineage = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
-        manifest = build_manifest(metadata, results, aliases, self.modules, lineage, self.user_metadata)
+        manifest = build_manifest(metadata, results, aliases, self.modules, lineage, self.user_metadata, self._tree)
         # Files the old manifest used, and weights files an interrupted save left behind.
         stale = _old_weight_files(target) | {n for n in os.listdir(target) if _is_leftover(n)}
         atomic_write_bytes(target / MANIFEST_NAME, manifest.to_json(), fsync=self.sync_files)
@@ -293,13 +330,14 @@ def build_manifest(
     modules: dict[str, ModuleEntry] | None,
     lineage: dict[str, Any],
     user_metadata: Any,
+    tree: Any = None,
 ) -> Manifest:
     """The manifest of a distributed save from every rank's write results.
 
     A tensor written as one chunk covering all of it is recorded whole (``file`` and
     ``byte_range``), exactly as ``save`` records it, so an unsharded state gets the same
     checkpoint digest either way. Empty chunks of a non-empty tensor hold nothing and are
-    left out.
+    left out. A value ``tree`` makes the checkpoint a training state (``$.extensions.state``).
 
     Raises:
         ManifestError: the results do not make a consistent manifest (a planner bug).
@@ -328,15 +366,17 @@ def build_manifest(
         else:
             tensors[key] = TensorEntry(dtype, shape, chunked_digest(tuple(chunks)), chunks=tuple(chunks))
     used = {c.file for t in tensors.values() for c in t.pieces()}
+    extensions = None if tree is None else {"state": tree}
     manifest = Manifest(
-        digest=compute_digest(tensors, dict(sorted(aliases.items())), modules),
+        digest=compute_digest(tensors, dict(sorted(aliases.items())), modules, extensions),
         files={name: files[name] for name in sorted(used)},
         tensors=tensors,
         aliases=dict(sorted(aliases.items())),
         modules=modules,
         lineage=lineage,
         metadata=user_metadata,
-        format_version=BASE_FORMAT_VERSION,
+        format_version=required_version(extensions),
+        extensions=extensions,
     )
     problems = list(manifest.iter_consistency_problems())
     if problems:
