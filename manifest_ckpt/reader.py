@@ -75,6 +75,7 @@ def check(
     return comparison.report
 
 
+@_gc_paused()  # 100,000 keys allocate a few million acyclic objects; collections would only traverse them
 def _compare(
     manifest: Manifest,
     live: LiveState,

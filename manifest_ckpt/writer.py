@@ -37,6 +37,7 @@ from manifest_ckpt.format.manifest import (
     Manifest,
     ModuleEntry,
     TensorEntry,
+    _gc_paused,
     compute_digest,
 )
 
@@ -215,6 +216,7 @@ def _check_destination(target: Path, overwrite: bool) -> None:
         )
 
 
+@_gc_paused()  # the manifest of 100,000 tensors is millions of acyclic objects; collections only slow it
 def _write_into(
     directory: Path,
     state: LiveState,

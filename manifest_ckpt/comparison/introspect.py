@@ -11,7 +11,7 @@ from torch import nn
 from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, owner_of
 from manifest_ckpt.format.dtypes import DTYPES
 from manifest_ckpt.errors import UnsupportedTensorError
-from manifest_ckpt.format.manifest import ModuleEntry
+from manifest_ckpt.format.manifest import ModuleEntry, _gc_paused
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,7 @@ def _agree_with_state(tree: dict[str, ModuleEntry], keys: Iterable[str]) -> dict
     return out
 
 
+@_gc_paused()  # a state dict of 100,000 tensors allocates no cycles; collections would only traverse it
 def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
     """Describe a module or a plain state dict.
 

@@ -61,6 +61,8 @@ def test_saving_is_deterministic_and_the_manifest_is_valid(
         reread = mc.read_manifest(tmp / "a")
         assert reread.to_dict() == document
         assert reread.to_json() == files[MANIFEST_NAME]
+        # The fast canonical encoder writes exactly what json's own indenting encoder would.
+        assert files[MANIFEST_NAME] == (json.dumps(document, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
         assert reread == first
         mc.verify(tmp / "a")
 

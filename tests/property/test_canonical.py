@@ -1,0 +1,60 @@
+"""Property: format.canonical.dumps gives exactly json.dumps(sort_keys=True, indent=1, ensure_ascii=False)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from manifest_ckpt.format import canonical
+
+from .strategies import record_example
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # NaN and infinities too: json writes NaN / Infinity by default
+    | st.text()
+)
+_keys = st.text() | st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False)
+_values = st.recursive(
+    _scalars,
+    lambda children: st.lists(children, max_size=5)
+    | st.tuples(children, children)
+    | st.dictionaries(st.text(), children, max_size=5)
+    | st.dictionaries(_keys, children, max_size=3),
+    max_leaves=30,
+)
+
+
+def _sortable(value: Any) -> bool:
+    """json.dumps(sort_keys=True) raises on dicts whose keys do not compare; skip those."""
+    try:
+        json.dumps(value, sort_keys=True)
+    except TypeError:
+        return False
+    return True
+
+
+@given(value=_values.filter(_sortable))
+def test_dumps_matches_json_dumps(value: Any) -> None:
+    """On random JSON-like values (any key type, floats, nesting, empty containers) the text is identical."""
+    assert canonical.dumps(value) == json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False)
+    record_example()
+
+
+def test_dumps_of_manifest_shaped_document() -> None:
+    """A manifest-shaped document with shapes, ranges, nested chunks and non-ASCII keys matches json.dumps."""
+    document = {
+        "tensors": {
+            "é.weight": {"dtype": "float32", "shape": [2, 3], "byte_range": [8, 32], "digest": "sha256:0", "file": "w"},
+            "s": {"dtype": "int8", "shape": [], "chunks": [{"offsets": [0], "shape": [1], "byte_range": [0, 1]}]},
+        },
+        "aliases": {},
+        "modules": None,
+        "lineage": {"user": {"1": 1.5, "x": [True, None, "\u2028\n\""]}},
+    }
+    assert canonical.dumps(document) == json.dumps(document, sort_keys=True, indent=1, ensure_ascii=False)
