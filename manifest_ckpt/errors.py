@@ -165,3 +165,48 @@ class UnsupportedOptionError(ManifestCkptError, ValueError):
 
     Raised rather than ignoring the option, so a setting never silently has no effect.
     """
+
+
+class PatternError(ManifestCkptError, ValueError):
+    """A pattern argument (``allow_missing``, ``allow_unexpected``...) is not a valid regular expression.
+
+    Attributes:
+        argument: the argument that held it, such as ``allow_missing``.
+        pattern: the offending pattern.
+    """
+
+    def __init__(self, message: str, *, argument: str, pattern: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+        self.pattern = pattern
+
+
+class DeviceUnavailableError(ManifestCkptError, ValueError):
+    """A ``device=`` argument names a device this machine does not have (or not a device at all)."""
+
+
+class DestinationError(ManifestCkptError, FileNotFoundError):
+    """An output path cannot be written: its parent directory is missing or is not a directory.
+
+    Attributes:
+        file: the output path.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class InvalidKeyError(ManifestCkptError, ValueError):
+    """A state-dict key cannot be stored: empty, reserved (``__metadata__``), too long, or not text.
+
+    Attributes:
+        key: the first offending key.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key

@@ -18,7 +18,7 @@ from manifest_ckpt.cli.progress import Progress
 from manifest_ckpt.comparison.report import Report
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt.storage.store import Store, open_store, read_manifest, read_store_manifest
-from manifest_ckpt.errors import IntegrityError, ManifestError, ModelMismatchError, UnsupportedTensorError
+from manifest_ckpt.errors import DeviceUnavailableError, IntegrityError, ManifestError, ModelMismatchError, UnsupportedTensorError
 from manifest_ckpt.comparison.introspect import LiveState, capture
 from manifest_ckpt.format.manifest import Chunk, Manifest, _gc_paused
 from manifest_ckpt.comparison.remap import Remap, apply_remap
@@ -27,6 +27,8 @@ PathLike = str | os.PathLike[str]
 # Tensors up to this size are copied with one memmove (see _fill); larger ones use torch's
 # multi-threaded copy_, where the per-call overhead no longer matters.
 _MEMMOVE_MAX = 1 << 20
+# Dtypes torch cannot copy_ (no kernel), copied as their bytes; compare refuses casting them.
+_BYTE_COPIED = frozenset({torch.float4_e2m1fn_x2})
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,7 @@ def load(
         ManifestError: invalid manifest or weights that do not belong to it.
         UnsupportedTensorError: a module tensor cannot be written (an expanded view).
     """
+    target_device = resolve_device(device)
     store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)
     if expect_digest is not None and manifest.digest != expect_digest:
@@ -314,7 +317,6 @@ def load(
 
     materialize = {k for k in targets if live.tensors[k].is_meta}
     fresh: dict[str, torch.Tensor] = {}
-    target_device = torch.device(device) if device is not None else torch.device("cpu")
     # Meta tensors are built in full before the module is touched, so a failure leaves it as it was.
     for key in sorted(materialize):
         meta = live.tensors[key]
@@ -337,6 +339,37 @@ def load(
         materialized=sorted(k for k in live.tensors if live.aliases.get(k, k) in materialize),
         manifest=manifest,
     )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device meta tensors are materialised on (CPU by default), checked to exist here.
+
+    Raises:
+        DeviceUnavailableError: ``device`` is not a device name, or this machine (or this
+            torch build) does not have it; names the argument and what is available.
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise DeviceUnavailableError(
+            f"device={device!r} is not a torch device ({exc}); use 'cpu', 'cuda', 'cuda:0', 'mps'..."
+        ) from None
+    if resolved.type in ("cpu", "meta"):
+        return resolved
+    try:
+        # Allocating nothing on it is the one test every backend answers the same way.
+        torch.empty(0, device=resolved)
+    except (AssertionError, RuntimeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        count = torch.cuda.device_count() if resolved.type == "cuda" and torch.cuda.is_available() else 0
+        available = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
+        raise DeviceUnavailableError(
+            f"device={device!r} is not available on this machine ({reason}); available: {available}. "
+            "Pass one of those, or leave device= unset to materialise on the CPU. Nothing was loaded."
+        ) from None
+    return resolved
 
 
 def _require_writable(live: LiveState, targets: Iterable[str]) -> None:
@@ -381,6 +414,9 @@ def _fill(target: torch.Tensor, weights: _Weights, manifest: Manifest, stored_ke
         for chunk in entry.pieces():
             source = weights.view(chunk, entry.dtype)
             region = target[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.shape))]
+            if region.dtype in _BYTE_COPIED and source.dtype is region.dtype:
+                # torch has no copy kernel for packed 4-bit floats; the bytes are the values.
+                region, source = region.view(torch.uint8), source.view(torch.uint8)
             region.copy_(source)
 
 

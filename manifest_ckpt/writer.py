@@ -17,17 +17,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
 
 from manifest_ckpt.format.dtypes import nbytes
+from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
 from manifest_ckpt.format import jsonio
-from manifest_ckpt.storage.store import MAX_MANIFEST_BYTES, is_url, read_manifest
+from manifest_ckpt.storage.store import MAX_MANIFEST_BYTES, is_url, read_manifest, require_parent_dir
 from manifest_ckpt._version import __version__
-from manifest_ckpt.errors import CheckpointExistsError, ManifestCkptError, ManifestError
+from manifest_ckpt.errors import CheckpointExistsError, ManifestError, UnsupportedTensorError
 from manifest_ckpt.format.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir, read_regular
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.format.manifest import (
@@ -41,6 +42,7 @@ from manifest_ckpt.format.manifest import (
     compute_digest,
 )
 
+_PLAIN_TENSOR_TYPES: Final = (torch.Tensor, nn.Parameter, nn.Buffer)
 RELATIONS = ("fine-tuned-from", "converted-from", "merged-from", "quantized-from", "resumed-from", "derived-from")
 _WRITE_BLOCK = 64 << 20
 # Small tensors are written through a buffer this size (one system call per tensor would
@@ -69,14 +71,55 @@ def tensor_buffer(tensor: torch.Tensor) -> memoryview:
 
 
 def _to_cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's values as a plain contiguous CPU tensor, ready to be written byte for byte.
+
+    A lazily conjugated or negated view (``x.conj()``, ``torch._neg_view(x)``) keeps its
+    storage unchanged and a flag; its bytes are not its values until resolved (both calls
+    return the tensor itself when the flag is not set, so the common path pays nothing).
+    """
     t = tensor.detach()
     if t.is_meta:
-        raise ManifestCkptError(
+        raise UnsupportedTensorError(
             "cannot save a tensor on the meta device: it has no values; materialise the module first"
         )
     if t.device.type != "cpu":
         t = t.cpu()
-    return t.contiguous()
+    return t.resolve_conj().resolve_neg().contiguous()
+
+
+def require_storable(tensors: Mapping[str, torch.Tensor], *, writer: str) -> None:
+    """Refuse, before anything is written, what would not be stored as the values the user has.
+
+    Keys must be storable (:func:`check_keys`); meta tensors have no values; a tensor
+    subclass that overrides ``__torch_dispatch__`` (a wrapper such as a fake, functional or
+    packed tensor) has no plain storage whose bytes are its values. Layouts, quantized and
+    nested tensors and dtypes are refused by ``capture``.
+
+    Raises:
+        InvalidKeyError: a key is empty, reserved, too long or not encodable.
+        UnsupportedTensorError: naming every meta tensor or wrapper subclass.
+    """
+    check_keys(tensors, writer=writer)
+    meta = [k for k, t in tensors.items() if t.is_meta]
+    if meta:
+        raise UnsupportedTensorError(
+            f"{writer}: {len(meta)} tensors are on the meta device and have no values ({', '.join(meta[:5])}"
+            f"{', ...' if len(meta) > 5 else ''}); materialise the module (load or initialise it) before saving. "
+            "Nothing was written."
+        )
+    plain = torch.Tensor.__torch_dispatch__
+    wrapped = [
+        (k, type(t))
+        for k, t in tensors.items()
+        if type(t) not in _PLAIN_TENSOR_TYPES and getattr(type(t), "__torch_dispatch__", plain) is not plain
+    ]
+    if wrapped:
+        listing = ", ".join(f"{k!r} ({c.__module__}.{c.__qualname__})" for k, c in wrapped[:5])
+        raise UnsupportedTensorError(
+            f"{writer}: tensor subclasses that override __torch_dispatch__ hold no plain values to store: {listing}. "
+            "Convert them to plain tensors first (for a DTensor use manifest_ckpt.distributed.save, or "
+            ".full_tensor()). Nothing was written."
+        )
 
 
 def save(
@@ -149,6 +192,7 @@ def save(
         return manifest
     target = Path(path)
     state = capture(obj)
+    require_storable(state.tensors, writer="save")
     if modules is not None:
         state = _with_modules(state, obj, modules)
     _check_destination(target, overwrite)
@@ -201,8 +245,7 @@ def _with_modules(
 
 
 def _check_destination(target: Path, overwrite: bool) -> None:
-    if not target.parent.is_dir():
-        raise ManifestCkptError(f"{target}: parent directory {target.parent} does not exist; create it first")
+    require_parent_dir(target, "checkpoint directory")
     if not target.exists() and not target.is_symlink():
         return
     if not overwrite:

@@ -413,3 +413,95 @@ def test_main_exits_with_the_code(monkeypatch: pytest.MonkeyPatch, capsys: Any) 
         cli.main()
     assert info.value.code == 0
     assert json.loads(capsys.readouterr().out)["title"].startswith("manifest-ckpt manifest")
+
+
+# -- failures: exit 2 with a one-line reason, never a traceback ---------------------------------
+
+
+def _no_traceback(out: str, err: str) -> None:
+    assert "Traceback" not in out + err
+    assert 'File "' not in out + err
+
+
+def test_invalid_allow_pattern_is_exit_2_naming_the_argument(ckpt: Path) -> None:
+    """A bad --allow-missing regex is a PatternError: exit 2, the argument and pattern named, no traceback."""
+    code, out, err = run("check", str(ckpt), "--model", TINY, "--allow-missing", "(unclosed")
+    assert code == 2
+    assert err.startswith("error: allow_missing: '(unclosed' is not a valid regular expression")
+    _no_traceback(out, err)
+
+
+def test_missing_output_directory_is_exit_2_for_pack_and_convert(ckpt: Path, tmp_path: Path) -> None:
+    """pack and convert into a directory that does not exist: exit 2 (DestinationError), nothing written."""
+    code, out, err = run("pack", str(ckpt), str(tmp_path / "no" / "such" / "x.tar"), "--quiet")
+    assert code == 2
+    assert "its parent directory" in err and "does not exist" in err and "mkdir -p" in err
+    _no_traceback(out, err)
+    src = tmp_path / "w.pth"
+    import torch
+
+    torch.save({"w": torch.ones(2)}, src)
+    code, out, err = run("convert", str(src), str(tmp_path / "no" / "ck"), "--quiet", "--json")
+    assert code == 2
+    assert json.loads(out)["error"]["type"] == "DestinationError"
+    _no_traceback(out, err)
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (OSError(28, "No space left on device", "/data/x.tar"), "/data/x.tar: No space left on device (ENOSPC); the disk is full"),
+        (OSError(30, "Read-only file system", "/ro/x.tar"), "/ro/x.tar: Read-only file system (EROFS); the file system is read-only"),
+        (PermissionError(13, "Permission denied", "/root/x.tar"), "/root/x.tar: Permission denied (EACCES); permission denied"),
+        (MemoryError(), "out of memory"),
+        (RecursionError("maximum recursion depth exceeded"), "the input is nested too deeply"),
+        (ZeroDivisionError("division by zero"), "internal error ZeroDivisionError: division by zero; this is a bug"),
+    ],
+)
+def test_environment_failures_are_exit_2_with_one_line(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, expected: str
+) -> None:
+    """Disk full, read-only, permission, memory, recursion and even a bug: exit 2, one line on stderr."""
+    from manifest_ckpt.storage import archive
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(archive, "write_archive", fail)
+    code, out, err = run("pack", str(ckpt), str(tmp_path / "x.tar"), "--quiet")
+    assert code == 2
+    assert err.startswith(f"error: {expected}")
+    assert err.count("\n") == 1
+    _no_traceback(out, err)
+
+
+def test_environment_failure_with_json_names_errno_and_file(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json puts the failure on stdout: type, errno name, file and the same one-line message."""
+    from manifest_ckpt.storage import archive
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device", "/data/x.tar")
+
+    monkeypatch.setattr(archive, "write_archive", fail)
+    code, out, _ = run("pack", str(ckpt), str(tmp_path / "x.tar"), "--quiet", "--json")
+    assert code == 2
+    document = json.loads(out)
+    assert document["ok"] is False
+    assert document["error"]["type"] == "OSError"
+    assert document["error"]["errno"] == "ENOSPC"
+    assert document["error"]["file"] == "/data/x.tar"
+
+
+def test_unreadable_input_is_exit_2_and_failed_check_is_exit_1(ckpt: Path, tmp_path: Path) -> None:
+    """An unreadable manifest is exit 2; a checkpoint that does not fit the model is exit 1."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    code, out, err = run("inspect", str(bad))
+    assert code == 2
+    _no_traceback(out, err)
+    code, _, _ = run("check", str(ckpt), "--model", VARIANT)
+    assert code == 1

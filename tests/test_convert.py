@@ -943,3 +943,30 @@ def test_writer_module_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("manifest_ckpt.sources.convert.save", spy)
     convert(torch_file(weights(Net()), tmp_path / "w.pt"), tmp_path / "out")
     assert calls == [str(tmp_path / "out")]
+
+
+def test_safetensors_file_with_e8m0_and_f4_converts_bit_exact(tmp_path: Path) -> None:
+    """A file safetensors 0.8 writes with F8_E8M0 and F4 tensors converts (not 'corrupt'), values bit-exact."""
+    raw = torch.arange(24, dtype=torch.uint8).reshape(4, 6)
+    tensors = {"scale": raw.clone().view(torch.float8_e8m0fnu), "packed": raw.clone().view(torch.float4_e2m1fn_x2)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    manifest = mc.convert(tmp_path / "m.safetensors", tmp_path / "ck")
+    assert {k: (t.dtype, t.shape) for k, t in manifest.tensors.items()} == {
+        "packed": ("float4_e2m1fn_x2", (4, 6)),
+        "scale": ("float8_e8m0fnu", (4, 6)),
+    }
+    holder = nn.Module()
+    for key, value in tensors.items():
+        holder.register_buffer(key, torch.zeros_like(value))
+    mc.load(holder, tmp_path / "ck")
+    for key, value in tensors.items():
+        assert getattr(holder, key).dtype == value.dtype
+        assert torch.equal(getattr(holder, key).view(torch.uint8), value.view(torch.uint8))
+
+
+def test_f4_header_with_an_odd_last_dimension_is_refused_as_corrupt(tmp_path: Path) -> None:
+    """An F4 shape whose last dimension is odd has no torch shape: a ConversionError says why."""
+    header = json.dumps({"w": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}).encode()
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\x00\x00")
+    with pytest.raises(mc.ConversionError, match="last dimension must be even"):
+        mc.convert(tmp_path / "m.safetensors", tmp_path / "ck")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 
 from manifest_ckpt.comparison.compare import TensorSpec
-from manifest_ckpt.errors import ManifestCkptError, UnsupportedTensorError
+from manifest_ckpt.errors import InvalidKeyError, ManifestCkptError, UnsupportedTensorError
 from manifest_ckpt.comparison.introspect import capture, class_name, dtype_name, find_aliases
 from manifest_ckpt.format.manifest import ModuleEntry
 
@@ -330,7 +332,10 @@ def test_sparse_tensor_is_refused() -> None:
 
 def test_quantized_tensor_is_refused() -> None:
     """A quantized tensor is refused as not dense, with the advice to dequantize."""
-    with pytest.warns(UserWarning, match="deprecated"):
+    # torch warns once per process that quantized creation is deprecated; whether this test
+    # is the first to ask depends on test order, so the warning is ignored, not asserted.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
     with pytest.raises(UnsupportedTensorError, match=r"tensor 'q' has layout .* \(quantized\)"):
         capture({"q": q})
@@ -338,8 +343,8 @@ def test_quantized_tensor_is_refused() -> None:
 
 @pytest.mark.parametrize("key", ["", 3, None])
 def test_keys_must_be_non_empty_strings(key: Any) -> None:
-    """An empty or non-string key is refused naming it."""
-    with pytest.raises(UnsupportedTensorError, match=f"state dict key {key!r} is not a non-empty string"):
+    """An empty or non-string key is refused as an InvalidKeyError naming it."""
+    with pytest.raises(InvalidKeyError, match=f"state dict key {re.escape(repr(key))} is not a non-empty string"):
         capture({key: torch.zeros(1)})
 
 

@@ -324,3 +324,36 @@ def test_loads_with_manifest_path_and_split_files(tmp_path: Path) -> None:
     target = TiedNet()
     mc.load(target, tmp_path / "ck" / "manifest.json", verify_digests=True)
     assert torch.equal(target.fc.weight, model.fc.weight)
+
+
+# -- typed errors on bad arguments --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument", ["allow_missing", "allow_unexpected"])
+def test_an_invalid_policy_pattern_is_a_pattern_error(tmp_path: Path, argument: str) -> None:
+    """An invalid regex raises PatternError naming the argument and pattern, for check and load alike."""
+    mc.save(nn.Linear(2, 2), tmp_path / "ck")
+    for call in (mc.check, mc.load):
+        with pytest.raises(mc.PatternError, match=rf"^{argument}: '\[oops' is not a valid regular expression") as info:
+            call(nn.Linear(2, 2), tmp_path / "ck", **{argument: ["fine", "[oops"]})
+        assert (info.value.argument, info.value.pattern) == (argument, "[oops")
+
+
+def test_a_single_pattern_string_is_one_pattern(tmp_path: Path) -> None:
+    """allow_missing="bias" is the pattern 'bias', not the patterns 'b', 'i', 'a', 's'."""
+    mc.save({"weight": torch.ones(2, 2)}, tmp_path / "ck")
+    result = mc.load(nn.Linear(2, 2), tmp_path / "ck", allow_missing="bias")
+    assert result.left_initial == ["bias"]
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "no-such-device"])
+def test_an_unavailable_device_is_refused_before_loading(tmp_path: Path, device: str) -> None:
+    """device= naming a device this machine lacks (or no device) raises DeviceUnavailableError; nothing changes."""
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    mc.save(nn.Linear(2, 2), tmp_path / "ck")
+    with torch.device("meta"):
+        target = nn.Linear(2, 2)
+    with pytest.raises(mc.DeviceUnavailableError, match=f"device={device!r} is not"):
+        mc.load(target, tmp_path / "ck", device=device)
+    assert target.weight.is_meta

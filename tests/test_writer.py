@@ -249,3 +249,129 @@ def test_parents_are_recorded_by_digest_and_base_name(tmp_path: Path) -> None:
     assert child.parents == [{"digest": parent.digest, "relation": "fine-tuned-from", "name": "base"}]
     with pytest.raises(mc.ManifestError, match="relation"):
         mc.save(TiedNet(), tmp_path / "x", parents=[(parent.digest, "copied-from")])
+
+
+# -- every tensor flavour that reaches save: stored faithfully or refused with a typed error ----
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """What the user sees in ``t``, as a plain contiguous tensor's bytes."""
+    return t.detach().resolve_conj().resolve_neg().as_subclass(torch.Tensor).contiguous().reshape(-1).view(torch.uint8)
+
+
+def _read_back(path: Path, key: str, like: torch.Tensor) -> torch.Tensor:
+    """Load ``key`` into a fresh zero buffer of ``like``'s dtype and shape; return its bytes."""
+    holder = nn.Module()
+    holder.register_buffer(key, torch.zeros(like.shape, dtype=like.dtype))
+    mc.load(holder, path, strict=False)
+    return getattr(holder, key).reshape(-1).view(torch.uint8)
+
+
+class _FunctionOnly(torch.Tensor):
+    """A subclass that only overrides __torch_function__: plain storage, plain values."""
+
+
+_BASE = torch.arange(12, dtype=torch.float32).reshape(3, 4) - 5.5
+_COMPLEX = torch.complex(_BASE, -_BASE).to(torch.complex64)
+
+FAITHFUL = {
+    "transposed": _BASE.t(),
+    "strided": _BASE[:, ::2],
+    "expanded": torch.ones(4).expand(3, 4),
+    "channels_last": torch.arange(16.0).reshape(1, 4, 2, 2).to(memory_format=torch.channels_last),
+    "conj": _COMPLEX.conj(),
+    "conj_transposed": _COMPLEX.conj().t(),
+    "neg": torch._neg_view(_BASE),
+    "neg_conj": torch._neg_view(_COMPLEX.conj()),
+    "requires_grad": nn.Parameter(_BASE.clone(), requires_grad=True),
+    "non_leaf": (nn.Parameter(_BASE.clone()) * 2),
+    "function_subclass": _BASE.clone().as_subclass(_FunctionOnly),
+    "e8m0": torch.arange(12, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+    "f4": torch.arange(12, dtype=torch.uint8).reshape(3, 4).view(torch.float4_e2m1fn_x2),
+    "f4_strided": torch.arange(24, dtype=torch.uint8).reshape(3, 8)[:, ::2].view(torch.float4_e2m1fn_x2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAITHFUL))
+def test_tensor_flavours_are_stored_as_their_values(tmp_path: Path, name: str) -> None:
+    """Views, lazy conj/neg views, autograd tensors, subclasses and new dtypes store the values the user sees."""
+    value = FAITHFUL[name]
+    mc.save({name: value}, tmp_path / "ck")
+    mc.verify(tmp_path / "ck")
+    assert torch.equal(_read_back(tmp_path / "ck", name, value), _values(value))
+
+
+def test_a_lazy_conj_view_beside_its_base_is_not_an_alias(tmp_path: Path) -> None:
+    """x and x.conj() share storage and strides but differ in value: both are stored, not tied."""
+    manifest = mc.save({"x": _COMPLEX, "y": _COMPLEX.conj(), "z": torch._neg_view(_BASE), "w": _BASE}, tmp_path / "ck")
+    assert manifest.aliases == {}
+    assert torch.equal(_read_back(tmp_path / "ck", "y", _COMPLEX), _values(_COMPLEX.conj()))
+    assert torch.equal(_read_back(tmp_path / "ck", "z", _BASE), _values(-_BASE))
+
+
+def _quantized() -> torch.Tensor:
+    return torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+
+
+def _two_tensor() -> torch.Tensor:
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    return TwoTensor(torch.ones(2), torch.zeros(2))
+
+
+REFUSED = {
+    "sparse_coo": (lambda: torch.eye(2).to_sparse(), mc.UnsupportedTensorError, "layout"),
+    "sparse_csr": (lambda: torch.eye(2).to_sparse_csr(), mc.UnsupportedTensorError, "layout"),
+    "nested": (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), mc.UnsupportedTensorError, "layout"),
+    "quantized": (_quantized, mc.UnsupportedTensorError, "quantized"),
+    "meta": (lambda: torch.empty(2, device="meta"), mc.UnsupportedTensorError, "meta device"),
+    "complex128": (lambda: torch.zeros(2, dtype=torch.complex128), mc.UnsupportedTensorError, "complex128"),
+    "complex32": (lambda: torch.zeros(2, dtype=torch.complex32), mc.UnsupportedTensorError, "complex32"),
+    "wrapper_subclass": (_two_tensor, mc.UnsupportedTensorError, "__torch_dispatch__"),
+    "f4_scalar": (
+        lambda: torch.zeros((), dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+        mc.UnsupportedTensorError,
+        "reshape it to",
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*(prototype|deprecated|beta|experimental).*:UserWarning")
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_tensor_flavours_that_cannot_be_stored_are_refused_typed(tmp_path: Path, name: str) -> None:
+    """Sparse, nested, quantized, meta, unstorable dtypes and wrapper subclasses: a typed error naming the key, nothing written."""
+    make, error, match = REFUSED[name]
+    with pytest.raises(error, match=match) as info:
+        mc.save({"ok": torch.ones(1), f"bad.{name}": make()}, tmp_path / "ck")
+    assert f"bad.{name}" in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("__metadata__", "reserved"),
+        ("x" * 4097, "4097 characters long"),
+        ("bad\ud800", "lone surrogate"),
+    ],
+)
+def test_unstorable_keys_are_refused_before_writing(tmp_path: Path, key: str, why: str) -> None:
+    """Reserved, over-long and unencodable keys raise InvalidKeyError naming why; nothing is written."""
+    with pytest.raises(mc.InvalidKeyError, match=why) as info:
+        mc.save({"fine": torch.ones(1), key: torch.ones(1)}, tmp_path / "ck")
+    assert info.value.key == key
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_key_of_the_maximum_length_is_stored(tmp_path: Path) -> None:
+    """A 4096-character key is within the schema and round-trips."""
+    key = "k" * 4096
+    manifest = mc.save({key: torch.ones(1)}, tmp_path / "ck")
+    assert list(manifest.tensors) == [key]
+    mc.verify(tmp_path / "ck")
+
+
+def test_save_into_a_missing_parent_is_a_destination_error(tmp_path: Path) -> None:
+    """save names the missing parent directory and says to create it."""
+    with pytest.raises(mc.DestinationError, match=r"parent directory .* does not exist; create it first"):
+        mc.save({"w": torch.ones(1)}, tmp_path / "no" / "ck")

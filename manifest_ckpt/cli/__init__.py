@@ -8,6 +8,7 @@ unreadable input. Every command prints a human view by default and JSON with ``-
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from manifest_ckpt.cli.render import inspect_text
+from manifest_ckpt.format.integrity import os_reason
 from manifest_ckpt.storage.store import is_url, open_store, read_store_manifest
 from manifest_ckpt._version import __version__
 from manifest_ckpt.errors import (
@@ -56,8 +58,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _error_json(exc: BaseException) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    for attr in ("file", "field", "key", "member", "global_name"):
+    out: dict[str, Any] = {"type": type(exc).__name__, "message": failure_reason(exc)}
+    if isinstance(exc, OSError) and not isinstance(exc, ManifestCkptError):
+        if isinstance(exc.errno, int):
+            out["errno"] = errno.errorcode.get(exc.errno, exc.errno)
+        if exc.filename is not None:
+            out["file"] = str(exc.filename)
+    for attr in ("file", "field", "key", "member", "global_name", "argument", "pattern"):
         value = getattr(exc, attr, None)
         if value is not None:
             out[attr] = value
@@ -350,14 +357,55 @@ def run(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr:
         return int(exc.code or 0)
     try:
         return int(args.handler(args, out, err))
-    except ManifestCkptError as exc:
-        if getattr(args, "json", False):
-            _emit_json(out, {"ok": False, "error": _error_json(exc)})
-        err.write(f"error: {exc}\n")
-        return EXIT_USAGE
     except KeyboardInterrupt:
         err.write("interrupted\n")
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into exit 2
+        if getattr(args, "json", False):
+            _emit_json(out, {"ok": False, "error": _error_json(exc)})
+        err.write(f"error: {failure_reason(exc)}\n")
+        return EXIT_USAGE
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What to print for a command that could not run: never a traceback.
+
+    Library errors carry their own message (what, where, what to do). Environment failures
+    (disk full, read-only file system, permissions, memory) and input nested deeper than
+    Python recurses get one line naming the file where known. Anything else is a bug in
+    manifest-ckpt, said so in one line.
+    """
+    if isinstance(exc, ManifestCkptError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        what = os_reason(exc) if exc.errno or exc.strerror else str(exc) or type(exc).__name__
+        code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        advice = _OS_ADVICE.get(code, "check the path and the file system, then try again")
+        return f"{where}{what}{f' ({code})' if code else ''}; {advice}"
+    if isinstance(exc, MemoryError):
+        return "out of memory; free memory or use a machine with more, then try again"
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply to read (hostile or corrupt input?); nothing was written"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return (
+        f"internal error {type(exc).__name__}{f': {text}' if text else ''}; this is a bug in manifest-ckpt "
+        f"{__version__}, please report it with the command line"
+    )
+
+
+_OS_ADVICE = {
+    "ENOSPC": "the disk is full: free space or write elsewhere",
+    "EDQUOT": "the disk quota is exhausted: free space or write elsewhere",
+    "EROFS": "the file system is read-only: write elsewhere",
+    "EACCES": "permission denied: check the file's and directory's permissions",
+    "EPERM": "operation not permitted: check permissions",
+    "ENOENT": "no such file or directory: check the path",
+    "ENOTDIR": "a component of the path is not a directory: check the path",
+    "EISDIR": "it is a directory: give a file path",
+    "EIO": "the device reported an I/O error: check the disk",
+    "EMFILE": "too many open files: raise the limit (ulimit -n)",
+}
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from manifest_ckpt.format.dtypes import describe
+from manifest_ckpt.format.dtypes import PACKED, describe
 from manifest_ckpt.comparison.report import Problem, Report, sort_problems
+from manifest_ckpt.errors import PatternError
 from manifest_ckpt.format.manifest import Manifest
 from manifest_ckpt.comparison.remap import apply_remap
 
@@ -82,8 +83,31 @@ class Comparison:
     cast: list[str]
 
 
-def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
-    pats = list(patterns)
+def compile_patterns(patterns: Iterable[str] | str, argument: str) -> re.Pattern[str] | None:
+    """One ``re.fullmatch``-able pattern for a policy argument's patterns (None for none).
+
+    A single string is one pattern (not a sequence of one-character patterns).
+
+    Raises:
+        PatternError: a pattern is not a string or not a valid regular expression, naming
+            the argument and the pattern.
+    """
+    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    for p in pats:
+        if not isinstance(p, str):
+            raise PatternError(
+                f"{argument}: {p!r} is a {type(p).__name__}; give regular expressions as strings", argument=argument,
+                pattern=repr(p),
+            )
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise PatternError(
+                f"{argument}: {p!r} is not a valid regular expression ({exc}); escape literal characters "
+                f"with re.escape (for example {re.escape(p)!r}) or fix the pattern",
+                argument=argument,
+                pattern=p,
+            ) from None
     return re.compile("|".join(f"(?:{p})" for p in pats)) if pats else None
 
 
@@ -106,8 +130,8 @@ def compare(
         cast: when True, dtype differences are accepted and listed for casting.
         check_classes: compare layer classes of modules owning matching keys.
     """
-    missing_ok = _matcher(allow_missing)
-    unexpected_ok = _matcher(allow_unexpected)
+    missing_ok = compile_patterns(allow_missing, "allow_missing")
+    unexpected_ok = compile_patterns(allow_unexpected, "allow_unexpected")
     problems: list[Problem] = []
     allowed_missing: list[str] = []
     skipped: list[str] = []
@@ -143,7 +167,7 @@ def compare(
     for key, want, have in mismatched:
         if want.shape != have.shape:
             problems.append(Problem("shape", key, want.describe(), have.describe()))
-        elif cast and not _drops_imaginary(have.dtype, want.dtype):
+        elif cast and not _uncastable(have.dtype, want.dtype):
             to_cast.append(key)
         else:
             problems.append(Problem("dtype", key, want.describe(), have.describe()))
@@ -168,8 +192,14 @@ def compare(
     return Comparison(report, allowed_missing, skipped, to_cast)
 
 
-def _drops_imaginary(source: str, target: str) -> bool:
-    """A complex value cast to a real dtype loses its imaginary part: never allowed, cast or not."""
+def _uncastable(source: str, target: str) -> bool:
+    """Casts ``cast=True`` never makes.
+
+    A complex value cast to a real dtype loses its imaginary part; packed 4-bit floats
+    (``float4_e2m1fn_x2``) have no conversion kernel in torch, to or from anything.
+    """
+    if source in PACKED or target in PACKED:
+        return True
     return source.startswith("complex") and not target.startswith("complex")
 
 

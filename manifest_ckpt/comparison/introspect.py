@@ -10,7 +10,7 @@ from torch import nn
 
 from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, owner_of
 from manifest_ckpt.format.dtypes import DTYPES
-from manifest_ckpt.errors import UnsupportedTensorError
+from manifest_ckpt.errors import InvalidKeyError, UnsupportedTensorError
 from manifest_ckpt.format.manifest import ModuleEntry, _gc_paused
 
 
@@ -66,6 +66,9 @@ def _identity(tensor: torch.Tensor) -> tuple[object, ...]:
         tuple(tensor.shape),
         tuple(tensor.stride()),
         tensor.dtype,
+        # x and x.conj() (or torch._neg_view(x)) are one view of one storage with different values.
+        tensor.is_conj(),
+        tensor.is_neg(),
     )
 
 
@@ -176,7 +179,7 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
     strided = torch.strided
     for key, value in state.items():
         if not isinstance(key, str) or not key:
-            raise UnsupportedTensorError(f"state dict key {key!r} is not a non-empty string")
+            raise InvalidKeyError(f"state dict key {key!r} is not a non-empty string; rename it", key=None)
         if not isinstance(value, torch.Tensor):
             raise UnsupportedTensorError(
                 f"state dict entry {key!r} is a {type(value).__name__}, not a tensor (module extra state is "

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, _matcher, compare, owner_of
+from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, compare, compile_patterns, owner_of
 from manifest_ckpt.distributed.state import live_spec, torch_dtype_name
 from manifest_ckpt.distributed.tree import DcpView, dcp_view, materialize, refs_of
 from manifest_ckpt.comparison.report import Problem, Report, sort_problems
@@ -322,7 +322,8 @@ class ManifestLoadPlanner(DefaultLoadPlanner):
         stored = {k for k, md in self.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)}
         if not self.strict:
             return []
-        missing_ok, unexpected_ok = _matcher(self.allow_missing), _matcher(self.allow_unexpected)
+        missing_ok = compile_patterns(self.allow_missing, "allow_missing")
+        unexpected_ok = compile_patterns(self.allow_unexpected, "allow_unexpected")
         problems = [
             Problem("missing", key, "value", None)
             for key in sorted(live - stored)

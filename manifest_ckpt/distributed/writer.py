@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.distributed.state import local_aliases, require_tensors, torch_dtype_name
 from manifest_ckpt.distributed.tree import encode_state
 from manifest_ckpt.format.dtypes import itemsize, nbytes
@@ -135,6 +136,8 @@ class ManifestSavePlanner(DefaultSavePlanner):
         **kwargs: Any,
     ) -> None:
         tree, tensors = encode_state(state_dict)
+        # Refused here, in planning, before any rank writes a byte.
+        check_keys(tensors, writer="distributed.save")
         require_tensors(tensors)
         if isinstance(storage_meta, ManifestStorageMeta):
             self.tree = tree

@@ -25,7 +25,14 @@ DTYPES: Final[dict[str, tuple[str, int]]] = {
     "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1),
     "float8_e5m2": ("F8_E5M2", 1),
     "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1),
+    "float8_e8m0fnu": ("F8_E8M0", 1),
+    # Two 4-bit values per byte. torch's shape counts bytes; a safetensors header counts
+    # 4-bit elements, so its last dimension is twice torch's (see header_shape).
+    "float4_e2m1fn_x2": ("F4", 1),
 }
+
+# Dtypes whose safetensors shape counts packed sub-byte elements: name -> elements per byte.
+PACKED: Final[dict[str, int]] = {"float4_e2m1fn_x2": 2}
 
 CODE_TO_NAME: Final[dict[str, str]] = {code: name for name, (code, _) in DTYPES.items()}
 
@@ -33,6 +40,30 @@ CODE_TO_NAME: Final[dict[str, str]] = {code: name for name, (code, _) in DTYPES.
 def itemsize(dtype: str) -> int:
     """Bytes per element of a manifest dtype name."""
     return DTYPES[dtype][1]
+
+
+def header_shape(dtype: str, shape: tuple[int, ...] | list[int]) -> list[int] | None:
+    """The shape a safetensors header records for a tensor of torch ``shape``; None if it has none.
+
+    Equal to ``shape`` except for packed dtypes, whose last dimension counts sub-byte
+    elements; a packed scalar has no safetensors shape.
+    """
+    per_byte = PACKED.get(dtype)
+    if per_byte is None:
+        return list(shape)
+    if not shape:
+        return None
+    return [*shape[:-1], shape[-1] * per_byte]
+
+
+def torch_shape(dtype: str, shape: list[int]) -> tuple[int, ...] | None:
+    """The torch shape of a safetensors header's ``shape``; None if torch cannot hold it packed."""
+    per_byte = PACKED.get(dtype)
+    if per_byte is None:
+        return tuple(shape)
+    if not shape or shape[-1] % per_byte:
+        return None
+    return (*shape[:-1], shape[-1] // per_byte)
 
 
 def nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:

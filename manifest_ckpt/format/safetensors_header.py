@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from manifest_ckpt.format import jsonio
-from manifest_ckpt.format.dtypes import CODE_TO_NAME, DTYPES, nbytes
-from manifest_ckpt.errors import IntegrityError
+from manifest_ckpt.format.dtypes import CODE_TO_NAME, DTYPES, header_shape, nbytes, torch_shape
+from manifest_ckpt.errors import IntegrityError, UnsupportedTensorError
 
 # Same bound as the safetensors reference implementation: a header this large is hostile.
 MAX_HEADER_BYTES: Final = 100_000_000
@@ -63,7 +63,13 @@ def build_header(
     relative = []
     for name, dtype, shape in tensors:
         size = nbytes(dtype, shape)
-        doc[name] = {"dtype": DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        stored = header_shape(dtype, shape)
+        if stored is None:
+            raise UnsupportedTensorError(
+                f"tensor {name!r}: a 0-dimensional {dtype} has no safetensors shape (it counts 4-bit elements); "
+                "reshape it to [1] before saving"
+            )
+        doc[name] = {"dtype": DTYPES[dtype][0], "shape": stored, "data_offsets": [offset, offset + size]}
         relative.append((offset, offset + size))
         offset += size
     body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
@@ -137,6 +143,12 @@ def _parse_entry(name: str, entry: Any, data_size: int, data_start: int, file: s
     ):
         raise bad(f"data_offsets {_brief(offsets)} lie outside the {data_size} data bytes")
     dtype = CODE_TO_NAME[code]
-    if offsets[1] - offsets[0] != nbytes(dtype, shape):
-        raise bad(f"data_offsets span {offsets[1] - offsets[0]} bytes, {dtype}{shape} needs {nbytes(dtype, shape)}")
-    return HeaderEntry(dtype, tuple(shape), (data_start + offsets[0], data_start + offsets[1]))
+    held = torch_shape(dtype, shape)
+    if held is None:
+        raise bad(
+            f"{code} shape {shape} has no whole-byte torch shape ({dtype} packs two values a byte, so the "
+            "last dimension must be even)"
+        )
+    if offsets[1] - offsets[0] != nbytes(dtype, held):
+        raise bad(f"data_offsets span {offsets[1] - offsets[0]} bytes, {dtype}{shape} needs {nbytes(dtype, held)}")
+    return HeaderEntry(dtype, held, (data_start + offsets[0], data_start + offsets[1]))

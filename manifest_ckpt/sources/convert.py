@@ -36,6 +36,7 @@ from manifest_ckpt.sources.torch_pickle import read_torch_file
 from manifest_ckpt.errors import ConversionError, IntegrityError, ModelMismatchError
 from manifest_ckpt.format import jsonio
 from manifest_ckpt.format.integrity import file_sha256, kind_of, open_regular, os_reason, read_regular
+from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
 from manifest_ckpt.format.manifest import Manifest
 from manifest_ckpt.comparison.remap import Remap, apply_remap
@@ -789,6 +790,7 @@ def _convert(
     source = _read(src, key, hashes)
     names = apply_remap(source.tensors, remap)
     state = {names[k]: t for k, t in source.tensors.items()}
+    check_keys(state, writer=f"convert {src}")
     _check_tensors(state, str(src))
     record = dict(source.record)
     record.update(remap=dict(remap) if remap else None, torch=torch.__version__.split("+")[0])

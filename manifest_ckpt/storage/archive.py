@@ -19,7 +19,7 @@ from typing import Any
 
 from manifest_ckpt.storage.archive_store import open_archive_store
 from manifest_ckpt.cli.progress import Progress
-from manifest_ckpt.storage.store import DirectoryStore, Store, is_url, open_store, read_store_manifest
+from manifest_ckpt.storage.store import DirectoryStore, Store, is_url, open_store, read_store_manifest, require_parent_dir
 from manifest_ckpt.storage.tar import extract_archive, write_archive
 from manifest_ckpt.errors import ArchiveError, CheckpointExistsError, CheckpointNotFoundError
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
@@ -179,7 +179,8 @@ def _unpack_remote(
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing file unless asked, and never replace a directory."""
+    """Refuse to replace an existing file unless asked, never replace a directory, need the parent."""
+    require_parent_dir(target, "archive")
     if target.is_dir() and not target.is_symlink():
         raise CheckpointExistsError(
             f"{target} is a directory; give the archive's file name, such as {target}/model.tar"

@@ -15,7 +15,7 @@ from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError
+from manifest_ckpt.errors import CheckpointNotFoundError, DestinationError, IntegrityError, ManifestError
 from manifest_ckpt.format.integrity import kind_of, open_regular, os_reason, read_regular
 from manifest_ckpt.format.integrity import digest_many
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
@@ -30,6 +30,27 @@ def is_url(path: object) -> bool:
     return isinstance(path, str) and bool(_URL.match(path))
 
 MAX_MANIFEST_BYTES = 1 << 30
+
+
+def require_parent_dir(target: Path, what: str) -> None:
+    """Refuse an output path whose parent directory is missing, before anything is read or written.
+
+    Args:
+        target: the file or directory about to be created.
+        what: what it is, for the message ("checkpoint directory", "archive").
+
+    Raises:
+        DestinationError: the parent is missing or is not a directory.
+    """
+    parent = target.parent
+    if parent.is_dir():
+        return
+    found = "is not a directory" if parent.exists() else "does not exist"
+    raise DestinationError(
+        f"{target}: cannot create the {what} there: its parent directory {parent} {found}; "
+        f"create it first (mkdir -p {parent}) or choose another path",
+        file=str(target),
+    )
 
 
 class Store(Protocol):
