@@ -70,6 +70,7 @@ def save(
     timestamp: bool = False,
     fsync: bool = True,
     process_group: dist.ProcessGroup | None = None,
+    no_dist: bool = False,
 ) -> Manifest:
     """Save a (sharded) state dict from every rank as one manifest checkpoint; call on all ranks.
 
@@ -85,6 +86,9 @@ def save(
         overwrite: replace an existing checkpoint at ``path``.
         fsync: flush every file to disk before the manifest commits it (DCP's default).
         process_group: the group to save with (default: the default group).
+        no_dist: save from this process alone, with no collective, even where a process
+            group is initialised (as ``dcp.save(no_dist=True)``; for code that runs on one
+            rank, such as a Lightning ``CheckpointIO``).
 
     Returns:
         The manifest, on every rank.
@@ -94,8 +98,14 @@ def save(
         UnsupportedTensorError: a value is not a tensor or cannot be stored faithfully.
     """
     writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync)
-    with _library_errors(lambda: None), _single_process_quiet():
-        result = dcp_save(state_dict, storage_writer=writer, planner=ManifestSavePlanner(), process_group=process_group)
+    with _library_errors(lambda: None), _single_process_quiet(no_dist):
+        result = dcp_save(
+            state_dict,
+            storage_writer=writer,
+            planner=ManifestSavePlanner(),
+            process_group=process_group,
+            no_dist=no_dist,
+        )
     return _manifest_of(result)
 
 
@@ -257,9 +267,9 @@ def _library_errors(local: Callable[[], ManifestCkptError | None]) -> Iterator[N
 
 
 @contextmanager
-def _single_process_quiet() -> Iterator[None]:
+def _single_process_quiet(quiet: bool = False) -> Iterator[None]:
     """Without a process group DCP warns that it saves or loads in one process: that is the intent."""
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not quiet:
         yield
         return
     with warnings.catch_warnings():

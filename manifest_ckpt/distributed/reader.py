@@ -261,13 +261,8 @@ class ManifestStorageReader(FileSystemReader):
         planner.load_bytes(item, stream)
 
     def _whole(self, key: str) -> torch.Tensor:
-        """A stored tensor read whole (a value's byte string, or a tensor inside a tuple)."""
         assert self.index is not None and self.weights is not None
-        entry = self.index.manifest.entry(key)
-        out = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
-        for c in entry.pieces():
-            out[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.shape))] = self.weights.view(c, entry.dtype)
-        return out
+        return read_whole(self.weights, self.index.manifest, key)
 
 
 class ManifestLoadPlanner(DefaultLoadPlanner):
@@ -378,6 +373,16 @@ class ManifestLoadPlanner(DefaultLoadPlanner):
             index = self.metadata.storage_data if self.metadata is not None else None
             raise ModelMismatchError(report, path=index.location if isinstance(index, ChunkIndex) else None)
         return [dataclasses.replace(p, planner_data=None) for p in global_plan]
+
+
+def read_whole(weights: _Weights, manifest: Manifest, key: str) -> torch.Tensor:
+    """A stored tensor read whole into new memory, its chunks assembled (the key may be an alias)."""
+    entry = manifest.entry(key)
+    out = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
+    with torch.no_grad():
+        for c in entry.pieces():
+            out[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.shape))] = weights.view(c, entry.dtype)
+    return out
 
 
 def merge_reports(reports: list[Report]) -> Report:

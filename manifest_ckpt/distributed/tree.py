@@ -113,7 +113,7 @@ def dcp_view(manifest: Manifest) -> DcpView | None:
         placeholders[id(meta)] = (key, meta)  # the tensor stays alive in the tuple
         return meta
 
-    nested = _decode_entry(state, resolve)
+    nested = decode_entry(state, resolve)
     flat, mappings = flatten_state_dict(nested)
     tensors: dict[str, str] = {}
     leaves: dict[str, Any] = {}
@@ -154,8 +154,11 @@ def refs_of(value: Any, view: DcpView) -> list[str]:
     return []
 
 
-def _decode_entry(node: Any, resolve: Callable[[str, str], Any]) -> Any:
-    """An entry tree as the state dict DCP would have been given (Stateful objects expanded)."""
+def decode_entry(node: Any, resolve: Callable[[str, str], Any]) -> Any:
+    """An entry tree as the state dict DCP would have been given (Stateful objects expanded).
+
+    ``resolve(tag, key)`` supplies each referenced tensor or byte string.
+    """
     if values.is_tagged(node, "module"):
         body = node["module"]
         out: dict[str, Any] = {}
@@ -167,5 +170,5 @@ def _decode_entry(node: Any, resolve: Callable[[str, str], Any]) -> Any:
     if values.is_tagged(node, "stateful"):
         return values.decode_value(node["stateful"]["state"], resolve)
     if values.is_tagged(node, "dict"):
-        return {name: _decode_entry(child, resolve) for name, child in node["dict"]}
+        return {name: decode_entry(child, resolve) for name, child in node["dict"]}
     return values.decode_value(node, resolve)
