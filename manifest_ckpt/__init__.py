@@ -30,6 +30,7 @@ from manifest_ckpt.errors import (
     ModelMismatchError,
     PatternError,
     RemapError,
+    SaveInProgressError,
     StorageError,
     UnsafeCheckpointError,
     UnsupportedOptionError,
@@ -45,12 +46,14 @@ if TYPE_CHECKING:
     from manifest_ckpt.lineage import Ancestry, ancestry
     from manifest_ckpt.reader import LoadResult, check, load, verify
     from manifest_ckpt.writer import save
+    from manifest_ckpt.background import async_save
 
 # public name -> module that defines it (imported lazily because it imports torch).
 # No module may be named like a function exported here: importing ``manifest_ckpt.x`` sets
 # the package attribute ``x`` to the module and would shadow the function.
 _LAZY = {
     "Ancestry": "manifest_ckpt.lineage",
+    "async_save": "manifest_ckpt.background",
     "CheckpointDiff": "manifest_ckpt.comparison.diff",
     "ancestry": "manifest_ckpt.lineage",
     "convert": "manifest_ckpt.sources.convert",
@@ -94,6 +97,7 @@ __all__ = [
     "Problem",
     "RemapError",
     "Report",
+    "SaveInProgressError",
     "StorageError",
     "UnsafeCheckpointError",
     "UnsupportedOptionError",
@@ -101,6 +105,7 @@ __all__ = [
     "UnsupportedVersionError",
     "__version__",
     "ancestry",
+    "async_save",
     "check",
     "convert",
     "diff",

@@ -210,3 +210,7 @@ class InvalidKeyError(ManifestCkptError, ValueError):
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+class SaveInProgressError(ManifestCkptError, RuntimeError):
+    """``async_save`` was asked to save to a path whose previous async save has not finished."""
