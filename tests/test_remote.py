@@ -410,3 +410,24 @@ def test_http_urls_are_read_only_checkpoints(http_root: tuple[Path, str]) -> Non
     with pytest.raises(mc.StorageError):
         mc.save(model, f"{base}/new", record_code=False)
     assert not (root / "new").exists()
+
+
+def test_convert_reads_from_and_writes_to_s3(s3: S3, url: str, tmp_path: Path) -> None:
+    """convert s3://.../model.safetensors -> s3://.../ck equals the local conversion, digest and bytes."""
+    from safetensors.torch import save_file
+
+    model = trained()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    save_file(state, tmp_path / "model.safetensors")
+    s3.fs.put_file(str(tmp_path / "model.safetensors"), f"{url[5:]}-src/model.safetensors")
+    local = mc.convert(tmp_path / "model.safetensors", tmp_path / "ck", module=TiedNet())
+    remote_manifest = mc.convert(
+        f"{url}-src/model.safetensors", url, module=TiedNet(), storage_options=s3.options
+    )
+    assert remote_manifest.digest == local.digest
+    assert s3.fs.cat_file(f"{url[5:]}/manifest.json") == (tmp_path / "ck" / "manifest.json").read_bytes()
+    with pytest.raises(mc.CheckpointExistsError):
+        mc.convert(f"{url}-src/model.safetensors", url, module=TiedNet(), storage_options=s3.options)
+    target = TiedNet()
+    mc.load(target, url, storage_options=s3.options)
+    assert_bitwise_equal(target.state_dict(), model.state_dict())

@@ -297,7 +297,7 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p = add("demo", _cmd_demo, "save, inspect, verify, refuse a wrong model, load through a suggested remap")
     p.add_argument("--dir", help="keep the demo's checkpoints in this directory")
 
-    p = add("convert", _cmd_convert, "convert a .pth/.ckpt/.bin, .safetensors or sharded HF checkpoint; runs no pickled code")
+    p = add("convert", _cmd_convert, "convert a .pth/.ckpt/.bin, .safetensors or sharded HF checkpoint; runs no pickled code", storage=True)
     p.add_argument("src", help="a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file, a *.safetensors.index.json, "
                                "or a directory with one index and its shards")
     p.add_argument("dst", help="the checkpoint directory to create")

@@ -10,6 +10,7 @@ source held is kept as JSON (``metadata``) or listed as left out (``lineage.sour
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import mmap
@@ -40,6 +41,7 @@ from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
 from manifest_ckpt.format.manifest import Manifest
 from manifest_ckpt.comparison.remap import Remap, apply_remap
+from manifest_ckpt.storage.store import is_url
 from manifest_ckpt.writer import _check_destination, save
 
 __all__ = [
@@ -732,6 +734,7 @@ def convert(
     parents: Sequence[Any] = (),
     overwrite: bool = False,
     progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Convert a ``.pth``/``.pt``/``.bin``/``.ckpt``, ``.safetensors`` file or sharded directory.
 
@@ -750,6 +753,9 @@ def convert(
         parents: as for :func:`save`.
         overwrite: replace an existing checkpoint at ``dst``.
         progress: draw a progress bar on stderr when it is a terminal.
+        storage_options: fsspec options when ``src`` or ``dst`` is a URL: a remote source is
+            downloaded to a temporary directory first; a remote destination is written locally
+            and uploaded with its manifest last.
 
     Returns:
         The manifest written; ``lineage["source"]`` says what the source was, which key
@@ -764,14 +770,23 @@ def convert(
         UnsupportedTensorError: a tensor safetensors cannot store (complex128, sparse...).
         CheckpointExistsError: ``dst`` exists and ``overwrite`` is False.
     """
-    target = Path(dst)
-    # Fail before reading a large source (save checks again just before writing).
-    _check_destination(target, overwrite)
-    hashes = _Hashes()
-    try:
-        return _convert(Path(src), target, hashes, module, key, remap, lineage, parents, overwrite, progress)
-    finally:
-        hashes.close()
+    with contextlib.ExitStack() as stack:
+        if is_url(src):
+            from manifest_ckpt.storage.remote import downloaded
+
+            src = stack.enter_context(downloaded(str(src), storage_options))
+        if is_url(dst):
+            from manifest_ckpt.storage.remote import staged_destination
+
+            dst = stack.enter_context(staged_destination(str(dst), overwrite=overwrite, storage_options=storage_options))
+        target = Path(dst)
+        # Fail before reading a large source (save checks again just before writing).
+        _check_destination(target, overwrite)
+        hashes = _Hashes()
+        try:
+            return _convert(Path(src), target, hashes, module, key, remap, lineage, parents, overwrite, progress)
+        finally:
+            hashes.close()
 
 
 def _convert(
@@ -1037,6 +1052,8 @@ def cli_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.cli.factory import build_model
     from manifest_ckpt.comparison.remap import parse_remap_args
 
+    from manifest_ckpt.storage.remote import parse_storage_options
+
     remap = parse_remap_args(args.remap) or None
     model = build_model(args.model) if args.model else None
     try:
@@ -1048,6 +1065,7 @@ def cli_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             remap=remap,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            storage_options=parse_storage_options(getattr(args, "storage_option", None)),
         )
     except ModelMismatchError as exc:
         if args.json:

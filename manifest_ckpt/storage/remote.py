@@ -395,17 +395,18 @@ def find_manifests(url: str, storage_options: StorageOptions | None = None) -> l
 
 @contextmanager
 def downloaded(url: str, storage_options: StorageOptions | None = None) -> Iterator[Path]:
-    """A local copy of the checkpoint or file at ``url`` in a temporary directory, removed after.
+    """A local copy of what ``url`` names, in a temporary directory removed afterwards.
 
     A checkpoint (a prefix with ``manifest.json``) is copied as its manifest plus exactly the
-    files it lists; anything else is copied as one file.
+    files it lists; another prefix (a Hugging Face directory, say) as the files directly under
+    it; anything else as one file, keeping its name (conversion reads suffixes).
     """
     import tempfile
 
     fs, root = _filesystem(url, storage_options)
     with tempfile.TemporaryDirectory(prefix=".manifest-ckpt-download.") as tmp:
         with storage_errors(url, "downloading"):
-            if fs.isdir(root) or fs.exists(f"{root}/{MANIFEST_NAME}"):
+            if fs.exists(f"{root}/{MANIFEST_NAME}"):
                 local = Path(tmp) / "checkpoint"
                 local.mkdir()
                 store = open_remote_store(url, storage_options)
@@ -413,10 +414,41 @@ def downloaded(url: str, storage_options: StorageOptions | None = None) -> Itera
                 (local / MANIFEST_NAME).write_bytes(manifest)
                 for name in sorted(_referenced_names(manifest)):
                     fs.get_file(store._path(name), str(local / name))
+            elif fs.isdir(root):
+                local = Path(tmp) / (posixpath.basename(root) or "source")
+                local.mkdir()
+                for entry in fs.ls(root, detail=True):
+                    name = posixpath.basename(str(entry["name"]).rstrip("/"))
+                    if entry.get("type") == "file" and name and not name.startswith("."):
+                        fs.get_file(str(entry["name"]), str(local / name))
             else:
                 local = Path(tmp) / posixpath.basename(root)
                 fs.get_file(root, str(local))
         yield local
+
+
+@contextmanager
+def staged_destination(
+    url: str, *, overwrite: bool, storage_options: StorageOptions | None = None
+) -> Iterator[Path]:
+    """A local directory to write a checkpoint into, uploaded to ``url`` (manifest last) on success.
+
+    The destination is checked first, so a refusal comes before any long work.
+
+    Raises:
+        CheckpointExistsError: ``url`` holds a checkpoint and ``overwrite`` is False.
+    """
+    import tempfile
+
+    fs, root = _filesystem(url, storage_options)
+    with storage_errors(url, "checking the destination"):
+        exists = fs.exists(f"{root}/{MANIFEST_NAME}")
+    if exists and not overwrite:
+        raise CheckpointExistsError(f"{url.rstrip('/')} already holds a checkpoint; pass overwrite=True to replace it")
+    with tempfile.TemporaryDirectory(prefix=".manifest-ckpt-upload.") as tmp:
+        local = Path(tmp) / "checkpoint"
+        yield local
+        upload_checkpoint(local, url, overwrite=overwrite, storage_options=storage_options)
 
 
 def upload_file(local: Path, url: str, *, overwrite: bool, storage_options: StorageOptions | None = None) -> None:
