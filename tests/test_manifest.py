@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from manifest_ckpt.format import dtypes as _dtypes
 from manifest_ckpt.errors import ManifestCkptError, ManifestError, UnsupportedVersionError
@@ -675,3 +677,39 @@ def test_extensions_round_trip() -> None:
     doc["extensions"] = {"future": {"x": [1, 2]}}
     doc = redigest(doc)
     assert Manifest.from_dict(doc).to_dict()["extensions"] == {"future": {"x": [1, 2]}}
+
+
+_boxes = st.lists(
+    st.tuples(st.tuples(st.integers(0, 6), st.integers(0, 6)), st.tuples(st.integers(0, 4), st.integers(1, 4))),
+    min_size=0,
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(boxes=_boxes)
+def test_cell_table_and_sweep_find_the_same_overlaps(boxes: list[tuple[tuple[int, int], tuple[int, int]]]) -> None:
+    """Both overlap finders agree on whether chunks overlap, and any pair reported really shares an element."""
+    from manifest_ckpt.format.manifest import Chunk, _overlap_by_cells, _overlap_by_sweep
+
+    chunks = [(i, Chunk(o, s, f"f{i}", (0, 1), "d")) for i, (o, s) in enumerate(boxes) if all(s)]
+    if len(chunks) < 2:
+        return
+    cuts = [sorted({c.offsets[k] for _, c in chunks} | {c.offsets[k] + c.shape[k] for _, c in chunks}) for k in range(2)]
+    by_cells, by_sweep = _overlap_by_cells(chunks, cuts), _overlap_by_sweep(chunks, 2)
+    assert (by_cells is None) == (by_sweep is None)
+    for pair in (by_cells, by_sweep):
+        if pair is not None:
+            a, b = (dict(chunks)[n] for n in pair)
+            assert all(ao < bo + bs and bo < ao + asz for ao, asz, bo, bs in zip(a.offsets, a.shape, b.offsets, b.shape))
+
+
+def test_a_grid_of_a_quarter_million_chunks_is_checked_for_overlap_in_linear_time() -> None:
+    """A 500 x 500 grid tiles exactly (no overlap found) and one moved chunk is found overlapping its neighbour."""
+    from manifest_ckpt.format.manifest import Chunk, _overlapping_chunks
+
+    n = 500
+    chunks = [(i * n + j, Chunk((2 * i, 2 * j), (2, 2), "f", (0, 16), "d")) for i in range(n) for j in range(n)]
+    assert _overlapping_chunks(chunks) is None
+    chunks[7] = (7, Chunk((0, 13), (2, 2), "f", (0, 16), "d"))  # moved onto chunk 6's columns
+    assert _overlapping_chunks(chunks) == (6, 7)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
+import math
 import json
 import re
 import warnings
@@ -492,11 +494,14 @@ def _tensor_from_dict(t: Mapping[str, Any]) -> TensorEntry:
 
 
 def _overlapping_chunks(chunks: list[tuple[int, Chunk]]) -> tuple[int, int] | None:
-    """The indices of the first two chunks that share an element, or None.
+    """The indices of two chunks that share an element (the first chunk, in order, to overlap
+    an earlier one, and that one), or None.
 
-    A sweep along the dimension the chunks are split most along: sorted by their offset
-    there, a chunk can only overlap those that start before it ends, so the usual splits
-    along one dimension (or a grid) stay fast even with thousands of chunks.
+    The cut points of all chunks along each dimension split the tensor into cells, and every
+    chunk is a union of whole cells, so two chunks overlap exactly when they claim one cell.
+    For the usual splits (along one dimension, or a grid) there are about as many cells as
+    chunks: one pass, linear in the chunks. Irregular splits with far more cells than chunks
+    use a sweep along the dimension the chunks are split most along instead.
     """
     boxes = [ic for ic in chunks if all(ic[1].shape)]  # empty chunks hold no element
     if len(boxes) < 2:
@@ -504,8 +509,35 @@ def _overlapping_chunks(chunks: list[tuple[int, Chunk]]) -> tuple[int, int] | No
     rank = len(boxes[0][1].shape)
     if rank == 0:
         return boxes[0][0], boxes[1][0]  # two chunks of a scalar both hold its one element
+    cuts = [sorted({c.offsets[k] for _, c in boxes} | {c.offsets[k] + c.shape[k] for _, c in boxes}) for k in range(rank)]
+    cells = math.prod(len(cut) - 1 for cut in cuts)
+    if cells <= 4 * len(boxes) + 1024:
+        return _overlap_by_cells(boxes, cuts)
+    return _overlap_by_sweep(boxes, rank)
+
+
+def _overlap_by_cells(boxes: list[tuple[int, Chunk]], cuts: list[list[int]]) -> tuple[int, int] | None:
+    """The cell owner table of :func:`_overlapping_chunks` (cells few enough to list)."""
+    index = [{cut: n for n, cut in enumerate(axis)} for axis in cuts]
+    strides = [math.prod(len(cut) - 1 for cut in cuts[k + 1 :]) for k in range(len(cuts))]
+    owner: dict[int, int] = {}
+    for i, c in sorted(boxes):
+        spans = [
+            range(index[k][o] * strides[k], index[k][o + s] * strides[k], strides[k])
+            for k, (o, s) in enumerate(zip(c.offsets, c.shape))
+        ]
+        for cell in itertools.product(*spans):
+            j = owner.setdefault(sum(cell), i)
+            if j != i:
+                return min(i, j), max(i, j)
+    return None
+
+
+def _overlap_by_sweep(boxes: list[tuple[int, Chunk]], rank: int) -> tuple[int, int] | None:
+    """Sorted by offset along the most split dimension, a chunk can only overlap those that
+    start before it ends there."""
     d = max(range(rank), key=lambda k: len({c.offsets[k] for _, c in boxes}))
-    boxes.sort(key=lambda ic: ic[1].offsets[d])
+    boxes = sorted(boxes, key=lambda ic: ic[1].offsets[d])
     for n, (i, a) in enumerate(boxes):
         end = a.offsets[d] + a.shape[d]
         for m in range(n + 1, len(boxes)):
