@@ -13,15 +13,22 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from manifest_ckpt.comparison.compare import Comparison, StateSpec, compare
 from manifest_ckpt.cli.progress import Progress
+from manifest_ckpt.comparison.compare import Comparison, StateSpec, compare
+from manifest_ckpt.comparison.introspect import LiveState, capture
+from manifest_ckpt.comparison.remap import Remap, apply_remap
 from manifest_ckpt.comparison.report import Report
+from manifest_ckpt.errors import (
+    DeviceUnavailableError,
+    IntegrityError,
+    ManifestError,
+    ModelMismatchError,
+    UnsupportedTensorError,
+)
+from manifest_ckpt.format.binding import Piece, file_problems
+from manifest_ckpt.format.manifest import Chunk, Manifest, _gc_paused
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt.storage.store import Store, open_store, read_manifest, read_store_manifest
-from manifest_ckpt.errors import DeviceUnavailableError, IntegrityError, ManifestError, ModelMismatchError, UnsupportedTensorError
-from manifest_ckpt.comparison.introspect import LiveState, capture
-from manifest_ckpt.format.manifest import Chunk, Manifest, _gc_paused
-from manifest_ckpt.comparison.remap import Remap, apply_remap
 
 PathLike = str | os.PathLike[str]
 # Tensors up to this size are copied with one memmove (see _fill); larger ones use torch's
@@ -68,11 +75,22 @@ def check(
 ) -> Report:
     """Compare a checkpoint with a live module; change nothing.
 
+    Reads the manifest and the weights files' headers, never tensor data: an OK report
+    means ``load`` with the same options would copy every value without error, unless
+    tensor bytes were changed on disk (which only hashing finds: ``verify``, or ``load``
+    with ``expect_digest`` or ``verify_digests``).
+
     Returns:
         A :class:`Report` listing every missing, unexpected, shape, dtype, class and alias
         difference at once, with hints (such as the remap that fixes a prefix).
+
+    Raises:
+        ManifestError: invalid manifest, or weights files whose headers disagree with it.
+        IntegrityError: a weights file is missing or has another size than recorded.
     """
-    manifest = read_manifest(path, storage_options=storage_options)
+    store = open_store(path, storage_options=storage_options)
+    manifest = read_store_manifest(store)
+    _Weights(store, manifest).bind(manifest.files)
     comparison, _ = _compare(manifest, capture(module), remap, allow_missing, allow_unexpected, strict, cast, check_classes)
     return comparison.report
 
@@ -110,13 +128,24 @@ class _Weights:
         self.store = store
         self.manifest = manifest
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}
+        self._by_file: dict[str, list[Piece]] | None = None
 
     def bind(self, names: Iterable[str]) -> None:
-        """Check that each weights file belongs to this manifest: size and header digest.
+        """Check, reading headers only, that each weights file holds what the manifest says.
 
-        Cheap (reads headers only), yet a manifest beside another run's weights is refused
-        because each header carries its file's content digest.
+        Size and header digest as recorded, then every rule of :mod:`manifest_ckpt.format.binding`:
+        the header's entries are exactly the manifest's pieces (dtype, shape, byte range), each
+        aligned to its element size, tiling the data with no gap, overlap or trailing byte,
+        and the header's content digest is the one the manifest's tensor digests give. So a
+        manifest beside another run's weights, or a self-consistent forgery that would fail
+        half-way through a copy, is refused before any byte is copied. Tensor data is not
+        read: hashing it is :meth:`verify`'s job.
+
+        Raises:
+            IntegrityError: a file is missing, truncated, or of another size than recorded.
+            ManifestError: headers and manifest disagree (every problem, raised once).
         """
+        problems: list[tuple[str, str, str]] = []
         for name in sorted(set(names)):
             expected = self.manifest.files[name]
             size = self.store.file_size(name)
@@ -132,32 +161,37 @@ class _Weights:
             length = int.from_bytes(self.store.read_range(name, 0, min(size, 8)), "little")
             head = self.store.read_range(name, 0, min(size, 8 + min(length, MAX_HEADER_BYTES)))
             header = parse_header(head, size, file=where)
+            file_field = f'$.files["{name}"]'
             found = hashlib.sha256(header.raw).hexdigest()
             if found != expected.header_sha256:
-                raise ManifestError(
-                    f"{where}: header sha256 is {found[:16]}..., the manifest expects "
-                    f"{expected.header_sha256[:16]}...: this weights file does not belong to this manifest "
-                    "(other values or another checkpoint). Keep each manifest.json with its own weights files.",
-                    file=name,
-                    field=f'$.files["{name}"].header_sha256',
-                )
-            self._check_header(name, header.entries)
+                problems.append((name, file_field + ".header_sha256", (
+                    f"is {expected.header_sha256[:16]}..., the file's header hashes to {found[:16]}...: this "
+                    "weights file does not belong to this manifest (other values or another checkpoint)"
+                )))
+            pieces = self._pieces_by_file().get(name, [])
+            problems += [(name, at, msg) for at, msg in file_problems(header, size, pieces, field=file_field)]
+        if problems:
+            listing = "\n".join(f"  {name}: {at} {msg}" for name, at, msg in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise ManifestError(
+                f"{self.store.location}: manifest and weights files disagree ({len(problems)} problems):\n"
+                f"{listing}{more}\nKeep each manifest.json with its own weights files; re-save the checkpoint "
+                "from its source.",
+                file=problems[0][0],
+                field=problems[0][1],
+            )
 
-    def _check_header(self, name: str, entries: Mapping[str, Any]) -> None:
-        for key, t in self.manifest.tensors.items():
-            for c in t.pieces():
-                if c.file != name:
-                    continue
-                # A file holds at most one chunk of a tensor, under the tensor's own key.
-                label = key
-                e = entries.get(label)
-                if e is None or e.byte_range != c.byte_range or e.dtype != t.dtype or e.shape != c.shape:
-                    raise ManifestError(
-                        f"{self.store.location}/{name}: header entry for {label!r} is {e}, the manifest says "
-                        f"{t.dtype}{list(c.shape)} at {list(c.byte_range)}; manifest and weights disagree",
-                        file=name,
-                        field=f'$.tensors["{key}"]',
-                    )
+    def _pieces_by_file(self) -> dict[str, list[Piece]]:
+        """The manifest's pieces grouped by file (built once: binding is per file)."""
+        if self._by_file is None:
+            by_file: dict[str, list[Piece]] = {}
+            for key, t in self.manifest.tensors.items():
+                whole = t.chunks is None
+                for i, c in enumerate(t.pieces()):
+                    at = f'$.tensors["{key}"]' if whole else f'$.tensors["{key}"].chunks[{i}]'
+                    by_file.setdefault(c.file, []).append(Piece(key, t.dtype, c.shape, c.byte_range, c.digest, at))
+            self._by_file = by_file
+        return self._by_file
 
     def raw(self, chunk: Chunk) -> torch.Tensor:
         """The chunk's bytes as a uint8 tensor mapped from the file (no copy)."""
@@ -272,8 +306,10 @@ def load(
         strict: when False, missing and unexpected keys are allowed (and listed).
         remap: ``{regex: replacement}`` applied in order to checkpoint keys.
         cast: allow dtype differences and convert to the module's dtypes.
-        verify_digests: hash every tensor before copying any of it.
-        expect_digest: refuse a checkpoint whose digest is not this one.
+        verify_digests: hash every tensor to be loaded before copying any of it.
+        expect_digest: refuse a checkpoint whose digest is not this one. Implies
+            ``verify_digests``: the digest covers the tensor digests, and hashing the bytes
+            to be loaded against them is what proves they are the pinned ones.
         allow_missing, allow_unexpected: ``re.fullmatch`` patterns of allowed differences.
         check_classes: compare layer classes (off for deliberate architecture swaps).
         device: where tensors of a meta-device module are materialised (default CPU).
@@ -312,7 +348,7 @@ def load(
     stored = {manifest.aliases.get(source_key[k], source_key[k]) for k in targets}
     weights = _Weights(store, manifest)
     weights.bind({c.file for key in stored for c in manifest.tensors[key].pieces()})
-    if verify_digests:
+    if verify_digests or expect_digest is not None:
         weights.verify(stored)
 
     materialize = {k for k in targets if live.tensors[k].is_meta}

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,14 @@ from typing import Any, Final
 import torch
 from torch import nn
 
-from manifest_ckpt.format.dtypes import nbytes
-from manifest_ckpt.format.keys import check_keys
-from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
-from manifest_ckpt.format import jsonio
-from manifest_ckpt.storage.store import MAX_MANIFEST_BYTES, is_url, read_manifest, require_parent_dir
 from manifest_ckpt._version import __version__
-from manifest_ckpt.errors import CheckpointExistsError, ManifestError, UnsupportedTensorError
-from manifest_ckpt.format.integrity import WORKERS, atomic_write_bytes, digest_bytes, fsync_dir, read_regular
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
+from manifest_ckpt.errors import CheckpointExistsError, ManifestError, UnsupportedTensorError
+from manifest_ckpt.format import jsonio
+from manifest_ckpt.format.binding import content_digest
+from manifest_ckpt.format.dtypes import nbytes
+from manifest_ckpt.format.integrity import WORKERS, digest_bytes
+from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.format.manifest import (
     BASE_FORMAT_VERSION,
     MANIFEST_NAME,
@@ -41,6 +39,9 @@ from manifest_ckpt.format.manifest import (
     _gc_paused,
     compute_digest,
 )
+from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
+from manifest_ckpt.storage import commit
+from manifest_ckpt.storage.store import is_url, read_manifest, require_parent_dir
 
 _PLAIN_TENSOR_TYPES: Final = (torch.Tensor, nn.Parameter, nn.Buffer)
 RELATIONS = ("fine-tuned-from", "converted-from", "merged-from", "quantized-from", "resumed-from", "derived-from")
@@ -200,18 +201,11 @@ def save(
     deferred = source if callable(source) else None
     lineage_doc = _lineage(lineage, parents, record_code, timestamp, None if callable(source) else source)
     _require_json("metadata", metadata)
-    if target.exists():
-        return _write_into(target, state, lineage_doc, metadata, max_file_size, fsync, progress, deferred)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        manifest = _write_into(staging, state, lineage_doc, metadata, max_file_size, fsync, progress, deferred)
-        os.chmod(staging, 0o755)
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if fsync:
-        fsync_dir(target.parent)
+    # Written into a locked staging directory, then committed under the path's lock
+    # (storage/commit.py): crash-atomic, and safe against concurrent writers of the path.
+    with commit.begin(target, overwrite=overwrite, fsync=fsync) as stage:
+        manifest = _write_into(stage.directory, state, lineage_doc, metadata, max_file_size, fsync, progress, deferred)
+        stage.commit(manifest.to_json(), manifest.files)
     return manifest
 
 
@@ -252,7 +246,7 @@ def _check_destination(target: Path, overwrite: bool) -> None:
         raise CheckpointExistsError(f"{target} already exists; pass overwrite=True to replace it")
     if not target.is_dir() or target.is_symlink():
         raise CheckpointExistsError(f"{target} exists and is not a checkpoint directory; refusing to replace it")
-    if any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
+    if not (target / MANIFEST_NAME).is_file() and any(not commit.is_leftover(n) for n in os.listdir(target)):
         raise CheckpointExistsError(
             f"{target} is a non-empty directory without {MANIFEST_NAME}; refusing to overwrite what is not a "
             "checkpoint. Choose another path or empty it."
@@ -270,8 +264,7 @@ def _write_into(
     progress: Callable[[int], None] | None = None,
     deferred_source: Callable[[], Mapping[str, Any]] | None = None,
 ) -> Manifest:
-    """Write weights files then the manifest (the commit marker) into ``directory``."""
-    old_files = _old_weight_files(directory)
+    """Write the weights files into ``directory`` and return the manifest that lists them."""
     planned = [
         _Planned(k, t, dtype_name(t, k), tuple(t.shape)) for k, t in state.tensors.items() if k not in state.aliases
     ]
@@ -298,23 +291,7 @@ def _write_into(
         metadata=metadata,
         format_version=BASE_FORMAT_VERSION,
     )
-    atomic_write_bytes(directory / MANIFEST_NAME, manifest.to_json(), fsync=fsync)
-    for stale in old_files - set(files):
-        (directory / stale).unlink(missing_ok=True)
     return manifest
-
-
-def _old_weight_files(directory: Path) -> set[str]:
-    """Weights files the current manifest lists, to delete once the new one is committed."""
-    try:
-        data = read_regular(
-            directory / MANIFEST_NAME, what="a manifest.json file", limit=MAX_MANIFEST_BYTES, error=ManifestError
-        )
-        document = jsonio.loads(data, where=str(directory), what="a manifest", error=ManifestError)
-        names = document["files"]
-        return {n for n in names if isinstance(n, str) and "/" not in n and not n.startswith(".")}
-    except (OSError, ValueError, KeyError, TypeError):  # ManifestError is a ValueError
-        return set()
 
 
 def _group_files(planned: list[_Planned], max_file_size: int | None) -> list[list[_Planned]]:
@@ -358,9 +335,13 @@ def _write_weights_file(
     return name, entry, written
 
 
-def content_file_name(content_digest: str, suffix: str = "") -> str:
-    """The name of a weights file: its content digest, shortened (and a suffix such as a rank)."""
-    return f"weights-{content_digest.removeprefix('sha256:')[:16]}{suffix}.safetensors"
+def content_file_name(header_sha256: str, suffix: str = "") -> str:
+    """The name of a weights file: its header's sha256, shortened (and a suffix such as a rank).
+
+    The header states every key, dtype, shape and byte offset and, through its content
+    digest, the data: two files with one name hold the same bytes.
+    """
+    return f"weights-{header_sha256.removeprefix('sha256:')[:16]}{suffix}.safetensors"
 
 
 def write_safetensors(
@@ -380,7 +361,7 @@ def write_safetensors(
         layout: ``(key, manifest dtype, shape)`` of each tensor, in data order.
         tensors: the values in the same order, produced lazily; written tensors whose digest
             is still running are held, at most ``_PIPELINE_BYTES`` of them.
-        name: maps the file's content digest to its final name in ``directory``.
+        name: maps the hex sha256 of the file's header to its final name in ``directory``.
 
     Returns:
         The file name, its manifest entry, each tensor's digest and absolute byte range.
@@ -423,7 +404,7 @@ def write_safetensors(
                 digests += pending.popleft()[0].result()
             if len(digests) != len(layout):
                 raise ValueError(f"write_safetensors: {len(layout)} tensors in the layout, {len(digests)} given")
-            content = _content_digest([key for key, _, _ in layout], digests)
+            content = content_digest(zip([key for key, _, _ in layout], digests))
             final_header, _ = build_header(layout, {"format": "pt", CONTENT_KEY: content})
             assert len(final_header) == len(header)
             f.seek(0)
@@ -431,25 +412,21 @@ def write_safetensors(
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        file_name = name(content)
+        header_sha256 = hashlib.sha256(final_header).hexdigest()
+        file_name = name(header_sha256)
         os.chmod(tmp, 0o644)
         os.replace(tmp, directory / file_name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     size = ranges[-1][1] if ranges else len(final_header)
-    entry = FileEntry(size=size, header_sha256=hashlib.sha256(final_header).hexdigest())
+    entry = FileEntry(size=size, header_sha256=header_sha256)
     return file_name, entry, digests, ranges
 
 
 def _digest_all(buffers: list[memoryview], keep: list[torch.Tensor]) -> list[str]:
     """Digests of ``buffers`` in order (``keep`` holds their tensors alive meanwhile)."""
     return [digest_bytes(b) for b in buffers]
-
-
-def _content_digest(keys: list[str], digests: list[str]) -> str:
-    blob = json.dumps(sorted(zip(keys, digests)), separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _require_json(what: str, value: Any) -> None:

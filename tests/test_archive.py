@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -456,3 +457,41 @@ def test_inspect_of_an_archive_does_not_import_torch(archive: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_unpack_extracts_only_the_files_the_manifest_lists(tmp_path: Path) -> None:
+    """A member the manifest does not list (here a stray script) is not extracted (issue 11, item 9)."""
+    from manifest_ckpt.storage.tar import write_archive
+
+    manifest = mc.save({"w": torch.arange(3.0)}, tmp_path / "ck", record_code=False)
+    (tmp_path / "ck" / "run.sh").write_text("echo hi")
+    files = [("manifest.json", tmp_path / "ck" / "manifest.json"), ("run.sh", tmp_path / "ck" / "run.sh")]
+    files += [(name, tmp_path / "ck" / name) for name in manifest.files]
+    write_archive(files, tmp_path / "a.tar")
+    mc.unpack(tmp_path / "a.tar", tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(["manifest.json", *manifest.files])
+
+
+def test_unpack_checks_the_copies_so_an_archive_swapped_after_the_check_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An archive replaced between the first check and the extraction is refused; nothing appears at dest."""
+    from manifest_ckpt.storage import archive as archive_module
+
+    manifest = mc.save({"w": torch.arange(3.0)}, tmp_path / "ck", record_code=False)
+    mc.pack(tmp_path / "ck", tmp_path / "a.tar")
+    (name,) = manifest.files
+    bad = bytearray((tmp_path / "a.tar").read_bytes())
+    start, _ = manifest.tensors["w"].byte_range or (0, 0)
+    bad[_tar.index_archive(tmp_path / "a.tar")[name].offset + start] ^= 0xFF  # a data byte of "w"
+    real = archive_module.extract_members
+
+    def swap_then_extract(*args: Any, **kwargs: Any) -> None:
+        (tmp_path / "a.tar").write_bytes(bytes(bad))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(archive_module, "extract_members", swap_then_extract)
+    with pytest.raises(mc.IntegrityError, match="do not match their digests"):
+        mc.unpack(tmp_path / "a.tar", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []

@@ -375,3 +375,14 @@ def test_save_into_a_missing_parent_is_a_destination_error(tmp_path: Path) -> No
     """save names the missing parent directory and says to create it."""
     with pytest.raises(mc.DestinationError, match=r"parent directory .* does not exist; create it first"):
         mc.save({"w": torch.ones(1)}, tmp_path / "no" / "ck")
+
+
+def test_file_names_cover_dtype_and_shape_not_only_keys_and_data(tmp_path: Path) -> None:
+    """The same bytes under the same key but another shape or dtype get another file name (issue 11, item 4)."""
+    names = set()
+    for i, tensor in enumerate([torch.zeros(4), torch.zeros(2, 2), torch.zeros(4).view(torch.int32)]):
+        manifest = mc.save({"w": tensor}, tmp_path / f"ck{i}", record_code=False)
+        ((name, entry),) = manifest.files.items()
+        assert name == f"weights-{entry.header_sha256[:16]}.safetensors"
+        names.add(name)
+    assert len(names) == 3

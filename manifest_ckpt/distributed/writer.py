@@ -37,7 +37,6 @@ from manifest_ckpt.errors import (
     UnsupportedOptionError,
     UnsupportedTensorError,
 )
-from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.comparison.introspect import module_tree
 from manifest_ckpt.format.manifest import (
     MANIFEST_NAME,
@@ -50,9 +49,9 @@ from manifest_ckpt.format.manifest import (
     compute_digest,
     required_version,
 )
+from manifest_ckpt.storage import commit
 from manifest_ckpt.writer import (
     _lineage,
-    _old_weight_files,
     _require_json,
     content_file_name,
     write_safetensors,
@@ -87,9 +86,11 @@ class _GlobalSaveInfo:
 
 @dataclass(frozen=True)
 class _RankFiles:
-    """A rank's ``SavePlan.storage_data``: its index, which makes its file names unique."""
+    """A rank's ``SavePlan.storage_data``: its index (which makes its file names unique) and
+    the staging directory, a sibling of the checkpoint, that every rank writes into."""
 
     index: int
+    staging: str
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,7 @@ class ManifestStorageWriter(FileSystemWriter):
         self._lineage_doc: dict[str, Any] | None = None
         self._aliases: dict[str, str] = {}
         self._tree: Any = None
+        self._stage: commit.Stage | None = None
 
     def storage_meta(self) -> StorageMeta | None:
         return ManifestStorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
@@ -268,7 +270,7 @@ class ManifestStorageWriter(FileSystemWriter):
         _check_destination(target, self.replace)
         if self.modules is not None:
             _check_module_keys(self.modules, {item.index.fqn for item in plan.items})
-        self.fs.mkdir(target)
+        self.fs.mkdir(target.parent)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -283,15 +285,24 @@ class ManifestStorageWriter(FileSystemWriter):
                 "holding values that are not tensors); leave module= out",
                 field="modules",
             )
+        # The coordinator holds the staging directory's lock from here to the commit in
+        # ``finish`` (storage/commit.py): ranks write into it, never into the checkpoint.
+        if self._stage is not None:
+            self._stage.close()
+        self._stage = commit.open_stage(Path(self.path), overwrite=self.replace, fsync=self.sync_files)
+        staging = self._stage.directory.name
         return [
-            dataclasses.replace(p, items=[it for it in p.items if it.index.fqn not in self._aliases], storage_data=_RankFiles(i))
+            dataclasses.replace(
+                p, items=[it for it in p.items if it.index.fqn not in self._aliases], storage_data=_RankFiles(i, staging)
+            )
             for i, p in enumerate(plans)
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        rank = plan.storage_data.index if isinstance(plan.storage_data, _RankFiles) else 0
+        if not isinstance(plan.storage_data, _RankFiles):
+            raise ManifestCkptError("ManifestStorageWriter.write_data: the plan was not made by this storage writer")
+        rank, directory = plan.storage_data.index, Path(self.path).parent / plan.storage_data.staging
         files = _files_of(plan.items, self.thread_count if self.single_file_per_rank else None)
-        directory = Path(self.path)
         results: list[WriteResult] = []
         if self.thread_count > 1 and len(files) > 1:
             with ThreadPoolExecutor(min(self.thread_count, len(files))) as pool:
@@ -309,17 +320,20 @@ class ManifestStorageWriter(FileSystemWriter):
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        target = Path(self.path)
         aliases = self._aliases
         lineage = self._lineage_doc
         if lineage is None:
             lineage = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
         manifest = build_manifest(metadata, results, aliases, self.modules, lineage, self.user_metadata, self._tree)
-        # Files the old manifest used, and weights files an interrupted save left behind.
-        stale = _old_weight_files(target) | {n for n in os.listdir(target) if _is_leftover(n)}
-        atomic_write_bytes(target / MANIFEST_NAME, manifest.to_json(), fsync=self.sync_files)
-        for name in stale - set(manifest.files):
-            (target / name).unlink(missing_ok=True)
+        if self._stage is None:
+            raise ManifestCkptError("ManifestStorageWriter.finish: no staged save (prepare_global_plan did not run here)")
+        try:
+            # Under the checkpoint's lock: move the files in, commit the manifest, delete what
+            # it does not reference (the old manifest's files, leftovers of killed saves).
+            self._stage.commit(manifest.to_json(), manifest.files)
+        finally:
+            self._stage.close()
+            self._stage = None
         self.manifest = manifest
         # DCP broadcasts this Metadata from the coordinator to every rank: it carries the
         # manifest to the callers of ``save`` on all of them.
@@ -465,7 +479,7 @@ def _write_file(
         layout,
         values(),
         fsync,
-        name=lambda content: content_file_name(content, f"-{suffix}"),
+        name=lambda header_sha256: content_file_name(header_sha256, f"-{suffix}"),
     )
     return [
         WriteResult(
@@ -475,13 +489,6 @@ def _write_file(
         )
         for item, (_, dtype, shape), digest, rng in zip(items, layout, digests, ranges)
     ]
-
-
-def _is_leftover(name: str) -> bool:
-    """Files an interrupted save of ours leaves behind: weights files and their temporaries."""
-    return (name.startswith("weights-") and name.endswith(".safetensors")) or (
-        name.startswith(".weights.") and name.endswith(".tmp")
-    )
 
 
 def _check_destination(target: Path, overwrite: bool) -> None:
@@ -494,7 +501,7 @@ def _check_destination(target: Path, overwrite: bool) -> None:
         if not overwrite:
             raise CheckpointExistsError(f"{target} already holds a checkpoint; pass overwrite=True to replace it")
         return
-    strangers = sorted(n for n in os.listdir(target) if not _is_leftover(n))
+    strangers = sorted(n for n in os.listdir(target) if not commit.is_leftover(n))
     if strangers:
         raise CheckpointExistsError(
             f"{target} is a non-empty directory without {MANIFEST_NAME} (it holds {strangers[0]!r}); refusing to "

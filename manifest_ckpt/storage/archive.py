@@ -19,9 +19,11 @@ from typing import Any
 
 from manifest_ckpt.storage.archive_store import open_archive_store
 from manifest_ckpt.cli.progress import Progress
+from manifest_ckpt.storage import commit
 from manifest_ckpt.storage.store import DirectoryStore, Store, is_url, open_store, read_store_manifest, require_parent_dir
-from manifest_ckpt.storage.tar import extract_archive, write_archive
+from manifest_ckpt.storage.tar import extract_members, write_archive
 from manifest_ckpt.errors import ArchiveError, CheckpointExistsError, CheckpointNotFoundError
+from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
 
 PathLike = str | os.PathLike[str]
@@ -132,16 +134,25 @@ def unpack(
             f"{source}: not an archive (expected a tar file written by `manifest-ckpt pack`)", file=str(source)
         )
     target = Path(dest)
-    # Checked here as well as by extract_archive, so a refusal comes before a long verify.
+    # Checked before anything is read, so a refusal comes before a long verify.
     occupied = target.is_symlink() or (target.exists() and (not target.is_dir() or any(target.iterdir())))
     if occupied:
         raise CheckpointExistsError(
             f"cannot unpack {source} into {target}: it exists and is not an empty directory; "
             "choose a new directory or remove it first"
         )
-    manifest = read_store_manifest(store)
-    _check_weights(store, manifest, source, verify=verify, progress=progress)
-    extract_archive(source, target)
+    manifest_bytes = store.manifest_bytes()
+    manifest = Manifest.from_json(manifest_bytes, file=f"{store.location}/{MANIFEST_NAME}")
+    # Cheap refusal of a hostile or mismatched archive before anything is copied.
+    _check_weights(store, manifest, source, verify=False, progress=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with commit.begin(target, overwrite=False) as stage:
+        # Only the files the manifest lists are extracted, then the copies are checked, not the
+        # archive: an archive swapped or rewritten meanwhile cannot slip in unverified bytes.
+        extract_members(source, sorted(manifest.files), stage.directory)
+        atomic_write_bytes(stage.directory / MANIFEST_NAME, manifest_bytes)
+        _check_weights(open_store(stage.directory), manifest, stage.directory, verify=verify, progress=progress)
+        stage.commit(manifest_bytes, manifest.files)
     return manifest
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "ALIGNMENT",
     "ArchiveMember",
     "extract_archive",
+    "extract_members",
     "index_archive",
     "is_archive",
     "write_archive",
@@ -796,3 +797,29 @@ def extract_archive(path: str | os.PathLike[str], dest_dir: str | os.PathLike[st
             raise
     _fsync_directory(parent)
     return list(members)
+
+
+def extract_members(path: str | os.PathLike[str], names: Iterable[str], dest_dir: str | os.PathLike[str]) -> None:
+    """Copy the named regular-file members of an archive into the existing ``dest_dir``.
+
+    The archive is indexed again (every hostile member refused, as by :func:`index_archive`)
+    from the same open file the members are then read from; links are never followed and no
+    other member is written. Used by ``unpack``, which checks the copies afterwards.
+
+    Raises:
+        ArchiveError: the archive is refused, or a named member is not in it.
+    """
+    where = os.fspath(path)
+    with _open_regular(where) as stream:
+        members = _scan(stream, os.fstat(stream.fileno()).st_size, where)
+        buffer = memoryview(bytearray(_CHUNK))
+        for name in names:
+            member = members.get(name)
+            if member is None:
+                raise ArchiveError(
+                    f"{where}: the manifest lists {name!r}, which is not a member of the archive (it changed while "
+                    "it was unpacked, or it is incomplete); nothing was extracted",
+                    file=where,
+                    member=name,
+                )
+            _extract_member(stream, member, os.fspath(dest_dir), where, buffer)

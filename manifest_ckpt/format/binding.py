@@ -1,0 +1,108 @@
+"""The rules that bind a weights file's header to the manifest (no torch import).
+
+A reader checks them on every weights file it opens, before any tensor byte is copied, by
+reading the header only. They make ``files[...].size`` and ``.header_sha256`` redundant for
+identity: everything a header states (entries, byte layout, content digest) must follow from
+the manifest's tensor entries, whose digests the checkpoint ``digest`` covers. A file that
+passes holds exactly the pieces the manifest lists, each aligned to its element size, tiling
+the data section with no gap, overlap or trailing byte, and its header's content digest is
+the one the manifest's tensor digests give.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from manifest_ckpt.format.dtypes import describe, itemsize
+from manifest_ckpt.format.safetensors_header import CONTENT_KEY, Header
+
+# The digest of zero bytes: an empty header entry the manifest leaves out holds this.
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What the manifest says one file holds for one tensor (a whole tensor or a chunk)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    byte_range: tuple[int, int]
+    digest: str
+    field: str
+
+
+def content_digest(pairs: Iterable[tuple[str, str]]) -> str:
+    """A weights file's content digest: sha256 of its sorted ``[key, tensor digest]`` pairs."""
+    blob = json.dumps(sorted(pairs), separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def file_problems(
+    header: Header, file_size: int, pieces: Sequence[Piece], *, field: str
+) -> Iterator[tuple[str, str]]:
+    """Yield ``(json path, message)`` for every way ``header`` disagrees with ``pieces``.
+
+    Args:
+        header: the file's parsed header (``parse_header`` already bounded every offset).
+        file_size: the file's size in bytes.
+        pieces: the manifest's pieces stored in this file.
+        field: the file's JSON path in the manifest (``$.files["name"]``), for problems of
+            the file as a whole.
+    """
+    entries = header.entries
+    by_key = {p.key: p for p in pieces}
+    pairs: list[tuple[str, str]] = []
+    spans: list[tuple[int, int, str]] = []
+    for p in pieces:
+        e = entries.get(p.key)
+        stated = f"{describe(p.dtype, p.shape)} at {list(p.byte_range)}"
+        if e is None:
+            yield p.field, f"says the file holds {stated}, its header has no entry {p.key!r}"
+        elif e.dtype != p.dtype or e.shape != p.shape or e.byte_range != p.byte_range:
+            found = f"{describe(e.dtype, e.shape)} at {list(e.byte_range)}"
+            yield p.field, f"says {stated}, the file's header says {found}"
+        start, end = p.byte_range
+        if start % itemsize(p.dtype):
+            yield p.field, (
+                f"starts at byte {start}, not a multiple of {p.dtype}'s {itemsize(p.dtype)}-byte element size "
+                "(manifest-ckpt writers align every tensor)"
+            )
+        pairs.append((p.key, p.digest))
+        spans.append((start, end, p.key))
+    for key, e in entries.items():
+        if key in by_key:
+            continue
+        start, end = e.byte_range
+        if end > start:
+            yield field, f"header lists {key!r} ({end - start} bytes), which the manifest does not list"
+            spans.append((start, end, key))
+        else:
+            # An empty piece holds nothing; the distributed writer leaves such chunks out.
+            pairs.append((key, EMPTY_DIGEST))
+    yield from _tiling_problems(header.data_start, file_size, spans, field)
+    claimed = header.metadata.get(CONTENT_KEY)
+    expected = content_digest(pairs)
+    if claimed != expected:
+        yield field, (
+            f"header content digest is {claimed!r}, the manifest's tensor digests give {expected}: the file holds "
+            "other tensors than the manifest describes"
+        )
+
+
+def _tiling_problems(
+    data_start: int, file_size: int, spans: list[tuple[int, int, str]], field: str
+) -> Iterator[tuple[str, str]]:
+    """The data section must be tiled exactly: no gap, no overlap, no trailing byte."""
+    cursor = data_start
+    for start, end, key in sorted(spans):
+        if start > cursor:
+            yield field, f"bytes {cursor}-{start} before {key!r} belong to no tensor"
+        elif start < cursor:
+            yield field, f"{key!r} at [{start}, {end}) overlaps the tensor before it (which ends at {cursor})"
+        cursor = max(cursor, end)
+    if cursor != file_size:
+        yield field, f"bytes {cursor}-{file_size} at the end of the file belong to no tensor"

@@ -1,0 +1,116 @@
+"""Staging, locking, crash-atomic commit and cleanup of checkpoint directories (issue 11, items 4, 5, 9)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import manifest_ckpt as mc
+from manifest_ckpt.storage import commit
+
+
+def _staging_dirs(parent: Path) -> list[str]:
+    return sorted(n for n in os.listdir(parent) if n.startswith(".") and n.endswith(".tmp"))
+
+
+def _abandon(stage: commit.Stage) -> None:
+    """What a SIGKILL does to a writer: its lock is released, its files stay."""
+    assert stage._lock is not None
+    os.close(stage._lock)
+    stage._lock = None
+    stage._done = True
+
+
+def test_a_killed_saves_staging_directory_is_removed_by_the_next_save(tmp_path: Path) -> None:
+    """An abandoned staging sibling (nobody holds its lock) is removed; a live one is kept."""
+    dead = commit.open_stage(tmp_path / "ck", overwrite=False)
+    (dead.directory / "weights-0123456789abcdef.safetensors").write_bytes(b"partial")
+    _abandon(dead)
+    alive = commit.open_stage(tmp_path / "ck", overwrite=False)
+    mc.save({"w": torch.zeros(2)}, tmp_path / "ck", record_code=False)
+    assert _staging_dirs(tmp_path) == [alive.directory.name]
+    alive.close()
+    assert _staging_dirs(tmp_path) == []
+
+
+def test_overwrite_removes_orphans_and_temporaries_but_not_other_files(tmp_path: Path) -> None:
+    """After an overwrite the directory holds the manifest, its files, and what is not ours."""
+    mc.save({"w": torch.zeros(2)}, tmp_path / "ck", record_code=False)
+    for leftover in ("weights-0123456789abcdef.safetensors", ".weights.x.tmp", ".manifest.json.y.tmp"):
+        (tmp_path / "ck" / leftover).write_bytes(b"partial")
+    (tmp_path / "ck" / "README.txt").write_text("mine")
+    manifest = mc.save({"w": torch.ones(2)}, tmp_path / "ck", record_code=False, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(["README.txt", "manifest.json", *manifest.files])
+    mc.verify(tmp_path / "ck")
+
+
+def test_concurrent_saves_to_a_new_path_give_the_loser_a_typed_error(tmp_path: Path) -> None:
+    """Two writers stage at once; the second to commit without overwrite gets CheckpointExistsError."""
+    first = mc.save({"w": torch.zeros(2)}, tmp_path / "a", record_code=False)
+    (name,) = first.files
+    winner = commit.open_stage(tmp_path / "ck", overwrite=False)
+    loser = commit.open_stage(tmp_path / "ck", overwrite=False)
+    for stage in (winner, loser):
+        os.link(tmp_path / "a" / name, stage.directory / name)
+    winner.commit((tmp_path / "a" / "manifest.json").read_bytes(), [name])
+    with pytest.raises(mc.CheckpointExistsError, match="overwrite=True"):
+        loser.commit((tmp_path / "a" / "manifest.json").read_bytes(), [name])
+    loser.close()
+    assert _staging_dirs(tmp_path) == []
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(["manifest.json", name])
+    mc.verify(tmp_path / "ck")
+
+
+def test_concurrent_overwrites_leave_the_last_committed_checkpoint_whole(tmp_path: Path) -> None:
+    """Two overwriting writers staged at once: each commit is whole, the last one stays, no file missing."""
+    mc.save({"w": torch.zeros(2)}, tmp_path / "ck", record_code=False)
+    one = mc.save({"w": torch.ones(2)}, tmp_path / "one", record_code=False)
+    two = mc.save({"w": torch.full((2,), 2.0)}, tmp_path / "two", record_code=False)
+    stages = []
+    for source, manifest in (("one", one), ("two", two)):
+        stage = commit.open_stage(tmp_path / "ck", overwrite=True)
+        (name,) = manifest.files
+        os.link(tmp_path / source / name, stage.directory / name)
+        stages.append((stage, source, name))
+    for stage, source, name in stages:
+        stage.commit((tmp_path / source / "manifest.json").read_bytes(), [name])
+        stage.close()
+        mc.verify(tmp_path / "ck")
+    assert mc.read_manifest(tmp_path / "ck").digest == two.digest
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(["manifest.json", *two.files])
+
+
+def test_a_file_under_a_listed_name_with_another_header_is_never_replaced(tmp_path: Path) -> None:
+    """Commit refuses to replace a same-named file whose header differs; the old checkpoint stays valid."""
+    old = mc.save({"w": torch.zeros(2)}, tmp_path / "ck", record_code=False)
+    (name,) = old.files
+    other = mc.save({"w": torch.ones(3)}, tmp_path / "other", record_code=False)
+    (other_name,) = other.files
+    stage = commit.open_stage(tmp_path / "ck", overwrite=True)
+    os.link(tmp_path / "other" / other_name, stage.directory / name)  # same name, other header
+    with pytest.raises(mc.ManifestCkptError, match="another header"):
+        stage.commit((tmp_path / "other" / "manifest.json").read_bytes(), [name])
+    stage.close()
+    mc.verify(tmp_path / "ck")
+    assert mc.read_manifest(tmp_path / "ck").digest == old.digest
+
+
+def test_resaving_the_same_content_over_itself_keeps_it_valid(tmp_path: Path) -> None:
+    """The same tensors saved over themselves give the same file names and a checkpoint that verifies."""
+    first = mc.save({"w": torch.arange(4.0)}, tmp_path / "ck", record_code=False)
+    second = mc.save({"w": torch.arange(4.0)}, tmp_path / "ck", record_code=False, overwrite=True)
+    assert first.files == second.files
+    mc.verify(tmp_path / "ck")
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(["manifest.json", *first.files])
+
+
+def test_the_lock_waits_for_its_holder_and_leaves_no_file_at_rest(tmp_path: Path) -> None:
+    """lock_checkpoint takes the lock; a non-blocking second try fails; release removes the lock file."""
+    (tmp_path / "ck").mkdir()
+    fd = commit.lock_checkpoint(tmp_path / "ck")
+    assert commit._flock(tmp_path / "ck" / commit.LOCK_NAME, blocking=False, create=False) is None
+    commit.release(tmp_path / "ck", fd)
+    assert os.listdir(tmp_path / "ck") == []
