@@ -353,7 +353,6 @@ def test_verify_streams_with_bounded_blocks_and_reads_each_byte_once(
 ) -> None:
     """verify hashes while streaming: no request exceeds BLOCK_BYTES and every byte is fetched once."""
     monkeypatch.setattr(remote, "BLOCK_BYTES", 1024)
-    monkeypatch.setattr(remote, "HEAD_BYTES", 64)
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
     manifest = mc.save(model, url, storage_options=s3.options, record_code=False)
