@@ -63,7 +63,7 @@ def _child(contender: str, endpoint: str, size_mb: int) -> dict[str, float]:
 
     import manifest_ckpt as mc
     import manifest_ckpt.reader
-    import manifest_ckpt.storage.remote  # noqa: F401
+    import manifest_ckpt.storage.remote
 
     base = _rss_mb()
     start = time.perf_counter()

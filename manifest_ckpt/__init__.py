@@ -13,9 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from manifest_ckpt.comparison.report import Problem, Report
-from manifest_ckpt.storage.store import read_manifest
 from manifest_ckpt._version import __version__
+from manifest_ckpt.comparison.report import Problem, Report
 from manifest_ckpt.errors import (
     ArchiveError,
     CheckpointExistsError,
@@ -38,15 +37,16 @@ from manifest_ckpt.errors import (
     UnsupportedVersionError,
 )
 from manifest_ckpt.format.manifest import FormatVersionWarning, Manifest
+from manifest_ckpt.storage.store import read_manifest
 
 if TYPE_CHECKING:
+    from manifest_ckpt.background import async_save
     from manifest_ckpt.comparison.diff import CheckpointDiff, diff
-    from manifest_ckpt.storage.archive import pack, unpack
-    from manifest_ckpt.sources.convert import convert
     from manifest_ckpt.lineage import Ancestry, ancestry
     from manifest_ckpt.reader import LoadResult, check, load, verify
+    from manifest_ckpt.sources.convert import convert
+    from manifest_ckpt.storage.archive import pack, unpack
     from manifest_ckpt.writer import save
-    from manifest_ckpt.background import async_save
 
 # public name -> module that defines it (imported lazily because it imports torch).
 # No module may be named like a function exported here: importing ``manifest_ckpt.x`` sets

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestCkptError
+from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
 from manifest_ckpt.storage.archive_store import open_archive_store
 from manifest_ckpt.storage.store import is_url, open_store, read_manifest, read_store_manifest
 from manifest_ckpt.storage.tar import is_archive
-from manifest_ckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestCkptError
-from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
 
 PathLike = str | os.PathLike[str]
 Status = Literal["verified", "found", "failed", "not found"]
@@ -70,7 +70,7 @@ def index_checkpoints(
     def add(location: Path | str, archive: bool) -> None:
         try:
             if archive:
-                store = open_archive_store(location)
+                store = open_archive_store(Path(location))
                 if store is None:
                     return
                 digest = read_store_manifest(store).digest

@@ -28,7 +28,7 @@ from manifest_ckpt.errors import (
 from manifest_ckpt.format.binding import Piece, file_problems
 from manifest_ckpt.format.manifest import Chunk, Manifest, _gc_paused
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
-from manifest_ckpt.storage.store import Store, open_store, read_manifest, read_store_manifest
+from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
 
 PathLike = str | os.PathLike[str]
 # Tensors up to this size are copied with one memmove (see _fill); larger ones use torch's

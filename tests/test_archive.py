@@ -10,18 +10,18 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import manifest_ckpt as mc
+from manifest_ckpt.cli import run
 from manifest_ckpt.storage import tar as _tar
+from manifest_ckpt.storage.archive import pack, unpack
 from manifest_ckpt.storage.archive_store import ArchiveStore
 from manifest_ckpt.storage.store import open_store
-from manifest_ckpt.storage.archive import pack, unpack
-from manifest_ckpt.cli import run
 from tests._models import TiedNet, assert_bitwise_equal, snapshot
 
 

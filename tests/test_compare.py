@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import pytest
 
 from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, compare, owner_of, suggest_remap
-from manifest_ckpt.comparison.report import Problem
 from manifest_ckpt.comparison.remap import apply_remap
+from manifest_ckpt.comparison.report import Problem
 
 Shapes = Mapping[str, tuple[str, tuple[int, ...]]]
 

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
+from manifest_ckpt.cli import run
 from manifest_ckpt.comparison import diff as _diff
 from manifest_ckpt.comparison.diff import TILE_ELEMENTS, _overlaps, _tiles, diff
-from manifest_ckpt.storage.archive import pack
-from manifest_ckpt.cli import run
 from manifest_ckpt.format.manifest import Chunk, Manifest, TensorEntry, chunked_digest, compute_digest
+from manifest_ckpt.storage.archive import pack
 from manifest_ckpt.writer import write_safetensors
 from tests._models import TiedNet
 
@@ -370,8 +370,8 @@ def test_missing_weights_file_for_a_changed_tensor_is_an_integrity_error(tmp_pat
 
 def test_public_names_are_the_functions() -> None:
     """mc.diff, mc.pack, mc.unpack and mc.ancestry are the functions even after their modules are imported."""
-    import manifest_ckpt.storage.archive
     import manifest_ckpt.lineage
+    import manifest_ckpt.storage.archive
 
     assert mc.diff is diff and mc.CheckpointDiff is _diff.CheckpointDiff
     assert mc.pack is manifest_ckpt.storage.archive.pack and mc.unpack is manifest_ckpt.storage.archive.unpack

@@ -32,9 +32,9 @@ from torch import nn
 
 import manifest_ckpt as mc
 from manifest_ckpt import distributed as mcd
+from manifest_ckpt.comparison.report import Problem, Report
 from manifest_ckpt.distributed.reader import merge_reports
 from manifest_ckpt.errors import UnsupportedValueError
-from manifest_ckpt.comparison.report import Problem, Report
 
 ROOT = Path(__file__).resolve().parents[1]
 

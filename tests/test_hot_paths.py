@@ -13,10 +13,10 @@ from torch import nn
 
 import manifest_ckpt as mc
 from manifest_ckpt import writer
-from manifest_ckpt.format import integrity
-from manifest_ckpt.storage.store import open_store
 from manifest_ckpt.comparison.introspect import capture, find_aliases, module_tree
+from manifest_ckpt.format import integrity
 from manifest_ckpt.reader import _Weights
+from manifest_ckpt.storage.store import open_store
 
 
 class _Recorder:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from manifest_ckpt.comparison.compare import TensorSpec
-from manifest_ckpt.errors import InvalidKeyError, ManifestCkptError, UnsupportedTensorError
 from manifest_ckpt.comparison.introspect import capture, class_name, dtype_name, find_aliases
+from manifest_ckpt.errors import InvalidKeyError, ManifestCkptError, UnsupportedTensorError
 from manifest_ckpt.format.manifest import ModuleEntry
 
 LINEAR = "torch.nn.modules.linear.Linear"

@@ -95,10 +95,10 @@ def test_save_refuses_what_the_reader_refuses(tmp_path: Path) -> None:
     deep: object = 1
     for _ in range(jsonio.MAX_DEPTH + 1):
         deep = {"a": deep}
-    with pytest.raises(ManifestError, match="metadata cannot be stored: .* nested more than") as info:
+    with pytest.raises(ManifestError, match=r"metadata cannot be stored: .* nested more than") as info:
         mc.save(nn.Linear(2, 2), tmp_path / "a", metadata=deep)
     assert info.value.field == "metadata"
-    with pytest.raises(ManifestError, match="lineage cannot be stored: .*lone UTF-16 surrogate"):
+    with pytest.raises(ManifestError, match=r"lineage cannot be stored: .*lone UTF-16 surrogate"):
         mc.save(nn.Linear(2, 2), tmp_path / "b", lineage={"note": "\udc80"})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import manifest_ckpt as mc
-from manifest_ckpt.storage import tar as _tar
-from manifest_ckpt.storage.archive import pack
 from manifest_ckpt.cli import run
 from manifest_ckpt.lineage import ancestry, index_checkpoints, short_digest
+from manifest_ckpt.storage import tar as _tar
+from manifest_ckpt.storage.archive import pack
 from tests._models import TiedNet
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from manifest_ckpt.format import dtypes as _dtypes
 from manifest_ckpt.errors import ManifestCkptError, ManifestError, UnsupportedVersionError
+from manifest_ckpt.format import dtypes as _dtypes
 from manifest_ckpt.format.manifest import (
     FORMAT_VERSION,
     Chunk,

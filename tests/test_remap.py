@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from manifest_ckpt.errors import ManifestCkptError, RemapError
 from manifest_ckpt.comparison.remap import apply_remap, compile_remap, parse_remap_args
+from manifest_ckpt.errors import ManifestCkptError, RemapError
 
 KEYS = ["module.encoder.0.weight", "module.encoder.0.bias", "module.head.weight"]
 

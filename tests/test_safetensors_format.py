@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from manifest_ckpt.errors import IntegrityError, ManifestCkptError
 from manifest_ckpt.format.dtypes import DTYPES, itemsize, nbytes
 from manifest_ckpt.format.safetensors_header import (
     CONTENT_KEY,
@@ -20,7 +21,6 @@ from manifest_ckpt.format.safetensors_header import (
     build_header,
     parse_header,
 )
-from manifest_ckpt.errors import IntegrityError, ManifestCkptError
 
 NAME = "ckpt/weights-0123456789abcdef.safetensors"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from manifest_ckpt.errors import ArchiveError, CheckpointExistsError
 from manifest_ckpt.storage import tar as _tar
 from manifest_ckpt.storage.tar import (
     ALIGNMENT,
@@ -24,7 +25,6 @@ from manifest_ckpt.storage.tar import (
     is_archive,
     write_archive,
 )
-from manifest_ckpt.errors import ArchiveError, CheckpointExistsError
 
 LONG_NAME = "shards/" + "d" * 60 + "/" + "model-" + "x" * 120 + ".safetensors"
 UNICODE_NAME = "shards/modèle-é.safetensors"

@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
+from manifest_ckpt.errors import ConversionError, UnsafeCheckpointError
 from manifest_ckpt.sources import torch_pickle as _torch_pickle
 from manifest_ckpt.sources.torch_pickle import ALLOWED_GLOBALS, TorchFileContents, read_torch_file
-from manifest_ckpt.errors import ConversionError, UnsafeCheckpointError
 from tests import hostile
 
 # Every dtype torch.save writes that safetensors also stores.

@@ -16,10 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from manifest_ckpt.cli.render import inspect_text
-from manifest_ckpt.format.integrity import os_reason
-from manifest_ckpt.storage.store import is_url, open_store, read_store_manifest
 from manifest_ckpt._version import __version__
+from manifest_ckpt.cli.render import inspect_text
 from manifest_ckpt.errors import (
     ArchiveError,
     CheckpointNotFoundError,
@@ -27,6 +25,8 @@ from manifest_ckpt.errors import (
     ManifestCkptError,
     ManifestError,
 )
+from manifest_ckpt.format.integrity import os_reason
+from manifest_ckpt.storage.store import is_url, open_store, read_store_manifest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -130,8 +130,8 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.cli.factory import build_model
-    from manifest_ckpt.reader import check
     from manifest_ckpt.comparison.remap import parse_remap_args
+    from manifest_ckpt.reader import check
 
     model = build_model(args.model)
     report = check(

@@ -8,10 +8,10 @@ from typing import TextIO
 import torch
 
 from manifest_ckpt.cli.render import inspect_text
-from manifest_ckpt.storage.store import open_store, read_store_manifest
 from manifest_ckpt.demo_models import TinyGPT, tiny_gpt, tiny_gpt_variant
 from manifest_ckpt.errors import ModelMismatchError
 from manifest_ckpt.reader import check, load, verify
+from manifest_ckpt.storage.store import open_store, read_store_manifest
 from manifest_ckpt.writer import save
 
 

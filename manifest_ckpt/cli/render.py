@@ -6,9 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from manifest_ckpt.format.dtypes import describe, nbytes
 from manifest_ckpt.cli.progress import human_bytes
 from manifest_ckpt.comparison.report import render_table
+from manifest_ckpt.format.dtypes import describe, nbytes
 from manifest_ckpt.format.manifest import Manifest
 
 

@@ -12,11 +12,11 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from manifest_ckpt.format.dtypes import PACKED, describe
+from manifest_ckpt.comparison.remap import apply_remap
 from manifest_ckpt.comparison.report import Problem, Report, sort_problems
 from manifest_ckpt.errors import PatternError
+from manifest_ckpt.format.dtypes import PACKED, describe
 from manifest_ckpt.format.manifest import Manifest
-from manifest_ckpt.comparison.remap import apply_remap
 
 
 @dataclass(frozen=True)

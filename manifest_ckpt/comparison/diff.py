@@ -24,13 +24,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from manifest_ckpt.comparison.compare import StateSpec, compare
-from manifest_ckpt.format.dtypes import describe
 from manifest_ckpt.cli.progress import Progress
+from manifest_ckpt.comparison.compare import StateSpec, compare
 from manifest_ckpt.comparison.report import Problem, render_table
-from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
-from manifest_ckpt.lineage import short_digest
+from manifest_ckpt.format.dtypes import describe
 from manifest_ckpt.format.manifest import Chunk, Manifest, TensorEntry
+from manifest_ckpt.lineage import short_digest
+from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
 
 if TYPE_CHECKING:
     import torch

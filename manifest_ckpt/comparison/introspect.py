@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, owner_of
-from manifest_ckpt.format.dtypes import DTYPES
 from manifest_ckpt.errors import InvalidKeyError, UnsupportedTensorError
+from manifest_ckpt.format.dtypes import DTYPES
 from manifest_ckpt.format.manifest import ModuleEntry, _gc_paused
 
 

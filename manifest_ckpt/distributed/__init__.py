@@ -38,11 +38,11 @@ from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_asyn
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 
+from manifest_ckpt.comparison.remap import Remap
 from manifest_ckpt.distributed.reader import ManifestLoadPlanner, ManifestStorageReader
 from manifest_ckpt.distributed.writer import ManifestSavePlanner, ManifestStorageWriter
 from manifest_ckpt.errors import ManifestCkptError
 from manifest_ckpt.format.manifest import Manifest
-from manifest_ckpt.comparison.remap import Remap
 
 __all__ = [
     "ManifestLoadPlanner",

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -34,15 +34,15 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, compare, compile_patterns, owner_of
+from manifest_ckpt.comparison.introspect import module_tree
+from manifest_ckpt.comparison.remap import Remap, apply_remap
+from manifest_ckpt.comparison.report import Problem, Report, sort_problems
 from manifest_ckpt.distributed.state import live_spec, torch_dtype_name
 from manifest_ckpt.distributed.tree import DcpView, dcp_view, materialize, refs_of
-from manifest_ckpt.comparison.report import Problem, Report, sort_problems
-from manifest_ckpt.storage.store import open_store, read_store_manifest
 from manifest_ckpt.errors import IntegrityError, ManifestCkptError, ModelMismatchError
-from manifest_ckpt.comparison.introspect import module_tree
 from manifest_ckpt.format.manifest import Chunk, Manifest
 from manifest_ckpt.reader import _Weights
-from manifest_ckpt.comparison.remap import Remap, apply_remap
+from manifest_ckpt.storage.store import open_store, read_store_manifest
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, owner_of
-from manifest_ckpt.errors import UnsupportedTensorError
 from manifest_ckpt.comparison.introspect import dtype_name, find_aliases
+from manifest_ckpt.errors import UnsupportedTensorError
 from manifest_ckpt.format.manifest import ModuleEntry
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,9 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from manifest_ckpt.format.keys import check_keys
+from manifest_ckpt.comparison.introspect import module_tree
 from manifest_ckpt.distributed.state import local_aliases, require_tensors, torch_dtype_name
 from manifest_ckpt.distributed.tree import encode_state
-from manifest_ckpt.format.dtypes import itemsize, nbytes
 from manifest_ckpt.errors import (
     CheckpointExistsError,
     ManifestCkptError,
@@ -37,7 +36,8 @@ from manifest_ckpt.errors import (
     UnsupportedOptionError,
     UnsupportedTensorError,
 )
-from manifest_ckpt.comparison.introspect import module_tree
+from manifest_ckpt.format.dtypes import itemsize, nbytes
+from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.format.manifest import (
     MANIFEST_NAME,
     Chunk,

@@ -12,7 +12,7 @@ bytes cannot differ (the tests compare both on random documents and manifests).
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from typing import Any
 
 __all__ = ["dumps"]

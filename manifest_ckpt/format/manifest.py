@@ -12,8 +12,8 @@ import contextlib
 import gc
 import hashlib
 import itertools
-import math
 import json
+import math
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from manifest_ckpt.format import canonical
-from manifest_ckpt.format import jsonio as _jsonio
 from manifest_ckpt.errors import ManifestError, UnsupportedVersionError
+from manifest_ckpt.format import canonical
 from manifest_ckpt.format import dtypes as _dtypes
+from manifest_ckpt.format import jsonio as _jsonio
 from manifest_ckpt.format import values as _values
 
 FORMAT_NAME: Final = "manifest-ckpt"

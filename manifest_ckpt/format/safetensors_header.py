@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from manifest_ckpt.errors import IntegrityError, UnsupportedTensorError
 from manifest_ckpt.format import jsonio
 from manifest_ckpt.format.dtypes import CODE_TO_NAME, DTYPES, header_shape, nbytes, torch_shape
-from manifest_ckpt.errors import IntegrityError, UnsupportedTensorError
 
 # Same bound as the safetensors reference implementation: a header this large is hostile.
 MAX_HEADER_BYTES: Final = 100_000_000

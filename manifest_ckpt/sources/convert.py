@@ -29,18 +29,18 @@ from typing import Any, Final, TextIO
 import torch
 from torch import nn
 
-from manifest_ckpt.comparison.compare import compare
-from manifest_ckpt.format.dtypes import describe, itemsize
 from manifest_ckpt.cli.progress import Progress, human_bytes
-from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, Header, parse_header
-from manifest_ckpt.sources.torch_pickle import read_torch_file
+from manifest_ckpt.comparison.compare import compare
+from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
+from manifest_ckpt.comparison.remap import Remap, apply_remap
 from manifest_ckpt.errors import ConversionError, IntegrityError, ModelMismatchError
 from manifest_ckpt.format import jsonio
+from manifest_ckpt.format.dtypes import describe, itemsize
 from manifest_ckpt.format.integrity import file_sha256, kind_of, open_regular, os_reason, read_regular
 from manifest_ckpt.format.keys import check_keys
-from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
 from manifest_ckpt.format.manifest import Manifest
-from manifest_ckpt.comparison.remap import Remap, apply_remap
+from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, Header, parse_header
+from manifest_ckpt.sources.torch_pickle import read_torch_file
 from manifest_ckpt.storage.store import is_url
 from manifest_ckpt.writer import _check_destination, save
 
@@ -1051,7 +1051,6 @@ def cli_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """
     from manifest_ckpt.cli.factory import build_model
     from manifest_ckpt.comparison.remap import parse_remap_args
-
     from manifest_ckpt.storage.remote import parse_storage_options
 
     remap = parse_remap_args(args.remap) or None

@@ -347,9 +347,7 @@ def _judge_call(scan: _Scan, name: str, stack: list[object], pos: int) -> None:
         callable_, args = stack[-depth], stack[-depth + 1]
     if not isinstance(callable_, _Global):
         return
-    if callable_.name in _ALLOCATORS:
-        scan.allocations.append((callable_.name, pos))
-    elif callable_.name in _SIZED and not (isinstance(args, tuple) and args and not isinstance(args[0], int)):
+    if callable_.name in _ALLOCATORS or (callable_.name in _SIZED and not (isinstance(args, tuple) and args and not isinstance(args[0], int))):
         scan.allocations.append((callable_.name, pos))
 
 
@@ -415,7 +413,8 @@ def _scan_pickle(stream: IO[bytes], scan: _Scan) -> None:
         raise _CorruptPickle("no MARK on the stack")
 
     try:
-        for opcode, arg, pos in pickletools.genops(stream):
+        for opcode, arg, at in pickletools.genops(stream):
+            pos = at if at is not None else -1  # genops gives positions: the stream has tell()
             name = opcode.name
             scan.opcodes.add(name)
             pushed: object = _UNKNOWN  # what the generic branch leaves on top, when known better

@@ -17,14 +17,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from manifest_ckpt.storage.archive_store import open_archive_store
 from manifest_ckpt.cli.progress import Progress
-from manifest_ckpt.storage import commit
-from manifest_ckpt.storage.store import DirectoryStore, Store, is_url, open_store, read_store_manifest, require_parent_dir
-from manifest_ckpt.storage.tar import extract_members, write_archive
 from manifest_ckpt.errors import ArchiveError, CheckpointExistsError, CheckpointNotFoundError
 from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
+from manifest_ckpt.storage import commit
+from manifest_ckpt.storage.archive_store import open_archive_store
+from manifest_ckpt.storage.store import (
+    DirectoryStore,
+    Store,
+    is_url,
+    open_store,
+    read_store_manifest,
+    require_parent_dir,
+)
+from manifest_ckpt.storage.tar import extract_members, write_archive
 
 PathLike = str | os.PathLike[str]
 

@@ -12,13 +12,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manifest_ckpt.storage.tar import ArchiveMember, index_archive, is_archive
 from manifest_ckpt.errors import ArchiveError, CheckpointNotFoundError, IntegrityError, ManifestError
 from manifest_ckpt.format.integrity import open_regular
 from manifest_ckpt.format.manifest import MANIFEST_NAME
 from manifest_ckpt.storage.store import MAX_MANIFEST_BYTES as _MAX_MANIFEST_BYTES
 from manifest_ckpt.storage.store import MappedStore
-
+from manifest_ckpt.storage.tar import ArchiveMember, index_archive, is_archive
 
 
 @dataclass

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import re
+import stat
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from manifest_ckpt.errors import CheckpointNotFoundError, DestinationError, IntegrityError, ManifestError
-from manifest_ckpt.format.integrity import kind_of, open_regular, os_reason, read_regular
-from manifest_ckpt.format.integrity import digest_many
+from manifest_ckpt.format.integrity import digest_many, kind_of, open_regular, os_reason, read_regular
 from manifest_ckpt.format.manifest import MANIFEST_NAME, Manifest
-
 
 # A scheme as RFC 3986 spells it, then "://" (Windows drive letters do not match).
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
@@ -60,7 +58,7 @@ class Store(Protocol):
 
     def manifest_bytes(self) -> bytes: ...
 
-    def file_map(self, name: str) -> tuple[mmap.mmap, int, int]:
+    def file_map(self, name: str) -> tuple[mmap.mmap | bytearray, int, int]:
         """``(mapping, offset of the file in it, size of the file)``: the whole file's bytes."""
         ...
 

@@ -9,8 +9,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import manifest_ckpt as mc
-from manifest_ckpt.format.dtypes import describe
 from manifest_ckpt.comparison.introspect import class_name, dtype_name
+from manifest_ckpt.format.dtypes import describe
 
 from .strategies import (
     Arch,
