@@ -114,3 +114,26 @@ def test_the_lock_waits_for_its_holder_and_leaves_no_file_at_rest(tmp_path: Path
     assert commit._flock(tmp_path / "ck" / commit.LOCK_NAME, blocking=False, create=False) is None
     commit.release(tmp_path / "ck", fd)
     assert os.listdir(tmp_path / "ck") == []
+
+
+def test_a_new_checkpoint_appears_whole_at_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest is staged before the rename that commits a new path, so a kill never leaves weights alone."""
+    seen: list[list[str]] = []
+    real_rename = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) == tmp_path / "ck":
+            seen.append(sorted(os.listdir(src)))
+            raise KeyboardInterrupt  # what a kill at the commit point leaves behind
+        real_rename(src, dst)
+
+    monkeypatch.setattr(commit.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        mc.save({"w": torch.arange(4.0)}, tmp_path / "ck", record_code=False)
+    assert len(seen) == 1 and "manifest.json" in seen[0] and any(n.startswith("weights-") for n in seen[0])
+    assert not (tmp_path / "ck").exists()
+    monkeypatch.setattr(commit.os, "rename", real_rename)
+    manifest = mc.save({"w": torch.arange(4.0)}, tmp_path / "ck", record_code=False)
+    mc.verify(tmp_path / "ck")  # raises on any mismatch
+    assert mc.read_manifest(tmp_path / "ck").digest == manifest.digest
+    assert _staging_dirs(tmp_path) == []

@@ -182,16 +182,18 @@ class Stage:
                 ``overwrite`` is False, or ``target`` is not a checkpoint directory.
         """
         names = sorted(set(files))
+        # The commit marker goes into the staging directory before the rename, so the rename
+        # itself is the commit: a kill at any point leaves no directory at ``target`` or a
+        # complete one, never weights without their manifest.
+        atomic_write_bytes(self.directory / MANIFEST_NAME, manifest, fsync=self.fsync)
         try:
             os.rename(self.directory, self.target)
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                 raise
         else:
-            # The staging directory, with its lock file, is now the checkpoint: write the
-            # commit marker into it, still holding the lock.
+            # The staging directory, with its lock file, is now the checkpoint (still locked).
             self.directory = self.target
-            atomic_write_bytes(self.target / MANIFEST_NAME, manifest, fsync=self.fsync)
             if self.fsync:
                 fsync_dir(self.target.parent)
             self._finish()
