@@ -137,3 +137,30 @@ def test_a_new_checkpoint_appears_whole_at_the_rename(tmp_path: Path, monkeypatc
     mc.verify(tmp_path / "ck")  # raises on any mismatch
     assert mc.read_manifest(tmp_path / "ck").digest == manifest.digest
     assert _staging_dirs(tmp_path) == []
+
+
+def test_a_staging_directory_left_without_its_lock_file_is_removed_by_the_next_save(tmp_path: Path) -> None:
+    """Writers remove their lock file last, so a lock-less staging sibling with files in it is abandoned."""
+    dead = commit.open_stage(tmp_path / "ck", overwrite=False)
+    (dead.directory / "weights-0123456789abcdef.safetensors").write_bytes(b"partial")
+    _abandon(dead)
+    os.unlink(dead.directory / commit.LOCK_NAME)  # killed in the middle of an old-style removal
+    mc.save({"w": torch.zeros(2)}, tmp_path / "ck", record_code=False)
+    assert _staging_dirs(tmp_path) == []
+
+
+def test_closing_a_stage_removes_its_files_before_its_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a stage is being discarded its lock file is still there, locked, until the files are gone."""
+    stage = commit.open_stage(tmp_path / "ck", overwrite=False)
+    (stage.directory / "weights-0123456789abcdef.safetensors").write_bytes(b"partial")
+    remaining: list[list[str]] = []
+    real_release = commit.release
+
+    def release(directory: Path, fd: int) -> None:
+        remaining.append(sorted(os.listdir(directory)))
+        real_release(directory, fd)
+
+    monkeypatch.setattr(commit, "release", release)
+    stage.close()
+    assert remaining == [[commit.LOCK_NAME]]
+    assert _staging_dirs(tmp_path) == []

@@ -142,9 +142,11 @@ def remove_abandoned_staging(target: Path) -> None:
             try:
                 fd = _flock(path / LOCK_NAME, blocking=False, create=False)
             except FileNotFoundError:
-                # Killed between creating the directory and its lock file: it is empty (a
-                # live writer that loses this race retries with a new directory).
-                os.rmdir(path)
+                # No lock file: killed between creating the directory and its lock file (it is
+                # empty; a live writer that loses this race retries with a new directory), or
+                # killed while removing it (writers remove the lock file last, so the rest is
+                # abandoned too).
+                shutil.rmtree(path, ignore_errors=True)
                 continue
             if fd is None:
                 continue  # a live writer holds it
@@ -228,23 +230,41 @@ class Stage:
         self._finish()
 
     def _finish(self) -> None:
-        self._done = True
-        if self.directory != self.target:
-            shutil.rmtree(self.directory, ignore_errors=True)
-        else:
+        if self.directory == self.target:
             sweep(self.target, set())
         self.close()
 
     def close(self) -> None:
-        """Release the staging lock (and remove the staging directory if not committed)."""
-        if not self._done:
-            self._done = True
-            shutil.rmtree(self.directory, ignore_errors=True)
+        """Release the staging lock and remove the staging directory (unless it became the checkpoint).
+
+        The lock file goes last: a writer killed while removing its staging directory leaves
+        either a locked-file-less directory a cleaner may remove, or one whose lock nobody holds.
+        """
+        self._done = True
+        staging = self.directory != self.target
+        if staging:
+            _empty_except_lock(self.directory)
         if self._lock is not None:
             # After a rename commit the lock file is the checkpoint's own: removed on release,
             # so a checkpoint at rest holds no lock file.
             release(self.directory, self._lock)
             self._lock = None
+        if staging:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.directory)
+
+
+def _empty_except_lock(directory: Path) -> None:
+    """Remove everything in ``directory`` but its lock file."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _move_in(source: Path, destination: Path) -> None:
