@@ -193,6 +193,11 @@ class _Weights:
             self._by_file = by_file
         return self._by_file
 
+    def map_files(self, names: Iterable[str]) -> None:
+        """Map (a remote store: fetch whole, concurrently) each named file now."""
+        for name in sorted(set(names)):
+            self.store.file_map(name)
+
     def raw(self, chunk: Chunk) -> torch.Tensor:
         """The chunk's bytes as a uint8 tensor mapped from the file (no copy)."""
         if chunk.file not in self._buffers:
@@ -347,8 +352,12 @@ def load(
     _require_writable(live, targets)
     stored = {manifest.aliases.get(source_key[k], source_key[k]) for k in targets}
     weights = _Weights(store, manifest)
-    weights.bind({c.file for key in stored for c in manifest.tensors[key].pieces()})
+    files = {c.file for key in stored for c in manifest.tensors[key].pieces()}
+    weights.bind(files)
     if verify_digests or expect_digest is not None:
+        # Map (remotely: fetch) each file before hashing, so the bytes hashed are the bytes
+        # copied and object storage is read once, not once to hash and again to copy.
+        weights.map_files(files)
         weights.verify(stored)
 
     materialize = {k for k in targets if live.tensors[k].is_meta}

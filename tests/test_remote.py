@@ -155,6 +155,14 @@ def test_check_reads_no_tensor_data_and_load_reads_each_byte_once(
     assert len(manifest.files) > 1
     assert store.bytes_read == manifest_size + sum(entry.size for entry in manifest.files.values())
 
+    # Verifying digests hashes the fetched bytes, the ones then copied: still every byte once.
+    opened.clear()
+    target = TiedNet()
+    mc.load(target, url, storage_options=s3.options, verify_digests=True)
+    (store,) = opened
+    assert store.bytes_read == manifest_size + sum(entry.size for entry in manifest.files.values())
+    assert_bitwise_equal(target.state_dict(), model.state_dict())
+
 
 def test_a_flipped_byte_in_an_object_fails_verify_and_names_the_tensor(s3: S3, url: str) -> None:
     """Tampering with one stored byte on the server is caught by verify, which names the tensor and file."""
