@@ -21,6 +21,7 @@ from torch import nn
 
 import manifest_ckpt as mc
 from manifest_ckpt import cli, writer
+from manifest_ckpt.cli.convert import conversion_json, conversion_text
 from manifest_ckpt.cli.render import inspect_text
 from manifest_ckpt.comparison.introspect import module_tree
 from manifest_ckpt.errors import (
@@ -33,12 +34,7 @@ from manifest_ckpt.errors import (
     UnsafeCheckpointError,
     UnsupportedTensorError,
 )
-from manifest_ckpt.sources.convert import (
-    conversion_json,
-    conversion_text,
-    convert,
-    read_source,
-)
+from manifest_ckpt.sources.convert import convert, read_source
 from manifest_ckpt.sources.torch_pickle import read_torch_file
 from tests import hostile
 from tests._models import TiedNet, assert_bitwise_equal, snapshot

@@ -168,7 +168,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from manifest_ckpt.sources.convert import cli_convert
+    from manifest_ckpt.cli.convert import cli_convert
 
     return cli_convert(args, out, err)
 
