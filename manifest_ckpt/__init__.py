@@ -22,6 +22,7 @@ from manifest_ckpt.errors import (
     ConversionError,
     DestinationError,
     DeviceUnavailableError,
+    ExportError,
     IntegrityError,
     InvalidKeyError,
     ManifestCkptError,
@@ -42,6 +43,7 @@ from manifest_ckpt.storage.store import read_manifest
 if TYPE_CHECKING:
     from manifest_ckpt.background import async_save
     from manifest_ckpt.comparison.diff import CheckpointDiff, diff
+    from manifest_ckpt.exporters.hf import export_hf
     from manifest_ckpt.lineage import Ancestry, ancestry
     from manifest_ckpt.reader import LoadResult, check, load, verify
     from manifest_ckpt.sources.convert import convert
@@ -58,6 +60,7 @@ _LAZY = {
     "ancestry": "manifest_ckpt.lineage",
     "convert": "manifest_ckpt.sources.convert",
     "diff": "manifest_ckpt.comparison.diff",
+    "export_hf": "manifest_ckpt.exporters.hf",
     "pack": "manifest_ckpt.storage.archive",
     "unpack": "manifest_ckpt.storage.archive",
     "LoadResult": "manifest_ckpt.reader",
@@ -85,6 +88,7 @@ __all__ = [
     "ConversionError",
     "DestinationError",
     "DeviceUnavailableError",
+    "ExportError",
     "FormatVersionWarning",
     "IntegrityError",
     "InvalidKeyError",
@@ -109,6 +113,7 @@ __all__ = [
     "check",
     "convert",
     "diff",
+    "export_hf",
     "load",
     "pack",
     "read_manifest",

@@ -139,6 +139,14 @@ class ConversionError(ManifestCkptError, ValueError):
         self.extra = extra
 
 
+class ExportError(ManifestCkptError, ValueError):
+    """A checkpoint cannot be written in a foreign layout (bad option, occupied or unusable destination)."""
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+
+
 class ArchiveError(ManifestCkptError, ValueError):
     """An archive is malformed or hostile (escaping paths, links, duplicate names)."""
 

@@ -173,6 +173,29 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return cli_convert(args, out, err)
 
 
+def _cmd_export_hf(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from manifest_ckpt.cli.progress import human_bytes
+    from manifest_ckpt.exporters.hf import export_hf
+
+    size = int(args.max_shard_size) if args.max_shard_size and args.max_shard_size.isdigit() else args.max_shard_size
+    result = export_hf(
+        args.ckpt, args.dir, max_shard_size=size, overwrite=args.overwrite, storage_options=_storage_options(args)
+    )
+    if args.json:
+        _emit_json(out, {"ok": True, "checkpoint": str(args.ckpt), **result.to_dict()})
+        return EXIT_OK
+    files = result.files if len(result.files) <= 2 else (result.files[0], "...", result.files[-1])
+    counts = f"{len(result.files)} file{'' if len(result.files) == 1 else 's'}, {len(result.weight_map)} tensors"
+    rows = [("files", f"{' '.join(files)} ({counts}, {human_bytes(result.total_size)})")]
+    if result.index:
+        rows.append(("index", result.index))
+    rows += [("tie", f"{alias} left out (transformers re-ties it to {target})")
+             for alias, target in result.dropped_ties.items()]
+    rows.append(("digest", f"{result.digest} (every tensor verified first)"))
+    out.write(f"exported {args.ckpt} -> {args.dir}\n" + "".join(f"  {k:<7} {v}\n" for k, v in rows))
+    return EXIT_OK
+
+
 def _cmd_pack(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.storage.archive import pack
 
@@ -307,6 +330,14 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
                    help="rename source keys first (repeatable, applied in order)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("export-hf", _cmd_export_hf, "write a checkpoint as a save_pretrained directory (from_pretrained loads it)",
+            storage=True)
+    p.add_argument("ckpt", help="checkpoint directory, manifest.json, archive or URL")
+    p.add_argument("dir", help="directory to write the weights into (config.json and other files are left alone)")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="bytes per shard, e.g. 5GB or 200MB (default 50GB, as save_pretrained)")
+    p.add_argument("--overwrite", action="store_true", help="replace weight files already in DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("pack", _cmd_pack, "write a checkpoint as one reproducible, page-aligned tar archive", storage=True)
