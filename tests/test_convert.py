@@ -773,10 +773,10 @@ def test_index_and_shards_must_agree(tmp_path: Path) -> None:
 
 
 def test_directory_without_safetensors_says_what_it_expected(tmp_path: Path) -> None:
-    """A directory with only a pytorch_model.bin asks for a file path instead."""
+    """A directory with only a torch.save file not named as save_pretrained names it asks for a file path."""
     (tmp_path / "hf").mkdir()
-    torch_file(weights(Net()), tmp_path / "hf" / "pytorch_model.bin")
-    with pytest.raises(ConversionError, match=r"found pytorch_model\.bin\. Pass a file path"):
+    torch_file(weights(Net()), tmp_path / "hf" / "weights.pt")
+    with pytest.raises(ConversionError, match=r"found weights\.pt\. Pass a file path"):
         convert(tmp_path / "hf", tmp_path / "out")
 
 

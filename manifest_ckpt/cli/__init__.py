@@ -321,8 +321,8 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--dir", help="keep the demo's checkpoints in this directory")
 
     p = add("convert", _cmd_convert, "convert a .pth/.ckpt/.bin, .safetensors or sharded HF checkpoint; runs no pickled code", storage=True)
-    p.add_argument("src", help="a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file, a *.safetensors.index.json, "
-                               "or a directory with one index and its shards")
+    p.add_argument("src", help="a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file, a *.safetensors.index.json or "
+                               "*.bin.index.json, or a directory with one index and its shards")
     p.add_argument("dst", help="the checkpoint directory to create")
     p.add_argument("--model", metavar="pkg.module:factory", help="check the keys against this model and record its module tree")
     p.add_argument("--key", metavar="NAME", help="where the tensor dict lies in the container (e.g. state_dict)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -14,10 +15,14 @@ from manifest_ckpt.format import jsonio
 from manifest_ckpt.format.integrity import read_regular
 from manifest_ckpt.sources.safetensors_file import read_safetensors_file, read_single_safetensors
 from manifest_ckpt.sources.source import Hashes, SourceCheckpoint, jsonable
+from manifest_ckpt.sources.torch_file import read_torch_source
 
-__all__ = ["INDEX_SUFFIX", "read_hf_directory", "read_sharded_safetensors"]
+__all__ = ["BIN_INDEX_SUFFIX", "INDEX_SUFFIX", "read_hf_directory", "read_sharded_bin", "read_sharded_safetensors"]
 
 INDEX_SUFFIX: Final = ".safetensors.index.json"
+BIN_INDEX_SUFFIX: Final = ".bin.index.json"
+# The pickled weights save_pretrained(safe_serialization=False) writes.
+_BIN_WEIGHTS: Final = re.compile(r"pytorch_model(-\d{5}-of-\d{5})?\.bin")
 # An index lists names, not tensors; one this large is not a real index.
 _MAX_INDEX_BYTES: Final = 64 << 20
 
@@ -39,27 +44,92 @@ def _shard_path(directory: Path, name: str, index: str) -> Path:
 
 
 def read_hf_directory(directory: Path, hashes: Hashes) -> SourceCheckpoint:
-    """A ``save_pretrained`` directory: the index and its shards, or a lone ``.safetensors`` file."""
+    """A ``save_pretrained`` directory: an index and its shards, or a lone weights file.
+
+    Safetensors (``*.safetensors.index.json`` or one ``.safetensors`` file) and pickled
+    (``*.bin.index.json`` or one ``pytorch_model*.bin``) weights are both read; a directory
+    holding both kinds is refused rather than one chosen silently.
+    """
     where = str(directory)
-    indexes = sorted(p for p in directory.iterdir() if p.name.endswith(INDEX_SUFFIX))
-    if len(indexes) > 1:
+    names = sorted(p.name for p in directory.iterdir())
+    st_indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    st_files = [n for n in names if n.endswith(".safetensors")]
+    bin_indexes = [n for n in names if n.endswith(BIN_INDEX_SUFFIX)]
+    bin_files = [n for n in names if _BIN_WEIGHTS.fullmatch(n)]
+    if (st_indexes or st_files) and (bin_indexes or bin_files):
+        listed = ", ".join([*st_indexes, *st_files][:3] + [*bin_indexes, *bin_files][:3])
         raise ConversionError(
-            f"{where}: holds {len(indexes)} safetensors indexes ({', '.join(p.name for p in indexes)}); "
-            "pass the path of the index to convert instead of the directory",
+            f"{where}: holds both safetensors and pickled .bin weights ({listed}); they may differ, so neither "
+            "is chosen. Pass the path of the index or file to convert instead of the directory.",
             file=where,
         )
-    if not indexes:
-        singles = sorted(p for p in directory.iterdir() if p.name.endswith(".safetensors"))
-        if len(singles) == 1:
-            return read_single_safetensors(singles[0], hashes)
-        found = ", ".join(sorted(p.name for p in directory.iterdir())[:10]) or "nothing"
-        raise ConversionError(
-            f"{where}: expected a directory with a *{INDEX_SUFFIX} index and its shards (as written by "
-            f"save_pretrained) or a single .safetensors file; found {found}. Pass a file path to convert a "
-            "torch.save file.",
-            file=where,
-        )
-    return read_sharded_safetensors(indexes[0], hashes)
+    for indexes, kind in ((st_indexes, "safetensors"), (bin_indexes, ".bin")):
+        if len(indexes) > 1:
+            raise ConversionError(
+                f"{where}: holds {len(indexes)} {kind} indexes ({', '.join(indexes)}); "
+                "pass the path of the index to convert instead of the directory",
+                file=where,
+            )
+    if st_indexes:
+        return read_sharded_safetensors(directory / st_indexes[0], hashes)
+    if bin_indexes:
+        return read_sharded_bin(directory / bin_indexes[0], hashes)
+    if len(st_files) == 1 and not bin_files:
+        return read_single_safetensors(directory / st_files[0], hashes)
+    if len(bin_files) == 1 and not st_files:
+        return read_torch_source(directory / bin_files[0], None, hashes)
+    found = ", ".join(names[:10]) or "nothing"
+    raise ConversionError(
+        f"{where}: expected a directory with a *{INDEX_SUFFIX} or *{BIN_INDEX_SUFFIX} index and its shards (as "
+        f"written by save_pretrained) or a single .safetensors or pytorch_model.bin file; found {found}. Pass a "
+        "file path to convert a torch.save file.",
+        file=where,
+    )
+
+
+def read_sharded_bin(index_path: Path, hashes: Hashes) -> SourceCheckpoint:
+    """``pytorch_model-0000k-of-0000N.bin`` shards named by a ``.bin.index.json``, read without running them.
+
+    Each shard must be a bare state dict (what ``save_pretrained(safe_serialization=False)``
+    writes); it is read by the same non-executing reader as any ``torch.save`` file.
+    """
+    directory = index_path.parent
+    index = str(index_path)
+    weight_map, index_metadata = _read_index(index_path, "a .bin index")
+    tensors: dict[str, torch.Tensor] = {}
+    files: list[dict[str, Any]] = [
+        {"name": index_path.name, "size": index_path.stat().st_size, "sha256": hashes.start(index_path)}
+    ]
+    pickle_globals: set[str] = set()
+    formats: set[str] = set()
+    for name in sorted(set(weight_map.values())):
+        shard = read_torch_source(_shard_path(directory, name, index), None, hashes)
+        if shard.record["container"] != "state-dict" or shard.metadata is not None:
+            raise ConversionError(
+                f"{index}: shard {name} is a {shard.record['container']} container, not a bare state dict "
+                "(name -> tensor) as save_pretrained writes; convert the shard on its own with key=",
+                file=str(directory / name),
+            )
+        files.append({"name": name, "size": shard.record["size"], "sha256": shard.record["sha256"]})
+        listed = {k for k, v in weight_map.items() if v == name}
+        _check_shard(index, name, listed, set(shard.tensors), tensors)
+        tensors.update(shard.tensors)
+        pickle_globals.update(shard.record["pickle_globals"])
+        formats.add(shard.record["format"])
+    record = {
+        "file": Path(os.path.abspath(directory)).name,
+        "size": sum(f["size"] for f in files),
+        "sha256": files[0]["sha256"],
+        "format": "torch-sharded",
+        "container": "state-dict",
+        "key": None,
+        "files": files,
+        "shard_format": sorted(formats),
+        "pickle_globals": sorted(pickle_globals),
+        "left_out": [],
+    }
+    metadata = {"index_metadata": jsonable(index_metadata)} if index_metadata else None
+    return SourceCheckpoint(dict(sorted(tensors.items())), metadata, record)
 
 
 def read_sharded_safetensors(index_path: Path, hashes: Hashes) -> SourceCheckpoint:
@@ -101,21 +171,19 @@ def read_sharded_safetensors(index_path: Path, hashes: Hashes) -> SourceCheckpoi
     return SourceCheckpoint(dict(sorted(tensors.items())), metadata or None, record)
 
 
-def _read_index(path: Path) -> tuple[dict[str, str], Any]:
-    """The ``weight_map`` of a safetensors index (checked to map names to file names) and its metadata."""
+def _read_index(path: Path, what: str = "a safetensors index") -> tuple[dict[str, str], Any]:
+    """The ``weight_map`` of an index (checked to map names to file names) and its metadata."""
     where = str(path)
     try:
         data = read_regular(
             path,
-            what="a safetensors index",
+            what=what,
             limit=_MAX_INDEX_BYTES,
             error=lambda message: ConversionError(message, file=where),
         )
     except FileNotFoundError as exc:
-        raise ConversionError(f"{where}: cannot read the safetensors index ({exc.strerror})", file=where) from None
-    doc = jsonio.loads(
-        data, where=where, what="a safetensors index", error=lambda message: ConversionError(message, file=where)
-    )
+        raise ConversionError(f"{where}: cannot read {what.removeprefix('a ')} ({exc.strerror})", file=where) from None
+    doc = jsonio.loads(data, where=where, what=what, error=lambda message: ConversionError(message, file=where))
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(
@@ -126,7 +194,7 @@ def _read_index(path: Path) -> tuple[dict[str, str], Any]:
             raise ConversionError(f"{where}: weight_map[{name!r}] is {shard!r}, expected a file name", file=where)
     problem = jsonio.check_value(doc.get("metadata"), "$.metadata")
     if problem is not None:
-        raise ConversionError(f"{where}: {problem}; expected a safetensors index with plain metadata", file=where)
+        raise ConversionError(f"{where}: {problem}; expected {what} with plain metadata", file=where)
     return weight_map, doc.get("metadata")
 
 

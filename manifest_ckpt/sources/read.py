@@ -7,7 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from manifest_ckpt.errors import ConversionError
-from manifest_ckpt.sources.hf_directory import INDEX_SUFFIX, read_hf_directory, read_sharded_safetensors
+from manifest_ckpt.sources.hf_directory import (
+    BIN_INDEX_SUFFIX,
+    INDEX_SUFFIX,
+    read_hf_directory,
+    read_sharded_bin,
+    read_sharded_safetensors,
+)
 from manifest_ckpt.sources.safetensors_file import looks_like_safetensors, read_single_safetensors
 from manifest_ckpt.sources.source import Hashes, SourceCheckpoint, check_source_kind, resolve
 from manifest_ckpt.sources.torch_file import read_torch_source
@@ -42,15 +48,19 @@ def read_pending(path: Path, key: str | None, hashes: Hashes) -> SourceCheckpoin
     """``read_source`` with the source's hashes left pending on ``hashes``."""
     check_source_kind(path)
     index = path.name.endswith(INDEX_SUFFIX)
-    if key is not None and (path.is_dir() or index or looks_like_safetensors(path)):
+    bin_index = path.name.endswith(BIN_INDEX_SUFFIX)
+    if key is not None and (path.is_dir() or index or bin_index or looks_like_safetensors(path)):
         raise ConversionError(
-            f"{path}: key={key!r} applies to pickled checkpoints; a safetensors source holds one flat dict of tensors",
+            f"{path}: key={key!r} applies to pickled checkpoints (one file); a directory, an index or a safetensors "
+            "file holds flat dicts of tensors",
             file=str(path),
         )
     if path.is_dir():
         return read_hf_directory(path, hashes)
     if index:
         return read_sharded_safetensors(path, hashes)
+    if bin_index:
+        return read_sharded_bin(path, hashes)
     if looks_like_safetensors(path):
         return read_single_safetensors(path, hashes)
     return read_torch_source(path, key, hashes)

@@ -1,0 +1,134 @@
+"""Tests of Hugging Face directory sources: ``.bin`` shards with their index, mixed directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import manifest_ckpt as mc
+from manifest_ckpt.errors import ConversionError, UnsafeCheckpointError
+from tests import hostile
+from tests._models import assert_bitwise_equal, snapshot
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def llama(seed: int, tied: bool = False) -> Any:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def bin_shards(state: dict[str, torch.Tensor], directory: Path, shards: int = 3) -> Path:
+    """The transformers 4 pickled layout: pytorch_model-0000k-of-0000N.bin plus pytorch_model.bin.index.json."""
+    directory.mkdir()
+    keys = list(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: state[k].clone() for k in keys[i::shards]}
+        torch.save(part, directory / name)
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (directory / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    return directory / "pytorch_model.bin.index.json"
+
+
+@pytest.mark.parametrize("via", ["directory", "index"])
+def test_bin_shards_convert_and_load_bit_identical(tmp_path: Path, via: str) -> None:
+    """Sharded .bin with its index (directory or index path) converts; the load equals the original."""
+    model = llama(0)
+    index = bin_shards(model.state_dict(), tmp_path / "src")
+    manifest = mc.convert(index.parent if via == "directory" else index, tmp_path / "ck", module=llama(1))
+    source = manifest.lineage["source"]
+    assert source["format"] == "torch-sharded" and source["shard_format"] == ["torch-zip"]
+    assert [f["name"] for f in source["files"]] == [
+        "pytorch_model.bin.index.json",
+        *(f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)),
+    ]
+    assert manifest.metadata == {"index_metadata": {"total_size": sum(f.nbytes for f in manifest.tensors.values())}}
+    fresh = llama(2)
+    mc.load(fresh, tmp_path / "ck", verify_digests=True)
+    assert_bitwise_equal(snapshot(fresh), snapshot(model))
+
+
+def test_bin_shards_of_a_tied_model_get_the_tie_back(tmp_path: Path) -> None:
+    """A tied head missing from the shards (as save_pretrained drops it) becomes an alias."""
+    model = llama(0, tied=True)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    index = bin_shards(state, tmp_path / "src", shards=2)
+    manifest = mc.convert(index, tmp_path / "ck", module=llama(1, tied=True))
+    assert dict(manifest.aliases) == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert manifest.lineage["source"]["ties_added"] == ["lm_head.weight"]
+    fresh = llama(2, tied=True)
+    mc.load(fresh, tmp_path / "ck")
+    assert_bitwise_equal(snapshot(fresh), snapshot(model))
+
+
+def test_bin_index_and_shard_disagreeing_is_refused(tmp_path: Path) -> None:
+    """A key the index lists for a shard that lacks it is named; nothing is written."""
+    index = bin_shards(llama(0).state_dict(), tmp_path / "src", shards=2)
+    doc = json.loads(index.read_text())
+    actual = doc["weight_map"]["model.norm.weight"]
+    other = next(n for n in set(doc["weight_map"].values()) if n != actual)
+    doc["weight_map"]["model.norm.weight"] = other
+    index.write_text(json.dumps(doc))
+    with pytest.raises(ConversionError, match=f"'model.norm.weight' is listed for {other} but not in it"):
+        mc.convert(index, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_bin_shard_that_runs_code_is_refused(tmp_path: Path) -> None:
+    """A shard whose pickle calls os.system is refused before anything runs."""
+    index = bin_shards(llama(0).state_dict(), tmp_path / "src", shards=2)
+    sentinel = tmp_path / "ran"
+    (tmp_path / "src" / "pytorch_model-00002-of-00002.bin").write_bytes(
+        hostile.legacy_bytes(hostile.global_pickle(sentinel))
+    )
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        mc.convert(index, tmp_path / "ck")
+    assert not sentinel.exists() and not (tmp_path / "ck").exists()
+
+
+def test_a_lone_pytorch_model_bin_in_a_directory_converts(tmp_path: Path) -> None:
+    """A directory holding only pytorch_model.bin is read as that file."""
+    model = llama(0)
+    (tmp_path / "src").mkdir()
+    torch.save(model.state_dict(), tmp_path / "src" / "pytorch_model.bin")
+    manifest = mc.convert(tmp_path / "src", tmp_path / "ck", module=llama(1))
+    assert manifest.lineage["source"]["file"] == "pytorch_model.bin"
+    fresh = llama(2)
+    mc.load(fresh, tmp_path / "ck")
+    assert_bitwise_equal(snapshot(fresh), snapshot(model))
+
+
+def test_a_directory_with_safetensors_and_bin_weights_is_refused(tmp_path: Path) -> None:
+    """Both kinds of weights in one directory: refused with both named, nothing chosen silently."""
+    model = llama(0)
+    model.save_pretrained(tmp_path / "src")
+    torch.save(model.state_dict(), tmp_path / "src" / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"both safetensors and pickled \.bin weights.*pytorch_model\.bin"):
+        mc.convert(tmp_path / "src", tmp_path / "ck")
+
+
+def test_key_with_a_bin_index_is_refused(tmp_path: Path) -> None:
+    """key= applies to one pickled file, not to an index of bare state dicts."""
+    index = bin_shards(llama(0).state_dict(), tmp_path / "src", shards=2)
+    with pytest.raises(ConversionError, match="key='model' applies to pickled checkpoints"):
+        mc.convert(index, tmp_path / "ck", key="model")
