@@ -132,3 +132,46 @@ def test_key_with_a_bin_index_is_refused(tmp_path: Path) -> None:
     index = bin_shards(llama(0).state_dict(), tmp_path / "src", shards=2)
     with pytest.raises(ConversionError, match="key='model' applies to pickled checkpoints"):
         mc.convert(index, tmp_path / "ck", key="model")
+
+
+# --------------------------------------------------------------------------- manifest-ckpt checkpoints as sources
+
+
+def test_a_manifest_checkpoint_converts_to_the_same_digest_with_ties_and_tree(tmp_path: Path) -> None:
+    """A checkpoint directory (or its manifest.json) converts faithfully: same digest, aliases, tree, metadata."""
+    model = llama(0, tied=True)
+    original = mc.save(model, tmp_path / "ck", metadata={"step": 7}, record_code=False)
+    for i, src in enumerate([tmp_path / "ck", tmp_path / "ck" / "manifest.json"]):
+        copied = mc.convert(src, tmp_path / f"copy{i}")
+        assert copied.digest == original.digest
+        assert dict(copied.aliases) == dict(original.aliases) == {"lm_head.weight": "model.embed_tokens.weight"}
+        assert copied.modules == original.modules and copied.metadata == {"step": 7}
+        assert copied.parents == [{"digest": original.digest, "relation": "converted-from"}]
+        assert copied.lineage["source"]["format"] == "manifest-ckpt"
+    checked = mc.convert(tmp_path / "ck", tmp_path / "checked", module=llama(1, tied=True))
+    assert checked.digest == original.digest
+    fresh = llama(2, tied=True)
+    mc.load(fresh, tmp_path / "copy0", verify_digests=True)
+    assert_bitwise_equal(snapshot(fresh), snapshot(model))
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+
+
+def test_a_remapped_manifest_checkpoint_drops_the_stale_module_tree(tmp_path: Path) -> None:
+    """A remap renames keys, so the old module tree no longer applies and is not recorded."""
+    model = llama(0)
+    mc.save(model, tmp_path / "ck", record_code=False)
+    copied = mc.convert(tmp_path / "ck", tmp_path / "copy", remap={"^model\\.": "backbone."})
+    assert copied.modules is None
+    assert "backbone.norm.weight" in copied.tensors and "model.norm.weight" not in copied.tensors
+
+
+def test_a_damaged_manifest_checkpoint_is_not_converted(tmp_path: Path) -> None:
+    """A flipped byte in the source's weights is caught by its digests; nothing is written."""
+    manifest = mc.save(llama(0), tmp_path / "ck", record_code=False)
+    weights = tmp_path / "ck" / next(iter(manifest.files))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(mc.IntegrityError, match="do not match their digests"):
+        mc.convert(tmp_path / "ck", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()

@@ -137,6 +137,9 @@ def _convert(
         modules = module_tree(module)
         record.update(module=class_name(module), ties_added=added, ties_merged=merged, key_prefix=None)
     else:
+        # A manifest-ckpt source's module tree still describes the keys unless a remap renamed them.
+        if source.modules is not None and all(names[k] == k for k in names):
+            modules = dict(source.modules)
         record.update(module=None, ties_added=[], ties_merged=[], key_prefix=_common_prefix(state))
     aliases = find_aliases(state)
     _check_footprint(state, aliases, str(src))
@@ -147,7 +150,7 @@ def _convert(
             target,
             lineage=lineage,
             metadata=source.metadata,
-            parents=parents,
+            parents=[*parents, (source.digest, "converted-from")] if source.digest else parents,
             overwrite=overwrite,
             # The current directory's git state says nothing about converted weights, and
             # leaving it out keeps two conversions of one file byte-identical.

@@ -14,6 +14,7 @@ from manifest_ckpt.sources.hf_directory import (
     read_sharded_bin,
     read_sharded_safetensors,
 )
+from manifest_ckpt.sources.manifest_checkpoint import is_manifest_checkpoint, read_manifest_checkpoint
 from manifest_ckpt.sources.safetensors_file import looks_like_safetensors, read_single_safetensors
 from manifest_ckpt.sources.source import Hashes, SourceCheckpoint, check_source_kind, resolve
 from manifest_ckpt.sources.torch_file import read_torch_source
@@ -55,6 +56,12 @@ def read_pending(path: Path, key: str | None, hashes: Hashes) -> SourceCheckpoin
             "file holds flat dicts of tensors",
             file=str(path),
         )
+    if is_manifest_checkpoint(path):
+        if key is not None:
+            raise ConversionError(
+                f"{path}: key={key!r} applies to pickled checkpoints; this is a manifest-ckpt checkpoint", file=str(path)
+            )
+        return read_manifest_checkpoint(path, hashes)
     if path.is_dir():
         return read_hf_directory(path, hashes)
     if index:

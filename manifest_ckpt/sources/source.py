@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from manifest_ckpt.errors import ConversionError
 from manifest_ckpt.format.integrity import file_sha256, kind_of, os_reason
+from manifest_ckpt.format.manifest import ModuleEntry
 
 __all__ = ["Hashes", "Pending", "SourceCheckpoint", "check_source_kind", "json_number", "jsonable", "resolve"]
 
@@ -33,11 +35,16 @@ class SourceCheckpoint:
         metadata: every non-tensor value the source held beside them, as JSON, or None.
         record: facts about the source for ``lineage.source``: file name (base name only),
             size, sha256, format, container, key, pickle globals, what was left out.
+        modules: the module tree the source recorded (a manifest-ckpt checkpoint), or None.
+        digest: the source's checkpoint digest (a manifest-ckpt checkpoint), recorded as
+            the converted checkpoint's ``converted-from`` parent.
     """
 
     tensors: dict[str, torch.Tensor]
     metadata: Any
     record: dict[str, Any]
+    modules: Mapping[str, ModuleEntry] | None = None
+    digest: str | None = None
 
 
 class Pending:
