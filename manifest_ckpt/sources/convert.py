@@ -27,6 +27,7 @@ from manifest_ckpt.comparison.remap import Remap, apply_remap
 from manifest_ckpt.errors import ConversionError, ModelMismatchError
 from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.format.manifest import Manifest
+from manifest_ckpt.sources.experts import choose_rule_set, fuse, materialize
 from manifest_ckpt.sources.read import read_pending, read_source
 from manifest_ckpt.sources.source import Hashes, SourceCheckpoint, resolve
 from manifest_ckpt.storage.store import is_url
@@ -132,6 +133,13 @@ def _convert(
     modules = None
     if module is not None:
         live = capture(module)
+        rules = choose_rule_set(state, live.tensors)
+        if rules is not None:
+            # Per-expert keys against fused expert tensors: compare the simulated view first,
+            # build the fused tensors only once it matches.
+            view, fused, record["transforms"] = fuse(state, rules, str(src))
+            _check_against(_complete_ties(view, live.aliases, live.tensors)[0], live, str(src), remap)
+            state = materialize(view, state, fused)
         state, added, merged = _complete_ties(state, live.aliases, live.tensors)
         _check_against(state, live, str(src), remap)
         modules = module_tree(module)

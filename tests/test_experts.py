@@ -1,0 +1,92 @@
+"""Tests of ``manifest_ckpt.sources.experts``: save_pretrained's per-expert keys convert into fused-expert models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import manifest_ckpt as mc
+from manifest_ckpt.errors import ConversionError
+from tests._models import assert_bitwise_equal, snapshot
+
+T = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2),
+                "model.layers.0.block_sparse_moe.experts.3.w3.weight"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=16), "model.layers.0.mlp.experts.3.up_proj.weight"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+                  "model.layers.0.mlp.experts.3.up_proj.weight"),
+}
+
+
+def build(family: str, seed: int) -> Any:
+    config_name, model_name, extra, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    return getattr(T, model_name)(getattr(T, config_name)(**COMMON, **extra)).eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_save_pretrained_experts_convert_into_fused_modules_bit_identical(tmp_path: Path, family: str) -> None:
+    """Per-expert keys are stacked and concatenated as transformers does; the load equals the original."""
+    model = build(family, 0)
+    model.save_pretrained(tmp_path / "hf")
+    manifest = mc.convert(tmp_path / "hf", tmp_path / "ck", module=build(family, 1))
+    transforms = manifest.lineage["source"]["transforms"]
+    expected_set = "mixtral" if family == "mixtral" else "qwen2_moe"
+    assert transforms["rule_set"] == expected_set and transforms["fused_keys"] == 4  # 2 layers x 2 fused tensors
+    assert transforms["fusions"][0]["operations"] == ["stack(dim=0)", "concat(dim=1)"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in manifest.tensors
+    fresh = build(family, 2)
+    mc.load(fresh, tmp_path / "ck", verify_digests=True)
+    assert_bitwise_equal(snapshot(fresh), snapshot(model))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_missing_expert_is_refused_naming_the_fused_key(tmp_path: Path, family: str) -> None:
+    """An expert absent from one projection stops the conversion before anything is written."""
+    from safetensors.torch import load_file, save_file
+
+    model = build(family, 0)
+    model.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    del state[FAMILIES[family][3]]
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj.*expected \[0, 1, 2, 3\]"):
+        mc.convert(tmp_path / "hf", tmp_path / "ck", module=build(family, 1))
+    assert not (tmp_path / "ck").exists()
+
+
+def test_without_a_module_the_experts_are_kept_as_stored(tmp_path: Path) -> None:
+    """No module, no layout to aim at: keys are converted as they are, no transforms recorded."""
+    model = build("qwen3_moe", 0)
+    model.save_pretrained(tmp_path / "hf")
+    manifest = mc.convert(tmp_path / "hf", tmp_path / "ck")
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in manifest.tensors
+    assert "transforms" not in manifest.lineage["source"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_converted_moe_exports_and_from_pretrained_round_trips(tmp_path: Path, family: str) -> None:
+    """save_pretrained -> convert -> export_hf -> from_pretrained leaves the original state bit for bit."""
+    model = build(family, 0)
+    model.save_pretrained(tmp_path / "hf")
+    mc.convert(tmp_path / "hf", tmp_path / "ck", module=build(family, 1))
+    mc.export_hf(tmp_path / "ck", tmp_path / "out")
+    model.config.save_pretrained(tmp_path / "out")
+    reloaded = type(model).from_pretrained(tmp_path / "out").eval()
+    assert_bitwise_equal(snapshot(reloaded), snapshot(model))
