@@ -90,3 +90,19 @@ def test_converted_moe_exports_and_from_pretrained_round_trips(tmp_path: Path, f
     model.config.save_pretrained(tmp_path / "out")
     reloaded = type(model).from_pretrained(tmp_path / "out").eval()
     assert_bitwise_equal(snapshot(reloaded), snapshot(model))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_splits_fused_experts_back_exactly_as_save_pretrained(tmp_path: Path, family: str) -> None:
+    """A fused-expert checkpoint exports per-expert keys: model.safetensors byte-identical to save_pretrained's."""
+    model = build(family, 0)
+    mc.save(model, tmp_path / "ck", record_code=False)
+    result = mc.export_hf(tmp_path / "ck", tmp_path / "out")
+    model.save_pretrained(tmp_path / "hf")
+    assert result.unfused == ("mixtral" if family == "mixtral" else "qwen2_moe",)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "hf" / "model.safetensors").read_bytes()
+    sharded = mc.export_hf(tmp_path / "ck", tmp_path / "sharded", max_shard_size="30KB")
+    assert len(sharded.files) > 1 and FAMILIES[family][3] in sharded.weight_map
+    model.config.save_pretrained(tmp_path / "sharded")
+    reloaded = type(model).from_pretrained(tmp_path / "sharded").eval()
+    assert_bitwise_equal(snapshot(reloaded), snapshot(model))

@@ -30,9 +30,11 @@ import safetensors.torch
 
 from manifest_ckpt.distributed.reader import read_whole
 from manifest_ckpt.errors import CheckpointExistsError, ExportError
+from manifest_ckpt.format.dtypes import nbytes
 from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.format.manifest import Manifest
 from manifest_ckpt.reader import _Weights
+from manifest_ckpt.sources.experts import unfuse_plan, unfused_shape, unfused_tensor
 from manifest_ckpt.storage.store import is_url, open_store, read_store_manifest
 
 __all__ = ["HFExport", "export_hf", "parse_shard_size", "plan_shards"]
@@ -60,6 +62,8 @@ class HFExport:
         total_size: bytes of tensor data written (the index's ``metadata.total_size``).
         dropped_ties: alias keys left out, each with the key that holds its values.
         digest: the exported checkpoint's digest.
+        unfused: the MoE rule sets whose fused expert tensors were split back into
+            per-expert keys (``mixtral``, ``qwen2_moe``), as save_pretrained writes them.
     """
 
     directory: str
@@ -69,6 +73,7 @@ class HFExport:
     total_size: int
     dropped_ties: Mapping[str, str]
     digest: str
+    unfused: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +84,7 @@ class HFExport:
             "total_size": self.total_size,
             "dropped_ties": dict(self.dropped_ties),
             "digest": self.digest,
+            "unfused": list(self.unfused),
         }
 
 
@@ -178,8 +184,15 @@ def export_hf(
     weights.map_files(manifest.files)
     weights.verify(manifest.tensors)
 
-    keys = sorted(manifest.tensors)
-    sizes = {k: manifest.tensors[k].nbytes for k in keys}
+    # Fused MoE experts go back to save_pretrained's per-expert keys (the module tree says which).
+    classes = {p: m.cls for p, m in (manifest.modules or {}).items()}
+    plan, unfused = unfuse_plan({k: manifest.tensors[k].shape for k in sorted(manifest.tensors)}, classes)
+    keys = sorted(plan)
+    sizes = {}
+    for k in keys:
+        stored, expert, part = plan[k]
+        entry = manifest.tensors[stored]
+        sizes[k] = nbytes(entry.dtype, unfused_shape(entry.shape, expert, part))
     shards = plan_shards(sizes, limit)
     count = len(shards)
     names = [WEIGHTS_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
@@ -190,7 +203,10 @@ def export_hf(
     staging = Path(tempfile.mkdtemp(prefix=".export-hf-", dir=target))
     try:
         for name, shard in zip(names, shards):
-            tensors = {k: read_whole(weights, manifest, k) for k in shard}
+            tensors = {}
+            for k in shard:
+                stored, expert, part = plan[k]
+                tensors[k] = unfused_tensor(read_whole(weights, manifest, stored), expert, part)
             try:
                 safetensors.torch.save_file(tensors, str(staging / name), metadata={"format": "pt"})
             except (ValueError, TypeError) as exc:
@@ -219,6 +235,7 @@ def export_hf(
         total_size=total,
         dropped_ties=dict(sorted(manifest.aliases.items())),
         digest=manifest.digest,
+        unfused=tuple(unfused),
     )
 
 

@@ -173,3 +173,69 @@ def materialize(
         stacks = [torch.stack([state[k] for k in keys], dim=0) for keys in members]
         out[target] = stacks[0] if len(stacks) == 1 else torch.cat(stacks, dim=1)
     return out
+
+
+# The experts modules whose fused tensors save_pretrained writes back per expert, and how.
+_EXPERT_CLASSES: Final = {"MixtralExperts": "mixtral", "Qwen2MoeExperts": "qwen2_moe", "Qwen3MoeExperts": "qwen2_moe"}
+_PER_EXPERT: Final = {
+    "mixtral": ("{prefix}.block_sparse_moe.experts.{e}.", ("w1", "w3"), "w2"),
+    "qwen2_moe": ("{prefix}.mlp.experts.{e}.", ("gate_proj", "up_proj"), "down_proj"),
+}
+
+# A key of the exported layout -> (stored key, expert, part of 2 or None for the whole expert).
+Unfused = dict[str, tuple[str, int | None, int | None]]
+
+
+def unfuse_plan(
+    shapes: Mapping[str, tuple[int, ...]], module_classes: Mapping[str, str | None]
+) -> tuple[Unfused, list[str]]:
+    """The inverse of :func:`fuse` for ``save_pretrained``'s layout, from the recorded module classes.
+
+    Returns:
+        The exported keys (each fused tensor split back into per-expert keys, Mixtral's
+        other ``mlp.`` keys renamed back to ``block_sparse_moe.``), and the rule sets used.
+    """
+    layers: dict[str, str] = {}
+    for path, cls in module_classes.items():
+        family = _EXPERT_CLASSES.get((cls or "").rsplit(".", 1)[-1])
+        if family is not None and path.endswith(".mlp.experts"):
+            layers[path.removesuffix(".mlp.experts")] = family
+    plan: Unfused = {}
+    for key, shape in shapes.items():
+        prefix = next((p for p in layers if key.startswith(p + ".mlp.")), None)
+        if prefix is None:
+            plan[key] = (key, None, None)
+            continue
+        family = layers[prefix]
+        template, (gate, up), down = _PER_EXPERT[family]
+        rest = key.removeprefix(prefix + ".mlp.")
+        if rest in ("experts.gate_up_proj", "experts.down_proj") and len(shape) == 3:
+            for e in range(shape[0]):
+                base = template.format(prefix=prefix, e=e)
+                if rest == "experts.down_proj":
+                    plan[f"{base}{down}.weight"] = (key, e, None)
+                else:
+                    plan[f"{base}{gate}.weight"] = (key, e, 0)
+                    plan[f"{base}{up}.weight"] = (key, e, 1)
+        elif family == "mixtral":
+            plan[f"{prefix}.block_sparse_moe.{rest}"] = (key, None, None)
+        else:
+            plan[key] = (key, None, None)
+    return plan, sorted(set(layers.values()))
+
+
+def unfused_tensor(fused: torch.Tensor, expert: int | None, part: int | None) -> torch.Tensor:
+    """One exported tensor from its stored one: an expert, and the gate or up half of it."""
+    if expert is None:
+        return fused
+    one = fused[expert]
+    if part is not None:
+        one = one.chunk(2, dim=0)[part]
+    return one.clone()
+
+
+def unfused_shape(shape: tuple[int, ...], expert: int | None, part: int | None) -> tuple[int, ...]:
+    if expert is None:
+        return shape
+    rows, cols = shape[1], shape[2]
+    return (rows // 2 if part is not None else rows, cols)
