@@ -175,3 +175,14 @@ def test_a_damaged_manifest_checkpoint_is_not_converted(tmp_path: Path) -> None:
     with pytest.raises(mc.IntegrityError, match="do not match their digests"):
         mc.convert(tmp_path / "ck", tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
+
+
+def test_a_manifest_archive_converts_to_the_same_digest(tmp_path: Path) -> None:
+    """A packed checkpoint given to convert is unpacked faithfully: same digest, converted-from it."""
+    original = mc.save(llama(0, tied=True), tmp_path / "ck", record_code=False)
+    mc.pack(tmp_path / "ck", tmp_path / "ck.tar")
+    copied = mc.convert(tmp_path / "ck.tar", tmp_path / "copy")
+    assert copied.digest == original.digest and copied.modules == original.modules
+    assert copied.parents == [{"digest": original.digest, "relation": "converted-from"}]
+    assert copied.lineage["source"]["format"] == "manifest-ckpt-archive"
+    assert copied.lineage["source"]["file"] == "ck.tar"
