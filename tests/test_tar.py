@@ -606,3 +606,28 @@ def test_damaged_archives_are_refused_or_read_like_tarfile(tmp_path: Path) -> No
             theirs = {posixpath.normpath(m.name): (m.offset_data, m.size) for m in tar if not m.isdir()}
         assert {name: (m.offset, m.size) for name, m in index.items()} == theirs
     assert 0 < accepted < 400
+
+
+def test_write_archive_removes_temporaries_of_a_killed_writer_but_not_of_a_live_one(tmp_path: Path) -> None:
+    """Found by harness/crash.py: a pack killed mid-write left ``.out.tar.<hex>.tmp`` forever."""
+    import fcntl
+
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"x" * 100)
+    out = tmp_path / "out.tar"
+    abandoned = tmp_path / ".out.tar.0123456789abcdef.tmp"  # nobody holds its lock
+    abandoned.write_bytes(b"partial")
+    live = tmp_path / ".out.tar.fedcba9876543210.tmp"  # a writer still holds its lock
+    live.write_bytes(b"partial")
+    unrelated = tmp_path / ".out.tar.notours.tmp"  # not a name write_archive makes
+    unrelated.write_bytes(b"keep")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        write_archive([("a.bin", source)], out)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a.bin", "out.tar", live.name, unrelated.name]
+    )
+    assert index_archive(out)["a.bin"].size == 100

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import os
 import re
@@ -361,6 +362,63 @@ def _temporary_sibling(target: str) -> str:
     return os.path.join(head, f".{tail}.{secrets.token_hex(8)}.tmp")
 
 
+def _is_temporary_of(name: str, tail: str) -> bool:
+    """Whether ``name`` is a ``_temporary_sibling`` name of the archive named ``tail``."""
+    prefix = f".{tail}."
+    middle = name[len(prefix) : -len(".tmp")]
+    return (
+        name.startswith(prefix)
+        and name.endswith(".tmp")
+        and len(middle) == 16
+        and all(c in "0123456789abcdef" for c in middle)
+    )
+
+
+def remove_abandoned_temporaries(target: str | os.PathLike[str]) -> None:
+    """Remove temporaries of ``target`` left by a killed writer (nobody holds their lock).
+
+    A live writer holds an exclusive flock on its temporary from creation to rename, so a
+    temporary whose lock can be taken is abandoned.
+    """
+    head, tail = os.path.split(os.path.abspath(os.fspath(target)))
+    try:
+        names = os.listdir(head)
+    except OSError:
+        return
+    for name in names:
+        if not _is_temporary_of(name, tail):
+            continue
+        path = os.path.join(head, name)
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                if os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
+                    os.unlink(path)
+            finally:
+                os.close(fd)
+
+
+def _create_locked_temporary(target: str) -> tuple[int, str]:
+    """Create and flock a new temporary next to ``target``; its path still names it once locked."""
+    while True:
+        temporary = _temporary_sibling(target)
+        fd = os.open(temporary, _CREATE_FLAGS, 0o666)  # 0o666 so the umask decides, as for open()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(temporary, follow_symlinks=False)):
+                return fd, temporary
+        except FileNotFoundError:
+            pass
+        # A cleaner removed it between our create and lock (it looked abandoned): try again.
+        os.close(fd)
+
+
 def write_archive(
     files: Sequence[tuple[str, str | os.PathLike[str]]],
     out: str | os.PathLike[str],
@@ -371,6 +429,7 @@ def write_archive(
 
     The archive is written to a temporary file next to ``out`` and renamed over it only
     once complete, so ``out`` is never left half-written. File data is streamed in chunks.
+    The temporary is flocked until renamed; those of a killed writer are removed by the next one.
 
     Args:
         files: ``(member name, source path)`` pairs; names are relative POSIX paths such
@@ -389,7 +448,7 @@ def write_archive(
     total = sum(source.size for source in sources)
     mtime = _source_date_epoch()
     target = os.path.abspath(os.fspath(out))
-    temporary = _temporary_sibling(target)
+    remove_abandoned_temporaries(target)
     done = 0
 
     def on_chunk(count: int) -> None:
@@ -398,7 +457,7 @@ def write_archive(
         if progress is not None:
             progress(done, total)
 
-    fd = os.open(temporary, _CREATE_FLAGS, 0o666)  # 0o666 so the umask decides, as for open()
+    fd, temporary = _create_locked_temporary(target)
     try:
         with open(fd, "wb") as stream:
             buffer = memoryview(bytearray(min(_CHUNK, max(total, 1))))
@@ -415,7 +474,7 @@ def write_archive(
             stream.write(bytes(end))
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, target)
+            os.replace(temporary, target)  # still open, so still locked: no cleaner removes it
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)

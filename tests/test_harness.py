@@ -1,0 +1,35 @@
+"""Smoke runs of the attack harnesses (harness/): the quick mode of each must find nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quick(name: str) -> dict[str, object]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", f"harness.{name}", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
+def test_crash_harness_quick_finds_no_broken_state() -> None:
+    figures = _quick("crash")
+    assert figures["broken"] == 0 and figures["recovery_failures"] == 0, figures
+    assert isinstance(figures["kills"], int) and figures["kills"] >= 10, figures
