@@ -113,6 +113,18 @@ class UnsupportedTensorError(ManifestCkptError, TypeError):
     """A tensor cannot be stored faithfully (complex, sparse, quantized, unknown dtype...)."""
 
 
+class LoadAbortedError(ManifestCkptError, RuntimeError):
+    """A copy failed during ``load``; every tensor already overwritten was restored.
+
+    Attributes:
+        key: the module key whose copy failed.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class CheckpointExistsError(ManifestCkptError, FileExistsError):
     """The destination exists and ``overwrite`` was not given."""
 

@@ -21,6 +21,8 @@ from manifest_ckpt.comparison.report import Report
 from manifest_ckpt.errors import (
     DeviceUnavailableError,
     IntegrityError,
+    LoadAbortedError,
+    ManifestCkptError,
     ManifestError,
     ModelMismatchError,
     UnsupportedTensorError,
@@ -367,11 +369,28 @@ def load(
         meta = live.tensors[key]
         fresh[key] = torch.empty(meta.shape, dtype=meta.dtype, device=target_device)
         _fill(fresh[key], weights, manifest, manifest.aliases.get(source_key[key], source_key[key]))
-    with torch.no_grad():
-        for key in targets:
-            if key not in materialize:
+    in_place = [k for k in targets if k not in materialize]
+    # Each target's bytes are kept until the last copy succeeds, so a failure (a copy error,
+    # an unreadable page, Ctrl-C) puts back what was overwritten: the module is never half-loaded.
+    undo = _Undo(live.tensors[k] for k in in_place)
+    done = 0
+    try:
+        with torch.no_grad():
+            for key in in_place:
                 _fill(live.tensors[key], weights, manifest, manifest.aliases.get(source_key[key], source_key[key]))
-        _assign_materialized(module, live, fresh)
+                done += 1
+    except BaseException as exc:
+        undo.restore(done + 1)
+        if isinstance(exc, (ManifestCkptError, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            raise
+        key = in_place[done]
+        raise LoadAbortedError(
+            f"{store.location}: copying {key!r} into the module failed ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:200]}); every tensor already loaded was restored, so the "
+            "module is as it was. Fix the cause and load again.",
+            key=key,
+        ) from exc
+    _assign_materialized(module, live, fresh)
 
     loaded = sorted(k for k in live.tensors if k in source_key and k not in skipped)
     retied = sorted(k for k in live.aliases if k in source_key and k not in targets)
@@ -418,17 +437,78 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _require_writable(live: LiveState, targets: Iterable[str]) -> None:
-    """Refuse, before any copy, a target that copy_ cannot write (so a load stays all or nothing)."""
+    """Refuse, before any copy, targets that copy_ cannot write (so a load stays all or nothing)."""
+    expanded, frozen = [], []
     for key in targets:
         t = live.tensors[key]
         # An expanded view (stride 0 along a dim of size > 1) maps several elements to one
         # memory location; torch refuses to copy into it, which would fail half-way through.
         if not t.is_meta and any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
-            raise UnsupportedTensorError(
-                f"module tensor {key!r} (shape {list(t.shape)}, stride {list(t.stride())}) is an expanded view: "
-                "several of its elements share one memory location, so it cannot be loaded into. Give it its "
-                "own storage first (e.g. replace it with nn.Parameter(t.clone())); nothing was loaded."
-            )
+            expanded.append(f"{key!r} (shape {list(t.shape)}, stride {list(t.stride())})")
+        # torch allows in-place writes to inference tensors only inside inference mode; its
+        # load_state_dict fails there after copying earlier keys. We refuse before the first.
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            frozen.append(key)
+    if expanded:
+        raise UnsupportedTensorError(
+            f"module tensors {', '.join(expanded[:10])}{' ...' if len(expanded) > 10 else ''} are expanded views (an expanded view maps "
+            "several elements to one memory location), so they cannot be loaded into. Give each its "
+            "own storage first (e.g. replace it with nn.Parameter(t.clone())); nothing was loaded."
+        )
+    if frozen:
+        raise UnsupportedTensorError(
+            f"module tensors {', '.join(frozen[:10])}{' ...' if len(frozen) > 10 else ''} "
+            f"({len(frozen)} in all) are inference tensors (the module was built under torch.inference_mode()), "
+            "which torch writes only inside inference mode. Call load inside `with torch.inference_mode():` "
+            "(as torch's load_state_dict needs), or build the module outside it; nothing was loaded."
+        )
+
+
+class _Undo:
+    """The bytes of tensors about to be overwritten, to put them back if the load fails.
+
+    Contiguous CPU tensors are saved into one buffer with memmove (cheap at 100,000 small
+    tensors); any other tensor is cloned.
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
+        fast = [t for t in self.tensors if _is_plain_cpu(t)]
+        self._pool = torch.empty(sum(t.nbytes for t in fast), dtype=torch.uint8)
+        self._saved: list[tuple[int, int] | torch.Tensor] = []
+        at, base = 0, self._pool.data_ptr()
+        with torch.no_grad():
+            for t in self.tensors:
+                if _is_plain_cpu(t):
+                    if t.nbytes:
+                        ctypes.memmove(base + at, t.data_ptr(), t.nbytes)
+                    self._saved.append((at, t.nbytes))
+                    at += t.nbytes
+                else:
+                    self._saved.append(_as_bytes(t).clone())
+
+    def restore(self, count: int) -> None:
+        """Put back the first ``count`` tensors (those a copy may have changed)."""
+        with torch.no_grad():
+            for t, saved in zip(self.tensors[:count], self._saved[:count]):
+                if isinstance(saved, torch.Tensor):
+                    _as_bytes(t).copy_(saved)
+                else:
+                    at, size = saved
+                    if size:
+                        ctypes.memmove(t.data_ptr(), self._pool.data_ptr() + at, size)
+                    increment_version(t)
+
+
+def _is_plain_cpu(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and t.is_cpu and t.is_contiguous() and not (
+        t.is_inference() or t.is_conj() or t.is_neg()
+    )
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as something clone and copy_ handle bit for bit (packed 4-bit floats as bytes)."""
+    return t.view(torch.uint8) if t.dtype in _BYTE_COPIED else t
 
 
 def _fill(target: torch.Tensor, weights: _Weights, manifest: Manifest, stored_key: str) -> None:
