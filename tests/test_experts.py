@@ -28,12 +28,19 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
                   dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
                   "model.layers.0.mlp.experts.3.up_proj.weight"),
 }
+# DeepSeek: transformers maps deepseek_v2/v3 onto qwen2_moe's rules; layer 0 stays dense here.
+_DEEPSEEK = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+                 n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                 v_head_dim=8, n_group=2, topk_group=1, num_key_value_heads=4)
+for _v in ("2", "3"):
+    FAMILIES[f"deepseek_v{_v}"] = (f"DeepseekV{_v}Config", f"DeepseekV{_v}ForCausalLM", _DEEPSEEK,
+                                   "model.layers.1.mlp.experts.3.up_proj.weight")
 
 
 def build(family: str, seed: int) -> Any:
     config_name, model_name, extra, _ = FAMILIES[family]
     torch.manual_seed(seed)
-    return getattr(T, model_name)(getattr(T, config_name)(**COMMON, **extra)).eval()
+    return getattr(T, model_name)(getattr(T, config_name)(**{**COMMON, **extra})).eval()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -44,7 +51,8 @@ def test_save_pretrained_experts_convert_into_fused_modules_bit_identical(tmp_pa
     manifest = mc.convert(tmp_path / "hf", tmp_path / "ck", module=build(family, 1))
     transforms = manifest.lineage["source"]["transforms"]
     expected_set = "mixtral" if family == "mixtral" else "qwen2_moe"
-    assert transforms["rule_set"] == expected_set and transforms["fused_keys"] == 4  # 2 layers x 2 fused tensors
+    moe_layers = 1 if family.startswith("deepseek") else 2
+    assert transforms["rule_set"] == expected_set and transforms["fused_keys"] == 2 * moe_layers
     assert transforms["fusions"][0]["operations"] == ["stack(dim=0)", "concat(dim=1)"]
     assert "model.layers.1.mlp.experts.gate_up_proj" in manifest.tensors
     fresh = build(family, 2)
@@ -55,7 +63,7 @@ def test_save_pretrained_experts_convert_into_fused_modules_bit_identical(tmp_pa
         assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_a_missing_expert_is_refused_naming_the_fused_key(tmp_path: Path, family: str) -> None:
     """An expert absent from one projection stops the conversion before anything is written."""
     from safetensors.torch import load_file, save_file
@@ -66,7 +74,8 @@ def test_a_missing_expert_is_refused_naming_the_fused_key(tmp_path: Path, family
     state = load_file(path)
     del state[FAMILIES[family][3]]
     save_file(state, path, metadata={"format": "pt"})
-    with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj.*expected \[0, 1, 2, 3\]"):
+    layer = FAMILIES[family][3].split(".")[2]
+    with pytest.raises(ConversionError, match=rf"model\.layers\.{layer}\.mlp\.experts\.gate_up_proj.*expected \[0, 1, 2, 3\]"):
         mc.convert(tmp_path / "hf", tmp_path / "ck", module=build(family, 1))
     assert not (tmp_path / "ck").exists()
 
@@ -97,7 +106,7 @@ def test_export_splits_fused_experts_back_exactly_as_save_pretrained(tmp_path: P
     """A fused-expert checkpoint exports per-expert keys: model.safetensors byte-identical to save_pretrained's."""
     model = build(family, 0)
     mc.save(model, tmp_path / "ck", record_code=False)
-    result = mc.export_hf(tmp_path / "ck", tmp_path / "out")
+    result = mc.export_hf(tmp_path / "ck", tmp_path / "out", record_digest=False)
     model.save_pretrained(tmp_path / "hf")
     assert result.unfused == ("mixtral" if family == "mixtral" else "qwen2_moe",)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "hf" / "model.safetensors").read_bytes()

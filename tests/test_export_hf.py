@@ -59,9 +59,9 @@ def export_and_reload(model: Any, tmp_path: Path, **options: Any) -> tuple[Any, 
 
 
 def test_unsharded_gpt2_is_byte_identical_to_save_pretrained_and_reloads_tied(tmp_path: Path) -> None:
-    """GPT-2 (tied head): model.safetensors has save_pretrained's exact bytes; from_pretrained re-ties it."""
+    """GPT-2 (tied head), record_digest=False: save_pretrained's exact bytes; from_pretrained re-ties it."""
     model = gpt2()
-    result, reloaded, out = export_and_reload(model, tmp_path)
+    result, reloaded, out = export_and_reload(model, tmp_path, record_digest=False)
     model.save_pretrained(tmp_path / "hf")
     assert result.files == ("model.safetensors",) and result.index is None
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "hf" / "model.safetensors").read_bytes()
@@ -91,9 +91,51 @@ def test_sharded_llama_index_matches_save_pretrained_and_reloads_bit_identical(t
     for name in result.files:
         with open(out / name, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
-            assert json.loads(f.read(length))["__metadata__"] == {"format": "pt"}
+            assert json.loads(f.read(length))["__metadata__"] == {"format": "pt", "manifest_ckpt.digest": digest}
     assert_same_state(model, reloaded)
     assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) is tied
+
+
+def header(path: Path) -> tuple[int, dict[str, Any]]:
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return length, json.loads(f.read(length))
+
+
+def test_unsharded_export_records_the_digest_and_reloads_bit_identical(tmp_path: Path) -> None:
+    """By default __metadata__ holds format=pt and the digest; only the header differs from save_pretrained's."""
+    model = llama(False)
+    result, reloaded, out = export_and_reload(model, tmp_path)
+    model.save_pretrained(tmp_path / "hf")
+    ours, theirs = (out / "model.safetensors").read_bytes(), (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (n_ours, h_ours), (n_theirs, h_theirs) = header(out / "model.safetensors"), header(tmp_path / "hf" / "model.safetensors")
+    assert h_ours.pop("__metadata__") == {"format": "pt", "manifest_ckpt.digest": result.digest}
+    assert h_ours == {k: v for k, v in h_theirs.items() if k != "__metadata__"}
+    assert ours[8 + n_ours :] == theirs[8 + n_theirs :]
+    assert result.digest == mc.read_manifest(tmp_path / "ck").digest
+    assert_same_state(model, reloaded)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_writer_lays_out_every_dtype_as_the_safetensors_library(tmp_path: Path) -> None:
+    """Tensors of every storable dtype, names out of order: our bytes equal safetensors.torch.save's."""
+    import safetensors.torch
+
+    from manifest_ckpt.exporters.safetensors_file import OutTensor, write_safetensors
+    from manifest_ckpt.format.dtypes import DTYPES
+
+    torch.manual_seed(3)
+    state = {}
+    for i, dtype in enumerate(sorted(DTYPES)):
+        raw = torch.randint(0, 256, (3 * (i % 3 + 1), 8), dtype=torch.uint8)
+        state[f"t.{(i * 7) % len(DTYPES):02d}.{dtype}"] = raw.view(getattr(torch, dtype))
+    state["scalar"] = torch.tensor(2.5)
+    state["empty"] = torch.zeros(0, 4, dtype=torch.bfloat16)
+    out = [OutTensor(k, str(t.dtype).removeprefix("torch."), tuple(t.shape), lambda t=t: t) for k, t in state.items()]
+    write_safetensors(tmp_path / "ours.safetensors", out, {"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == safetensors.torch.save(state, metadata={"format": "pt"})
 
 
 def test_export_is_deterministic(tmp_path: Path) -> None:
@@ -174,5 +216,8 @@ def test_cli_json_and_text_and_bad_size(tmp_path: Path) -> None:
     assert doc["dropped_ties"] == {"lm_head.weight": "transformer.wte.weight"} and len(doc["files"]) > 1
     code, out, _ = run_cli([str(tmp_path / "ck"), str(tmp_path / "b")])
     assert code == 0 and "model.safetensors" in out and "lm_head.weight left out" in out
+    assert header(tmp_path / "b" / "model.safetensors")[1]["__metadata__"]["manifest_ckpt.digest"] == manifest.digest
+    code, _, _ = run_cli([str(tmp_path / "ck"), str(tmp_path / "plain"), "--no-digest"])
+    assert code == 0 and header(tmp_path / "plain" / "model.safetensors")[1]["__metadata__"] == {"format": "pt"}
     code, _, err = run_cli([str(tmp_path / "ck"), str(tmp_path / "c"), "--max-shard-size", "lots"])
     assert code == 2 and "max_shard_size='lots'" in err

@@ -179,7 +179,12 @@ def _cmd_export_hf(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     size = int(args.max_shard_size) if args.max_shard_size and args.max_shard_size.isdigit() else args.max_shard_size
     result = export_hf(
-        args.ckpt, args.dir, max_shard_size=size, overwrite=args.overwrite, storage_options=_storage_options(args)
+        args.ckpt,
+        args.dir,
+        max_shard_size=size,
+        overwrite=args.overwrite,
+        record_digest=not args.no_digest,
+        storage_options=_storage_options(args),
     )
     if args.json:
         _emit_json(out, {"ok": True, "checkpoint": str(args.ckpt), **result.to_dict()})
@@ -338,6 +343,8 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("dir", help="directory to write the weights into (config.json and other files are left alone)")
     p.add_argument("--max-shard-size", metavar="SIZE", help="bytes per shard, e.g. 5GB or 200MB (default 50GB, as save_pretrained)")
     p.add_argument("--overwrite", action="store_true", help="replace weight files already in DIR")
+    p.add_argument("--no-digest", action="store_true",
+                   help="leave the checkpoint's digest out of the files' metadata (exactly save_pretrained's bytes)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("pack", _cmd_pack, "write a checkpoint as one reproducible, page-aligned tar archive", storage=True)

@@ -2,20 +2,23 @@
 
 The layout is transformers 5's: ``model.safetensors``, or ``model-0000k-of-0000N.safetensors``
 shards plus ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``) when
-the weights exceed ``max_shard_size``; every file's ``__metadata__`` is ``{"format": "pt"}``
-and the files are written by the ``safetensors`` library itself, so an unsharded export is
-byte-identical to ``save_pretrained``'s file. Tied keys (the checkpoint's aliases) are left
-out, as transformers leaves them out: ``from_pretrained`` re-ties them. Shards are filled
-greedily in the checkpoint's (sorted) key order, with ``huggingface_hub``'s rule.
+the weights exceed ``max_shard_size``; every file's ``__metadata__`` holds ``"format": "pt"``
+and, unless ``record_digest=False``, the checkpoint's digest (``"manifest_ckpt.digest"``, also
+in the index's metadata), so provenance survives the boundary. Files are laid out exactly as
+the ``safetensors`` library lays them out (:mod:`.safetensors_file`), streamed one tensor at a
+time from the memory-mapped checkpoint; with ``record_digest=False`` an unsharded export
+is byte-identical to ``save_pretrained``'s file. Tied keys (the checkpoint's aliases) are left out,
+as transformers leaves them out: ``from_pretrained`` re-ties them. Shards are filled greedily
+in the checkpoint's (sorted) key order, with ``huggingface_hub``'s rule.
 
 Every tensor is hashed against the manifest before anything is written, so an export
-carries the manifest's guarantee across the boundary; the index records the checkpoint's
-digest (``metadata["manifest_ckpt.digest"]``).
+carries the manifest's guarantee across the boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -26,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import safetensors.torch
+import torch
 
 from manifest_ckpt.distributed.reader import read_whole
 from manifest_ckpt.errors import CheckpointExistsError, ExportError
+from manifest_ckpt.exporters.safetensors_file import OutTensor, write_safetensors
 from manifest_ckpt.format.dtypes import nbytes
 from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.format.manifest import Manifest
@@ -143,6 +147,7 @@ def export_hf(
     *,
     max_shard_size: int | str | None = None,
     overwrite: bool = False,
+    record_digest: bool = True,
     storage_options: Mapping[str, Any] | None = None,
 ) -> HFExport:
     """Write a checkpoint's weights as a ``save_pretrained`` directory (see the module docstring).
@@ -158,6 +163,9 @@ def export_hf(
             ``"50GB"``, as ``save_pretrained``.
         overwrite: replace weight files a previous save left in ``out_dir`` (stale shards
             of another layout are removed, as ``save_pretrained`` removes them).
+        record_digest: record the checkpoint's digest in every file's ``__metadata__`` and
+            in the index (``"manifest_ckpt.digest"``), so provenance survives the export;
+            transformers ignores the extra key. False writes exactly ``save_pretrained``'s bytes.
         storage_options: fsspec options when ``ckpt`` is a URL.
 
     Raises:
@@ -201,21 +209,21 @@ def export_hf(
 
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-hf-", dir=target))
+    metadata = {"format": "pt", **({DIGEST_KEY: manifest.digest} if record_digest else {})}
+    source = _Source(weights, manifest)
     try:
         for name, shard in zip(names, shards):
-            tensors = {}
+            out = []
             for k in shard:
                 stored, expert, part = plan[k]
-                tensors[k] = unfused_tensor(read_whole(weights, manifest, stored), expert, part)
-            try:
-                safetensors.torch.save_file(tensors, str(staging / name), metadata={"format": "pt"})
-            except (ValueError, TypeError) as exc:
-                raise ExportError(f"{store.location}: cannot write {name} as safetensors: {exc}", file=name) from None
-            del tensors
+                entry = manifest.tensors[stored]
+                shape = unfused_shape(entry.shape, expert, part)
+                out.append(OutTensor(k, entry.dtype, shape, functools.partial(source.part, stored, expert, part)))
+            write_safetensors(staging / name, out, metadata)
         index = None
         if count > 1:
             index = INDEX_NAME
-            atomic_write_bytes(staging / INDEX_NAME, _index_bytes(manifest, weight_map, total))
+            atomic_write_bytes(staging / INDEX_NAME, _index_bytes(manifest, weight_map, total, record_digest))
         # Weights first, the index last: a reader never finds an index naming absent shards.
         for name in names:
             os.replace(staging / name, target / name)
@@ -239,6 +247,33 @@ def export_hf(
     )
 
 
+class _Source:
+    """Stored tensors for the writer: views of the memory map; chunked ones assembled, the last two kept.
+
+    Per-expert keys interleave two fused tensors per layer (``down_proj``, ``gate_proj``,
+    ``up_proj`` of expert 0, then of expert 1...), so two assembled tensors are enough to
+    assemble each one once.
+    """
+
+    def __init__(self, weights: _Weights, manifest: Manifest) -> None:
+        self.weights = weights
+        self.manifest = manifest
+        self._assembled: dict[str, torch.Tensor] = {}
+
+    def whole(self, key: str) -> torch.Tensor:
+        entry = self.manifest.tensors[key]
+        if entry.chunks is None:
+            return self.weights.view(entry.pieces()[0], entry.dtype)
+        if key not in self._assembled:
+            if len(self._assembled) >= 2:
+                del self._assembled[next(iter(self._assembled))]
+            self._assembled[key] = read_whole(self.weights, self.manifest, key)
+        return self._assembled[key]
+
+    def part(self, key: str, expert: int | None, part: int | None) -> torch.Tensor:
+        return unfused_tensor(self.whole(key), expert, part)
+
+
 def _existing_weights(target: Path, overwrite: bool) -> set[str]:
     """The Hugging Face weight files already in ``target`` (refused unless ``overwrite``)."""
     if not target.exists():
@@ -254,9 +289,9 @@ def _existing_weights(target: Path, overwrite: bool) -> set[str]:
     return found
 
 
-def _index_bytes(manifest: Manifest, weight_map: Mapping[str, str], total: int) -> bytes:
+def _index_bytes(manifest: Manifest, weight_map: Mapping[str, str], total: int, record_digest: bool) -> bytes:
     """The index as save_pretrained writes it: two-space indent, sorted keys, a final newline."""
-    metadata: dict[str, Any] = {"total_size": total, DIGEST_KEY: manifest.digest}
+    metadata: dict[str, Any] = {"total_size": total, **({DIGEST_KEY: manifest.digest} if record_digest else {})}
     if manifest.modules is not None:
         # transformers 5 records num_parameters(): each parameter once, ties counted once.
         params = {f"{m}.{p}" if m else p for m, entry in manifest.modules.items() for p in entry.parameters}

@@ -176,7 +176,13 @@ def materialize(
 
 
 # The experts modules whose fused tensors save_pretrained writes back per expert, and how.
-_EXPERT_CLASSES: Final = {"MixtralExperts": "mixtral", "Qwen2MoeExperts": "qwen2_moe", "Qwen3MoeExperts": "qwen2_moe"}
+_EXPERT_CLASSES: Final = {
+    "MixtralExperts": "mixtral",
+    "Qwen2MoeExperts": "qwen2_moe",
+    "Qwen3MoeExperts": "qwen2_moe",
+    "DeepseekV2Experts": "qwen2_moe",
+    "DeepseekV3Experts": "qwen2_moe",
+}
 _PER_EXPERT: Final = {
     "mixtral": ("{prefix}.block_sparse_moe.experts.{e}.", ("w1", "w3"), "w2"),
     "qwen2_moe": ("{prefix}.mlp.experts.{e}.", ("gate_proj", "up_proj"), "down_proj"),
@@ -231,7 +237,7 @@ def unfused_tensor(fused: torch.Tensor, expert: int | None, part: int | None) ->
     one = fused[expert]
     if part is not None:
         one = one.chunk(2, dim=0)[part]
-    return one.clone()
+    return one
 
 
 def unfused_shape(shape: tuple[int, ...], expert: int | None, part: int | None) -> tuple[int, ...]:
