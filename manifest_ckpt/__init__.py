@@ -32,6 +32,7 @@ from manifest_ckpt.errors import (
     PatternError,
     RemapError,
     SaveInProgressError,
+    StateMismatchError,
     StorageError,
     UnsafeCheckpointError,
     UnsupportedOptionError,
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from manifest_ckpt.reader import LoadResult, check, load, verify
     from manifest_ckpt.sources.convert import convert
     from manifest_ckpt.storage.archive import pack, unpack
+    from manifest_ckpt.training.plain import load_file
+    from manifest_ckpt.training.rng import RNGState
     from manifest_ckpt.writer import save
 
 # public name -> module that defines it (imported lazily because it imports torch).
@@ -65,6 +68,8 @@ _LAZY = {
     "pack": "manifest_ckpt.storage.archive",
     "unpack": "manifest_ckpt.storage.archive",
     "LoadResult": "manifest_ckpt.reader",
+    "RNGState": "manifest_ckpt.training.rng",
+    "load_file": "manifest_ckpt.training.plain",
     "check": "manifest_ckpt.reader",
     "load": "manifest_ckpt.reader",
     "verify": "manifest_ckpt.reader",
@@ -101,9 +106,11 @@ __all__ = [
     "ModelMismatchError",
     "PatternError",
     "Problem",
+    "RNGState",
     "RemapError",
     "Report",
     "SaveInProgressError",
+    "StateMismatchError",
     "StorageError",
     "UnsafeCheckpointError",
     "UnsupportedOptionError",
@@ -117,6 +124,7 @@ __all__ = [
     "diff",
     "export_hf",
     "load",
+    "load_file",
     "pack",
     "read_manifest",
     "save",

@@ -31,6 +31,7 @@ from manifest_ckpt.format.binding import Piece, file_problems
 from manifest_ckpt.format.manifest import Chunk, Manifest, _gc_paused
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
+from manifest_ckpt.training.tree import is_app_state
 
 PathLike = str | os.PathLike[str]
 # Tensors up to this size are copied with one memmove (see _fill); larger ones use torch's
@@ -64,7 +65,7 @@ class LoadResult:
 
 
 def check(
-    module: nn.Module | Mapping[str, torch.Tensor],
+    module: nn.Module | Mapping[str, Any],
     path: PathLike,
     *,
     remap: Remap | None = None,
@@ -89,7 +90,24 @@ def check(
     Raises:
         ManifestError: invalid manifest, or weights files whose headers disagree with it.
         IntegrityError: a weights file is missing or has another size than recorded.
+
+    An application state (a dict of modules, optimizers, schedulers, Stateful objects and
+    values) is compared entry by entry with a training state (:mod:`manifest_ckpt.training`).
     """
+    if is_app_state(module):
+        from manifest_ckpt.training.restore import check_state
+
+        return check_state(
+            module,
+            path,
+            remap=remap,
+            allow_missing=allow_missing,
+            allow_unexpected=allow_unexpected,
+            strict=strict,
+            cast=cast,
+            check_classes=check_classes,
+            storage_options=storage_options,
+        )
     store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)
     _Weights(store, manifest).bind(manifest.files)
@@ -293,7 +311,7 @@ def verify_report(
 
 
 def load(
-    module: nn.Module,
+    module: nn.Module | Mapping[str, Any],
     path: PathLike,
     *,
     strict: bool = True,
@@ -327,7 +345,32 @@ def load(
         IntegrityError: missing or corrupt files, or ``expect_digest`` does not match.
         ManifestError: invalid manifest or weights that do not belong to it.
         UnsupportedTensorError: a module tensor cannot be written (an expanded view).
+
+    An application state (a dict of modules, optimizers, schedulers, Stateful objects and
+    values, as saved) is checked whole, then restored in place (:mod:`manifest_ckpt.training`);
+    a difference raises :class:`~manifest_ckpt.errors.StateMismatchError` with nothing changed.
     """
+    if is_app_state(module):
+        from manifest_ckpt.training.restore import load_state
+
+        return load_state(
+            module,
+            path,
+            remap=remap,
+            allow_missing=allow_missing,
+            allow_unexpected=allow_unexpected,
+            strict=strict,
+            cast=cast,
+            check_classes=check_classes,
+            verify_digests=verify_digests,
+            expect_digest=expect_digest,
+            storage_options=storage_options,
+        )
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"load: expected an nn.Module or an application state (a dict of modules, optimizers, values...), "
+            f"got {type(module).__name__}"
+        )
     target_device = resolve_device(device)
     store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)

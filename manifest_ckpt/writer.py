@@ -30,7 +30,6 @@ from manifest_ckpt.format.dtypes import nbytes
 from manifest_ckpt.format.integrity import WORKERS, digest_bytes
 from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.format.manifest import (
-    BASE_FORMAT_VERSION,
     MANIFEST_NAME,
     FileEntry,
     Manifest,
@@ -38,10 +37,12 @@ from manifest_ckpt.format.manifest import (
     TensorEntry,
     _gc_paused,
     compute_digest,
+    required_version,
 )
 from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
 from manifest_ckpt.storage import commit
 from manifest_ckpt.storage.store import is_url, read_manifest, require_parent_dir
+from manifest_ckpt.training.tree import capture_app, is_app_state
 
 _PLAIN_TENSOR_TYPES: Final = (torch.Tensor, nn.Parameter, nn.Buffer)
 RELATIONS = ("fine-tuned-from", "converted-from", "merged-from", "quantized-from", "resumed-from", "derived-from")
@@ -124,7 +125,7 @@ def require_storable(tensors: Mapping[str, torch.Tensor], *, writer: str) -> Non
 
 
 def save(
-    obj: nn.Module | Mapping[str, torch.Tensor],
+    obj: nn.Module | Mapping[str, Any],
     path: str | os.PathLike[str],
     *,
     lineage: Any = None,
@@ -140,10 +141,13 @@ def save(
     progress: Callable[[int], None] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
-    """Save a module or state dict as a checkpoint directory and return its manifest.
+    """Save a module, a state dict or an application state as a checkpoint directory.
 
     Args:
-        obj: an ``nn.Module`` (its module tree is recorded) or a plain state dict.
+        obj: an ``nn.Module`` (its module tree is recorded), a plain state dict, or an
+            application state: a (nested) dict of modules, optimizers, LR schedulers, other
+            Stateful objects, tensors and plain values, saved as a training state
+            (:mod:`manifest_ckpt.training`; optimizer state keyed by parameter name).
         path: the checkpoint directory to create.
         lineage: arbitrary JSON recorded as ``lineage.user``.
         metadata: arbitrary JSON recorded as ``metadata``.
@@ -168,7 +172,11 @@ def save(
     Raises:
         CheckpointExistsError: ``path`` exists and ``overwrite`` is False.
         UnsupportedTensorError: a tensor cannot be stored faithfully.
+        UnsupportedValueError: a value of an application state needs pickle (all named).
         ManifestError: ``modules`` does not declare exactly the state dict's keys.
+
+    Returns:
+        The manifest written.
     """
     if is_url(path):
         from manifest_ckpt.storage.remote import upload_checkpoint
@@ -192,7 +200,11 @@ def save(
             upload_checkpoint(local, str(path), overwrite=overwrite, storage_options=storage_options)
         return manifest
     target = Path(path)
-    state = capture(obj)
+    extensions: dict[str, Any] | None = None
+    if is_app_state(obj) and modules is None:
+        state, extensions = capture_app(obj)
+    else:
+        state = capture(obj)
     require_storable(state.tensors, writer="save")
     if modules is not None:
         state = _with_modules(state, obj, modules)
@@ -204,7 +216,9 @@ def save(
     # Written into a locked staging directory, then committed under the path's lock
     # (storage/commit.py): crash-atomic, and safe against concurrent writers of the path.
     with commit.begin(target, overwrite=overwrite, fsync=fsync) as stage:
-        manifest = _write_into(stage.directory, state, lineage_doc, metadata, max_file_size, fsync, progress, deferred)
+        manifest = _write_into(
+            stage.directory, state, lineage_doc, metadata, max_file_size, fsync, progress, deferred, extensions
+        )
         stage.commit(manifest.to_json(), manifest.files)
     return manifest
 
@@ -263,8 +277,12 @@ def _write_into(
     fsync: bool,
     progress: Callable[[int], None] | None = None,
     deferred_source: Callable[[], Mapping[str, Any]] | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Write the weights files into ``directory`` and return the manifest that lists them."""
+    """Write the weights files into ``directory`` and return the manifest that lists them.
+
+    ``extensions`` holds the entry tree of a training state (``{"state": tree}``).
+    """
     planned = [
         _Planned(k, t, dtype_name(t, k), tuple(t.shape)) for k, t in state.tensors.items() if k not in state.aliases
     ]
@@ -282,14 +300,15 @@ def _write_into(
         _require_json("source", source)
         lineage = {**lineage, "source": dict(source)}
     manifest = Manifest(
-        digest=compute_digest(tensors, aliases, modules),
+        digest=compute_digest(tensors, aliases, modules, extensions),
         files=dict(sorted(files.items())),
         tensors=tensors,
         aliases=aliases,
         modules=modules,
         lineage=lineage,
         metadata=metadata,
-        format_version=BASE_FORMAT_VERSION,
+        format_version=required_version(extensions),
+        extensions=extensions,
     )
     return manifest
 

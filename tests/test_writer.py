@@ -214,11 +214,11 @@ def test_crash_while_overwriting_keeps_the_old_checkpoint_valid(
         (torch.zeros(2, dtype=torch.complex128), "complex128"),
         (torch.zeros(2, 2).to_sparse(), "layout"),
         (torch.empty(2, device="meta"), "meta"),
-        ("not a tensor", "not a tensor"),
+        (object(), "without pickle: bad.key \\(builtins.object\\)"),
     ],
 )
 def test_what_cannot_be_stored_is_refused_clearly(tmp_path: Path, value: object, match: str) -> None:
-    """Unsupported dtypes, layouts, meta tensors and non-tensors raise ManifestCkptError, write nothing."""
+    """Unsupported dtypes, layouts, meta tensors and objects that need pickle raise ManifestCkptError, write nothing."""
     with pytest.raises(mc.ManifestCkptError, match=match):
         mc.save({"bad.key": value}, tmp_path / "ck")  # type: ignore[dict-item]
     assert not (tmp_path / "ck").exists()

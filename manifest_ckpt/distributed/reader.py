@@ -43,6 +43,7 @@ from manifest_ckpt.errors import IntegrityError, ManifestCkptError, ModelMismatc
 from manifest_ckpt.format.manifest import Chunk, Manifest
 from manifest_ckpt.reader import _Weights
 from manifest_ckpt.storage.store import open_store, read_store_manifest
+from manifest_ckpt.training.plain import read_whole
 
 
 @dataclass(frozen=True)
@@ -373,16 +374,6 @@ class ManifestLoadPlanner(DefaultLoadPlanner):
             index = self.metadata.storage_data if self.metadata is not None else None
             raise ModelMismatchError(report, path=index.location if isinstance(index, ChunkIndex) else None)
         return [dataclasses.replace(p, planner_data=None) for p in global_plan]
-
-
-def read_whole(weights: _Weights, manifest: Manifest, key: str) -> torch.Tensor:
-    """A stored tensor read whole into new memory, its chunks assembled (the key may be an alias)."""
-    entry = manifest.entry(key)
-    out = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
-    with torch.no_grad():
-        for c in entry.pieces():
-            out[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.shape))] = weights.view(c, entry.dtype)
-    return out
 
 
 def merge_reports(reports: list[Report]) -> Report:

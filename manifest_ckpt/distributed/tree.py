@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
-from manifest_ckpt.errors import UnsupportedValueError
-from manifest_ckpt.format import values
 from manifest_ckpt.format.manifest import Manifest
+from manifest_ckpt.training.tree import Encoder, decode_entry
 
 
 @dataclass(frozen=True)
@@ -45,33 +44,10 @@ def encode_state(state_dict: Mapping[str, Any]) -> tuple[Any | None, dict[str, A
     """
     if all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         return None, dict(state_dict)
-    tensors: dict[str, Any] = {}
-    refused: list[str] = []
-
-    def leaf(value: Any, key: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            node: Any = {"tensor": key}
-        elif isinstance(value, (bytes, io.BytesIO)):
-            data = value if isinstance(value, bytes) else value.getvalue()
-            node = {"bytes" if isinstance(value, bytes) else "bytesio": key}
-            value = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        else:
-            return None
-        if key in tensors:
-            refused.append(f"{key} (a second value under this dotted key; rename one of them)")
-        tensors[key] = value
-        return node
-
-    tree = values.encode_value(dict(state_dict), "", leaf, refused)
-    if refused:
-        listing = ", ".join(refused[:10]) + (f" and {len(refused) - 10} more" if len(refused) > 10 else "")
-        raise UnsupportedValueError(
-            f"the state dict holds values a manifest checkpoint cannot store without pickle: {listing}. "
-            "Store tensors, bytes / io.BytesIO, and plain values (int, float, str, bool, None, lists, tuples "
-            "and dicts of these); give other objects a state_dict() of such values.",
-            keys=tuple(r.split(" (", 1)[0] for r in refused),
-        )
-    return tree, tensors
+    encoder = Encoder()
+    tree = encoder.value(dict(state_dict), "")
+    encoder.finish()
+    return tree, encoder.tensors
 
 
 @dataclass(frozen=True)
@@ -152,23 +128,3 @@ def refs_of(value: Any, view: DcpView) -> list[str]:
     if isinstance(value, dict):
         return [k for v in value.values() for k in refs_of(v, view)]
     return []
-
-
-def decode_entry(node: Any, resolve: Callable[[str, str], Any]) -> Any:
-    """An entry tree as the state dict DCP would have been given (Stateful objects expanded).
-
-    ``resolve(tag, key)`` supplies each referenced tensor or byte string.
-    """
-    if values.is_tagged(node, "module"):
-        body = node["module"]
-        out: dict[str, Any] = {}
-        for path, module in body["modules"].items():
-            for name in (*module["parameters"], *module["buffers"]):
-                local = f"{path}.{name}" if path else name
-                out[local] = resolve("tensor", body["prefix"] + local)
-        return out
-    if values.is_tagged(node, "stateful"):
-        return values.decode_value(node["stateful"]["state"], resolve)
-    if values.is_tagged(node, "dict"):
-        return {name: decode_entry(child, resolve) for name, child in node["dict"]}
-    return values.decode_value(node, resolve)

@@ -14,7 +14,6 @@ Needs the ``lightning`` package (``pip install 'manifest-ckpt[lightning]'``); im
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from pathlib import Path
@@ -31,12 +30,11 @@ except ImportError as exc:  # pragma: no cover - exercised only where lightning 
     ) from exc
 
 from manifest_ckpt.distributed import save as _save
-from manifest_ckpt.distributed.reader import read_whole
-from manifest_ckpt.distributed.tree import decode_entry
 from manifest_ckpt.errors import CheckpointNotFoundError, ManifestError, UnsupportedOptionError
 from manifest_ckpt.format.manifest import MANIFEST_NAME
 from manifest_ckpt.reader import _Weights
 from manifest_ckpt.storage.store import open_store, read_store_manifest
+from manifest_ckpt.training.plain import read_state
 
 __all__ = ["ManifestCheckpointIO"]
 
@@ -114,16 +112,7 @@ class ManifestCheckpointIO(CheckpointIO):
         if self.verify_digests:
             weights.verify(manifest.tensors)
 
-        def resolve(tag: str, key: str) -> Any:
-            tensor = read_whole(weights, manifest, key)
-            if tag == "tensor":
-                return tensor if device is None else tensor.to(device)
-            data = tensor.numpy().tobytes()
-            return data if tag == "bytes" else io.BytesIO(data)
-
-        checkpoint = decode_entry(manifest.state, resolve)
-        assert isinstance(checkpoint, dict)
-        return checkpoint
+        return read_state(weights, manifest, device=device)
 
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the checkpoint at ``path`` (nothing there is no error, as in Lightning).
