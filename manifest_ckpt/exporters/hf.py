@@ -31,7 +31,6 @@ from typing import Any, Final
 
 import torch
 
-from manifest_ckpt.distributed.reader import read_whole
 from manifest_ckpt.errors import CheckpointExistsError, ExportError
 from manifest_ckpt.exporters.safetensors_file import OutTensor, write_safetensors
 from manifest_ckpt.format.dtypes import nbytes
@@ -40,6 +39,7 @@ from manifest_ckpt.format.manifest import Manifest
 from manifest_ckpt.reader import _Weights
 from manifest_ckpt.sources.experts import unfuse_plan, unfused_shape, unfused_tensor
 from manifest_ckpt.storage.store import is_url, open_store, read_store_manifest
+from manifest_ckpt.training.plain import read_whole
 
 __all__ = ["HFExport", "export_hf", "parse_shard_size", "plan_shards"]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from manifest_ckpt.distributed.reader import read_whole
 from manifest_ckpt.errors import ConversionError
 from manifest_ckpt.format.manifest import MANIFEST_NAME
 from manifest_ckpt.reader import _Weights
 from manifest_ckpt.sources.source import Hashes, SourceCheckpoint
 from manifest_ckpt.storage.store import open_store, read_store_manifest
 from manifest_ckpt.storage.tar import is_archive
+from manifest_ckpt.training.plain import read_whole
 
 __all__ = ["is_manifest_checkpoint", "read_manifest_checkpoint"]
 
