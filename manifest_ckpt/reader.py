@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.graph import increment_version
+from torch.nn.modules.module import _IncompatibleKeys
 
+from manifest_ckpt import machinery
 from manifest_ckpt.cli.progress import Progress
-from manifest_ckpt.comparison.compare import Comparison, StateSpec, compare
-from manifest_ckpt.comparison.introspect import LiveState, capture
+from manifest_ckpt.comparison.compare import Comparison, StateSpec, TensorSpec, compare, owner_of
+from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.comparison.remap import Remap, apply_remap
-from manifest_ckpt.comparison.report import Report
+from manifest_ckpt.comparison.report import Problem, Report, sort_problems
 from manifest_ckpt.errors import (
     DeviceUnavailableError,
     IntegrityError,
@@ -111,8 +114,28 @@ def check(
     store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)
     _Weights(store, manifest).bind(manifest.files)
-    comparison, _ = _compare(manifest, capture(module), remap, allow_missing, allow_unexpected, strict, cast, check_classes)
+    comparison, _ = _compare(
+        manifest, capture(module), remap, allow_missing, allow_unexpected, strict, cast, check_classes, module
+    )
     return comparison.report
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each key ``load`` fills comes from, once the module's load machinery has run.
+
+    Attributes:
+        source: ``{key: checkpoint key}`` for keys that receive a stored tensor as it is.
+        derived: keys whose value the module's machinery computes (a migration's default,
+            a hook's transform); ``load`` runs the machinery over the stored values for them.
+        names: ``{key: checkpoint key}`` for every checkpoint key after remapping.
+        versions: ``{module path: _version}`` as recorded, under the remapped paths.
+    """
+
+    source: dict[str, str]
+    names: dict[str, str]
+    derived: frozenset[str] = frozenset()
+    versions: dict[str, int] | None = None
 
 
 @_gc_paused()  # 100,000 keys allocate a few million acyclic objects; collections would only traverse them
@@ -125,20 +148,99 @@ def _compare(
     strict: bool,
     cast: bool,
     check_classes: bool,
-) -> tuple[Comparison, dict[str, str]]:
-    """Compare after remapping; also return ``{new key: checkpoint key}``."""
+    module: nn.Module | Mapping[str, torch.Tensor] | None = None,
+) -> tuple[Comparison, _Plan]:
+    """Compare after remapping and after the module's own load machinery; also say where each key comes from."""
     names = apply_remap(manifest.keys(), remap)
     spec = StateSpec.from_manifest(manifest).renamed(names)
-    comparison = compare(
-        spec,
-        live.spec(),
-        allow_missing=allow_missing,
-        allow_unexpected=allow_unexpected,
-        strict=strict,
-        cast=cast,
-        check_classes=check_classes,
-    )
-    return comparison, {new: old for old, new in names.items()}
+    renamed = {new: old for old, new in names.items()}
+    plan = _Plan(renamed, renamed)
+    original = spec
+    hook_problems: list[Problem] = []
+    ran = isinstance(module, nn.Module) and machinery.any_rewrites(module)
+    if ran:
+        assert isinstance(module, nn.Module)
+        spec, plan, hook_problems = _rewritten(module, manifest, spec, names, strict)
+
+    def against(checkpoint: StateSpec) -> Comparison:
+        lazy_shapes = {k: checkpoint.tensors[k].shape for k in live.lazy if k in checkpoint.tensors}
+        return compare(
+            checkpoint,
+            live.spec(lazy_shapes),
+            allow_missing=allow_missing,
+            allow_unexpected=allow_unexpected,
+            strict=strict,
+            cast=cast,
+            check_classes=check_classes,
+        )
+
+    comparison = against(spec)
+    if ran and (hook_problems or not comparison.report.ok):
+        report = comparison.report
+        # A remap is suggested from the checkpoint's own keys: a migration's defaults (BatchNorm
+        # fills a num_batches_tracked it lacks) would otherwise hide the prefix that is wrong.
+        plain = against(original).report
+        suggested, hints = (plain.suggested_remap, plain.hints) if plain.suggested_remap else (report.suggested_remap, report.hints)
+        # The table shortens long cells; each hook problem is also given whole as a hint.
+        hints = [*hints, *(f"module {p.key or '(root)'}: {p.found}" for p in hook_problems)]
+        problems = sort_problems([*report.problems, *hook_problems])
+        comparison = replace(
+            comparison, report=replace(report, problems=problems, hints=hints, suggested_remap=suggested)
+        )
+    return comparison, plan
+
+
+def _versions(manifest: Manifest, names: Mapping[str, str]) -> dict[str, int] | None:
+    """The recorded ``_version`` of each module (torch's ``state_dict._metadata``), under remapped paths."""
+    if manifest.modules is None:
+        return None
+    versions = {p: m.version for p, m in manifest.modules.items() if m.version is not None}
+    moved = {owner_of(new): versions.get(owner_of(old)) for old, new in names.items() if old != new}
+    for path, version in moved.items():
+        if version is None:
+            versions.pop(path, None)
+        else:
+            versions[path] = version
+    return versions
+
+
+def _rewritten(
+    module: nn.Module, manifest: Manifest, spec: StateSpec, names: Mapping[str, str], strict: bool
+) -> tuple[StateSpec, _Plan, list[Problem]]:
+    """The checkpoint's description as the module's load machinery leaves it (run on meta placeholders)."""
+    placeholders = machinery.placeholders_for({k: (s.dtype, s.shape) for k, s in spec.tensors.items()}, spec.aliases)
+    original = {new: old for old, new in names.items()}
+    origin: dict[int, str] = {}
+    for key, t in placeholders.items():
+        origin.setdefault(id(t), original[key])
+    versions = _versions(manifest, names)
+    rewritten = machinery.rewrite(module, placeholders, versions, placeholders=True, strict=strict)
+    problems = [Problem("hook", path, None, text) for path, text in rewritten.problems]
+    tensors: dict[str, TensorSpec] = {}
+    source: dict[str, str] = {}
+    derived: set[str] = set()
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for key, value in rewritten.state.items():
+        if not isinstance(value, torch.Tensor):
+            if not key.endswith("._extra_state") and key != "_extra_state":
+                problems.append(Problem("hook", owner_of(key), None, f"its load machinery puts a {type(value).__name__} under {key!r}, not a tensor"))
+            continue
+        try:
+            dtype = dtype_name(value, key)
+        except UnsupportedTensorError as exc:
+            problems.append(Problem("hook", owner_of(key), None, str(exc)))
+            continue
+        tensors[key] = TensorSpec(dtype, tuple(value.shape), owner_of(key))
+        lead = first.setdefault(id(value), key)
+        if lead != key:
+            aliases[key] = lead  # one tensor under two keys: tied, as in a state dict
+        if id(value) in origin:
+            source[key] = origin[id(value)]
+        else:
+            derived.add(key)
+    rewritten_spec = StateSpec(tensors, aliases, spec.classes)
+    return rewritten_spec, _Plan(source, original, frozenset(derived), versions), problems
 
 
 class _Weights:
@@ -380,22 +482,25 @@ def load(
             "this is not the checkpoint you pinned"
         )
     live = capture(module)
-    comparison, source_key = _compare(
-        manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes
+    comparison, plan = _compare(
+        manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes, module
     )
     if not comparison.report.ok:
         raise ModelMismatchError(comparison.report, path=store.location)
 
     # One copy per live tensor: keys tied in the module share one target, filled from the
     # first key of the tie group that the checkpoint holds.
+    source_key, derived = plan.source, plan.derived
     skipped = set(comparison.skipped)
     chosen: dict[str, str] = {}
     for key in live.tensors:
-        if key in source_key and key not in skipped:
+        if (key in source_key or key in derived) and key not in skipped:
             chosen.setdefault(live.aliases.get(key, key), key)
     targets = list(chosen.values())
     _require_writable(live, targets)
-    stored = {manifest.aliases.get(source_key[k], source_key[k]) for k in targets}
+    computed = [k for k in targets if k in derived]
+    # The machinery may read any stored tensor to compute a derived value.
+    stored = set(manifest.tensors) if computed else {_stored(manifest, source_key[k]) for k in targets}
     weights = _Weights(store, manifest)
     files = {c.file for key in stored for c in manifest.tensors[key].pieces()}
     weights.bind(files)
@@ -404,14 +509,24 @@ def load(
         # copied and object storage is read once, not once to hash and again to copy.
         weights.map_files(files)
         weights.verify(stored)
+    values = _machinery_values(module, weights, manifest, plan, computed, strict) if computed else {}
 
-    materialize = {k for k in targets if live.tensors[k].is_meta}
+    def fill(target: torch.Tensor, key: str) -> None:
+        if key in values:
+            with torch.no_grad():
+                target.copy_(values[key])
+        else:
+            _fill(target, weights, manifest, _stored(manifest, source_key[key]))
+
+    lazy = {k for k in targets if k in live.lazy}
+    materialize = {k for k in targets if k in lazy or live.tensors[k].is_meta}
     fresh: dict[str, torch.Tensor] = {}
-    # Meta tensors are built in full before the module is touched, so a failure leaves it as it was.
+    # Meta and lazy tensors are built in full before the module is touched, so a failure leaves it as it was.
     for key in sorted(materialize):
-        meta = live.tensors[key]
-        fresh[key] = torch.empty(meta.shape, dtype=meta.dtype, device=target_device)
-        _fill(fresh[key], weights, manifest, manifest.aliases.get(source_key[key], source_key[key]))
+        old = live.tensors[key]
+        shape = tuple(values[key].shape) if key in values else manifest.entry(source_key[key]).shape
+        fresh[key] = torch.empty(shape, dtype=old.dtype, device=old.data.device if key in lazy else target_device)
+        fill(fresh[key], key)
     in_place = [k for k in targets if k not in materialize]
     # Each target's bytes are kept until the last copy succeeds, so a failure (a copy error,
     # an unreadable page, Ctrl-C) puts back what was overwritten: the module is never half-loaded.
@@ -420,7 +535,7 @@ def load(
     try:
         with torch.no_grad():
             for key in in_place:
-                _fill(live.tensors[key], weights, manifest, manifest.aliases.get(source_key[key], source_key[key]))
+                fill(live.tensors[key], key)
                 done += 1
     except BaseException as exc:
         undo.restore(done + 1)
@@ -433,10 +548,23 @@ def load(
             "module is as it was. Fix the cause and load again.",
             key=key,
         ) from exc
-    _assign_materialized(module, live, fresh)
+    revert = _assign_materialized(module, live, fresh)
+    try:
+        _run_post_hooks(module, sorted(comparison.allowed_missing), sorted(comparison.skipped), strict)
+    except BaseException as exc:
+        revert()
+        undo.restore(len(in_place))
+        if not isinstance(exc, Exception):
+            raise
+        raise LoadAbortedError(
+            f"{store.location}: a load post-hook of the module failed after copying ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:200]}); every tensor was restored, so the module is as it "
+            "was (state the hook itself changed outside the module's tensors excepted). Fix the hook and load again."
+        ) from exc
 
-    loaded = sorted(k for k in live.tensors if k in source_key and k not in skipped)
-    retied = sorted(k for k in live.aliases if k in source_key and k not in targets)
+    fillable = source_key.keys() | derived
+    loaded = sorted(k for k in live.tensors if k in fillable and k not in skipped)
+    retied = sorted(k for k in live.aliases if k in fillable and k not in targets)
     return LoadResult(
         loaded=loaded,
         cast=sorted(comparison.cast),
@@ -446,6 +574,66 @@ def load(
         materialized=sorted(k for k in live.tensors if live.aliases.get(k, k) in materialize),
         manifest=manifest,
     )
+
+
+def _stored(manifest: Manifest, key: str) -> str:
+    """The stored tensor a checkpoint key names (itself, or the target of its alias)."""
+    return manifest.aliases.get(key, key)
+
+
+def _stored_value(weights: _Weights, manifest: Manifest, key: str) -> torch.Tensor:
+    """A stored tensor's value: a view of the mapping when whole, assembled when chunked."""
+    entry = manifest.tensors[key]
+    if entry.chunks is None:
+        return weights.view(entry.pieces()[0], entry.dtype)
+    out = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
+    _fill(out, weights, manifest, key)
+    return out
+
+
+def _machinery_values(
+    module: nn.Module, weights: _Weights, manifest: Manifest, plan: _Plan, keys: list[str], strict: bool
+) -> dict[str, torch.Tensor]:
+    """Run the module's load machinery over the stored values; the values it gives ``keys``.
+
+    Raises:
+        LoadAbortedError: the machinery failed on the values (it ran on their description),
+            before anything was copied.
+    """
+    state = {new: _stored_value(weights, manifest, _stored(manifest, old)) for new, old in plan.names.items()}
+    rewritten = machinery.rewrite(module, state, plan.versions, placeholders=False, strict=strict)
+    if rewritten.problems or any(not isinstance(rewritten.state.get(k), torch.Tensor) for k in keys):
+        path, why = rewritten.problems[0] if rewritten.problems else ("", "gave no tensor for a key it described")
+        raise LoadAbortedError(
+            f"{weights.store.location}: module {path or '(root)'}: {why}. Nothing was copied; the module is as it was."
+        )
+    return {k: rewritten.state[k] for k in keys}
+
+
+def _run_post_hooks(module: nn.Module, missing: list[str], unexpected: list[str], strict: bool) -> None:
+    """Call every load post-hook as torch does (children first), with the keys it would get.
+
+    Raises:
+        LoadAbortedError: under ``strict``, a hook reported keys as missing or unexpected
+            (torch's load_state_dict fails then).
+    """
+    keys = _IncompatibleKeys(missing, unexpected)
+    before = (list(missing), list(unexpected))
+
+    def visit(sub: nn.Module) -> None:
+        for child in sub._modules.values():
+            if child is not None:
+                visit(child)
+        for hook in sub._load_state_dict_post_hooks.values():
+            hook(sub, keys)
+
+    visit(module)
+    if strict and (len(missing) > len(before[0]) or len(unexpected) > len(before[1])):
+        added = sorted(set(missing) - set(before[0])) + sorted(set(unexpected) - set(before[1]))
+        raise LoadAbortedError(
+            f"a load post-hook reported {', '.join(map(repr, added[:5]))} as missing or unexpected, which fails "
+            "torch's strict load_state_dict; load with strict=False or fix the hook"
+        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -484,6 +672,8 @@ def _require_writable(live: LiveState, targets: Iterable[str]) -> None:
     expanded, frozen = [], []
     for key in targets:
         t = live.tensors[key]
+        if key in live.lazy:
+            continue  # materialised into a fresh tensor
         # An expanded view (stride 0 along a dim of size > 1) maps several elements to one
         # memory location; torch refuses to copy into it, which would fail half-way through.
         if not t.is_meta and any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
@@ -588,19 +778,49 @@ def _fill(target: torch.Tensor, weights: _Weights, manifest: Manifest, stored_ke
             region.copy_(source)
 
 
-def _assign_materialized(module: nn.Module, live: LiveState, fresh: Mapping[str, torch.Tensor]) -> None:
-    """Put materialised tensors in place of meta ones, once per tie group, keeping ties."""
+def _assign_materialized(
+    module: nn.Module, live: LiveState, fresh: Mapping[str, torch.Tensor]
+) -> Callable[[], None]:
+    """Put materialised tensors in place of meta and lazy ones, once per tie group, keeping ties.
+
+    A lazy parameter or buffer is materialised in place, as its ``materialize`` does (the
+    object stays, so references to it keep working). Returns a function that undoes it all.
+    """
+    undo: list[Callable[[], None]] = []
     replacement: dict[int, torch.Tensor] = {}
     for key, tensor in fresh.items():
         old = live.tensors[key]
+        if key in live.lazy:
+            undo.append(_materialize_lazy(old, tensor))
+            continue
         new: torch.Tensor = nn.Parameter(tensor, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else tensor
         replacement[id(old)] = new
-    if not replacement:
-        return
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None and id(p) in replacement:
-                sub._parameters[name] = replacement[id(p)]  # type: ignore[assignment]
-        for name, b in list(sub._buffers.items()):
-            if b is not None and id(b) in replacement:
-                sub._buffers[name] = replacement[id(b)]
+    if replacement:
+        for sub in module.modules():
+            tables: tuple[dict[str, Any], ...] = (sub._parameters, sub._buffers)
+            for table in tables:
+                for name, t in list(table.items()):
+                    if t is not None and id(t) in replacement:
+                        table[name] = replacement[id(t)]
+                        undo.append(functools.partial(table.__setitem__, name, t))
+
+    def revert() -> None:
+        for step in reversed(undo):
+            step()
+
+    return revert
+
+
+def _materialize_lazy(lazy: torch.Tensor, value: torch.Tensor) -> Callable[[], None]:
+    """Make an uninitialised lazy tensor hold ``value``; return how to make it lazy again."""
+    old_class, old_data = type(lazy), lazy.data
+    with torch.no_grad():
+        lazy.data = value
+    lazy.__class__ = lazy.cls_to_become  # type: ignore[attr-defined]
+
+    def revert() -> None:
+        lazy.__class__ = old_class
+        with torch.no_grad():
+            lazy.data = old_data
+
+    return revert

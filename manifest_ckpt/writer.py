@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from manifest_ckpt._version import __version__
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
@@ -102,6 +103,13 @@ def require_storable(tensors: Mapping[str, torch.Tensor], *, writer: str) -> Non
         UnsupportedTensorError: naming every meta tensor or wrapper subclass.
     """
     check_keys(tensors, writer=writer)
+    lazy = [k for k, t in tensors.items() if is_lazy(t)]
+    if lazy:
+        raise UnsupportedTensorError(
+            f"{writer}: {len(lazy)} tensors are uninitialised lazy parameters or buffers and have no shape or "
+            f"values yet ({', '.join(lazy[:5])}{', ...' if len(lazy) > 5 else ''}); run one forward pass with a "
+            "sample batch (or load a checkpoint into the module) before saving. Nothing was written."
+        )
     meta = [k for k, t in tensors.items() if t.is_meta]
     if meta:
         raise UnsupportedTensorError(

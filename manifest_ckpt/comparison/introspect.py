@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import is_lazy
 
 from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, owner_of
 from manifest_ckpt.errors import InvalidKeyError, UnsupportedTensorError
@@ -16,16 +18,30 @@ from manifest_ckpt.format.manifest import ModuleEntry, _gc_paused
 
 @dataclass(frozen=True)
 class LiveState:
-    """A module's (or state dict's) persistent tensors by key, with ties and tree."""
+    """A module's (or state dict's) persistent tensors by key, with ties and tree.
+
+    ``lazy`` holds the keys of uninitialised lazy parameters and buffers (``nn.LazyLinear``
+    before its first forward): they have a dtype but no shape until loaded or run.
+    """
 
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str]
     modules: dict[str, ModuleEntry] | None
     owners: dict[str, nn.Module]
+    lazy: frozenset[str] = frozenset()
 
-    def spec(self) -> StateSpec:
-        """The structure only, for comparison."""
-        specs = {k: TensorSpec(dtype_name(t, k), tuple(t.shape), owner_of(k)) for k, t in self.tensors.items()}
+    def spec(self, lazy_shapes: Mapping[str, tuple[int, ...]] | None = None) -> StateSpec:
+        """The structure only, for comparison.
+
+        Args:
+            lazy_shapes: the shape each lazy key takes when loaded (the checkpoint's, as
+                torch materialises it); a lazy key without one is shown with shape ``[]``.
+        """
+        shapes = lazy_shapes or {}
+        specs = {
+            k: TensorSpec(dtype_name(t, k), shapes.get(k, ()) if k in self.lazy else tuple(t.shape), owner_of(k))
+            for k, t in self.tensors.items()
+        }
         classes = None if self.modules is None else {p: m.cls for p, m in self.modules.items()}
         return StateSpec(specs, self.aliases, classes)
 
@@ -55,9 +71,10 @@ def class_name(obj: object) -> str:
 def _identity(tensor: torch.Tensor) -> tuple[object, ...]:
     """What makes two tensors the same storage view (a tie).
 
-    Meta and empty tensors have no real address, so only object identity ties them.
+    Meta, empty and uninitialised lazy tensors have no real address, so only object identity
+    ties them.
     """
-    if tensor.is_meta or tensor.numel() == 0 or tensor.layout != torch.strided:
+    if is_lazy(tensor) or tensor.is_meta or tensor.numel() == 0 or tensor.layout != torch.strided:
         return ("object", id(tensor))
     return (
         tensor.device,
@@ -86,7 +103,7 @@ def find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     for key, tensor in tensors.items():
         try:
             address: object = tensor.data_ptr()
-        except RuntimeError:  # no storage (some tensor subclasses): let _identity decide
+        except (RuntimeError, ValueError):  # no storage (some subclasses, lazy parameters): let _identity decide
             address = _identity(tensor)
         other = seen.setdefault(address, key)
         if other is not key:
@@ -109,8 +126,11 @@ def module_tree(module: nn.Module) -> dict[str, ModuleEntry]:
         non_persistent = sub._non_persistent_buffers_set
         buffers = [n for n, b in sub._buffers.items() if b is not None]
         version = getattr(sub, "_version", None)
+        # A lazy module (nn.LazyLinear) becomes its cls_to_become (nn.Linear) on its first
+        # forward, with the same state: record what it becomes, so either loads into the other.
+        becomes = getattr(sub, "cls_to_become", None) if isinstance(sub, LazyModuleMixin) else None
         tree[path] = ModuleEntry(
-            cls=class_name(sub),
+            cls=class_name(sub) if becomes is None else f"{becomes.__module__}.{becomes.__qualname__}",
             version=version if isinstance(version, int) and not isinstance(version, bool) else None,
             parameters=tuple(n for n, p in sub._parameters.items() if p is not None),
             buffers=tuple(n for n in buffers if n not in non_persistent),
@@ -193,4 +213,5 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
         if value.dtype not in storable:
             dtype_name(value, key)
         tensors[key] = value
-    return LiveState(tensors, find_aliases(tensors), modules, owners)
+    lazy = frozenset(k for k, t in tensors.items() if is_lazy(t))
+    return LiveState(tensors, find_aliases(tensors), modules, owners, lazy)

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ProblemKind = Literal["missing", "unexpected", "shape", "dtype", "class", "alias"]
+# "hook": a module's own load machinery (pre-hooks, _load_from_state_dict) could not be run
+# on the checkpoint's description, or reported errors; ``key`` is the module path.
+ProblemKind = Literal["missing", "unexpected", "shape", "dtype", "class", "alias", "hook"]
 
-_KIND_ORDER = {"missing": 0, "unexpected": 1, "shape": 2, "dtype": 3, "class": 4, "alias": 5}
+_KIND_ORDER = {"missing": 0, "unexpected": 1, "shape": 2, "dtype": 3, "class": 4, "alias": 5, "hook": 6}
 
 
 @dataclass(frozen=True)
