@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import hashlib
+import io
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -17,7 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from manifest_ckpt import machinery
 from manifest_ckpt.cli.progress import Progress
-from manifest_ckpt.comparison.compare import Comparison, StateSpec, TensorSpec, compare, owner_of
+from manifest_ckpt.comparison.compare import EXTRA_STATE, Comparison, StateSpec, TensorSpec, compare, owner_of
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.comparison.remap import Remap, apply_remap
 from manifest_ckpt.comparison.report import Problem, Report, sort_problems
@@ -30,8 +32,9 @@ from manifest_ckpt.errors import (
     ModelMismatchError,
     UnsupportedTensorError,
 )
+from manifest_ckpt.format import values
 from manifest_ckpt.format.binding import Piece, file_problems
-from manifest_ckpt.format.manifest import Chunk, Manifest, _gc_paused
+from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, Chunk, Manifest, _gc_paused
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
 from manifest_ckpt.training.tree import is_app_state
@@ -115,7 +118,7 @@ def check(
     manifest = read_store_manifest(store)
     _Weights(store, manifest).bind(manifest.files)
     comparison, _ = _compare(
-        manifest, capture(module), remap, allow_missing, allow_unexpected, strict, cast, check_classes, module
+        manifest, capture(module, extra_state=True), remap, allow_missing, allow_unexpected, strict, cast, check_classes, module
     )
     return comparison.report
 
@@ -151,7 +154,7 @@ def _compare(
     module: nn.Module | Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Comparison, _Plan]:
     """Compare after remapping and after the module's own load machinery; also say where each key comes from."""
-    names = apply_remap(manifest.keys(), remap)
+    names = apply_remap(_state_keys(manifest), remap)
     spec = StateSpec.from_manifest(manifest).renamed(names)
     renamed = {new: old for old, new in names.items()}
     plan = _Plan(renamed, renamed)
@@ -190,6 +193,14 @@ def _compare(
     return comparison, plan
 
 
+def _state_keys(manifest: Manifest) -> list[str]:
+    """The checkpoint's state-dict keys: its tensors and aliases (not those inside extra state), its extra state."""
+    if not manifest.extra_state:
+        return manifest.keys()
+    parts = manifest.extra_state_refs()
+    return sorted([*(k for k in manifest.keys() if k not in parts), *manifest.extra_state])
+
+
 def _versions(manifest: Manifest, names: Mapping[str, str]) -> dict[str, int] | None:
     """The recorded ``_version`` of each module (torch's ``state_dict._metadata``), under remapped paths."""
     if manifest.modules is None:
@@ -208,8 +219,13 @@ def _rewritten(
     module: nn.Module, manifest: Manifest, spec: StateSpec, names: Mapping[str, str], strict: bool
 ) -> tuple[StateSpec, _Plan, list[Problem]]:
     """The checkpoint's description as the module's load machinery leaves it (run on meta placeholders)."""
-    placeholders = machinery.placeholders_for({k: (s.dtype, s.shape) for k, s in spec.tensors.items()}, spec.aliases)
     original = {new: old for old, new in names.items()}
+    placeholders: dict[str, Any] = machinery.placeholders_for(
+        {k: (s.dtype, s.shape) for k, s in spec.tensors.items() if s.dtype != EXTRA_STATE}, spec.aliases
+    )
+    for key, s in spec.tensors.items():
+        if s.dtype == EXTRA_STATE:
+            placeholders[key] = _extra_value(manifest, original[key], _meta_value(manifest))
     origin: dict[int, str] = {}
     for key, t in placeholders.items():
         origin.setdefault(id(t), original[key])
@@ -222,9 +238,15 @@ def _rewritten(
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
     for key, value in rewritten.state.items():
+        if key.rpartition(".")[2] == EXTRA_STATE_NAME:
+            tensors[key] = TensorSpec(EXTRA_STATE, (), owner_of(key))
+            if id(value) in origin:
+                source[key] = origin[id(value)]
+            else:
+                derived.add(key)
+            continue
         if not isinstance(value, torch.Tensor):
-            if not key.endswith("._extra_state") and key != "_extra_state":
-                problems.append(Problem("hook", owner_of(key), None, f"its load machinery puts a {type(value).__name__} under {key!r}, not a tensor"))
+            problems.append(Problem("hook", owner_of(key), None, f"its load machinery puts a {type(value).__name__} under {key!r}, not a tensor"))
             continue
         try:
             dtype = dtype_name(value, key)
@@ -481,7 +503,7 @@ def load(
             f"{store.location}: checkpoint digest is {manifest.digest}, expected {expect_digest}; "
             "this is not the checkpoint you pinned"
         )
-    live = capture(module)
+    live = capture(module, extra_state=True)
     comparison, plan = _compare(
         manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes, module
     )
@@ -498,9 +520,13 @@ def load(
             chosen.setdefault(live.aliases.get(key, key), key)
     targets = list(chosen.values())
     _require_writable(live, targets)
-    computed = [k for k in targets if k in derived]
+    extra = [k for k in live.extra if (k in source_key or k in derived) and k not in skipped]
+    computed = [k for k in [*targets, *extra] if k in derived]
     # The machinery may read any stored tensor to compute a derived value.
     stored = set(manifest.tensors) if computed else {_stored(manifest, source_key[k]) for k in targets}
+    for key in extra:
+        if key in source_key:
+            stored |= {ref for _, ref, _ in values.iter_refs(manifest.extra_state[source_key[key]])}
     weights = _Weights(store, manifest)
     files = {c.file for key in stored for c in manifest.tensors[key].pieces()}
     weights.bind(files)
@@ -509,12 +535,16 @@ def load(
         # copied and object storage is read once, not once to hash and again to copy.
         weights.map_files(files)
         weights.verify(stored)
-    values = _machinery_values(module, weights, manifest, plan, computed, strict) if computed else {}
+    given = _machinery_values(module, weights, manifest, plan, computed, strict) if computed else {}
+    read = _read_value(weights, manifest)
+    extra_values = {k: given[k] if k in given else _extra_value(manifest, source_key[k], read) for k in extra}
+    # What set_extra_state replaces is kept, to be put back if anything after it fails.
+    extra_before = {k: _copied(live.owners[owner_of(k)].get_extra_state()) for k in extra}
 
     def fill(target: torch.Tensor, key: str) -> None:
-        if key in values:
+        if key in given:
             with torch.no_grad():
-                target.copy_(values[key])
+                target.copy_(given[key])
         else:
             _fill(target, weights, manifest, _stored(manifest, source_key[key]))
 
@@ -524,7 +554,7 @@ def load(
     # Meta and lazy tensors are built in full before the module is touched, so a failure leaves it as it was.
     for key in sorted(materialize):
         old = live.tensors[key]
-        shape = tuple(values[key].shape) if key in values else manifest.entry(source_key[key]).shape
+        shape = tuple(given[key].shape) if key in given else manifest.entry(source_key[key]).shape
         fresh[key] = torch.empty(shape, dtype=old.dtype, device=old.data.device if key in lazy else target_device)
         fill(fresh[key], key)
     in_place = [k for k in targets if k not in materialize]
@@ -549,21 +579,29 @@ def load(
             key=key,
         ) from exc
     revert = _assign_materialized(module, live, fresh)
+    set_done: list[str] = []
+    what = "set_extra_state"
     try:
+        for key in extra:
+            live.owners[owner_of(key)].set_extra_state(extra_values[key])
+            set_done.append(key)  # (one that raised is not called again to put its state back)
+        what = "a load post-hook"
         _run_post_hooks(module, sorted(comparison.allowed_missing), sorted(comparison.skipped), strict)
     except BaseException as exc:
+        for key in reversed(set_done):
+            live.owners[owner_of(key)].set_extra_state(extra_before[key])
         revert()
         undo.restore(len(in_place))
         if not isinstance(exc, Exception):
             raise
         raise LoadAbortedError(
-            f"{store.location}: a load post-hook of the module failed after copying ({type(exc).__name__}: "
+            f"{store.location}: {what} of the module failed after copying ({type(exc).__name__}: "
             f"{(str(exc).splitlines() or [''])[0][:200]}); every tensor was restored, so the module is as it "
             "was (state the hook itself changed outside the module's tensors excepted). Fix the hook and load again."
         ) from exc
 
     fillable = source_key.keys() | derived
-    loaded = sorted(k for k in live.tensors if k in fillable and k not in skipped)
+    loaded = sorted([*(k for k in live.tensors if k in fillable and k not in skipped), *extra])
     retied = sorted(k for k in live.aliases if k in fillable and k not in targets)
     return LoadResult(
         loaded=loaded,
@@ -576,9 +614,47 @@ def load(
     )
 
 
+def _copied(value: Any) -> Any:
+    """A deep copy of extra state (so putting it back restores it), or the value if it cannot be copied."""
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - user objects: restoring the same object is the best left
+        return value
+
+
 def _stored(manifest: Manifest, key: str) -> str:
     """The stored tensor a checkpoint key names (itself, or the target of its alias)."""
     return manifest.aliases.get(key, key)
+
+
+def _extra_value(manifest: Manifest, key: str, resolve: Callable[[str, str], Any]) -> Any:
+    """The extra state stored under checkpoint ``key``, its tensors and bytes given by ``resolve``."""
+    return values.decode_value(manifest.extra_state[key], resolve)
+
+
+def _meta_value(manifest: Manifest) -> Callable[[str, str], Any]:
+    """Placeholders for what extra state references: meta tensors, and bytes as empty strings."""
+
+    def resolve(tag: str, key: str) -> Any:
+        entry = manifest.entry(key)
+        if tag == "tensor":
+            return torch.empty(entry.shape, dtype=getattr(torch, entry.dtype), device="meta")
+        return b"" if tag == "bytes" else io.BytesIO()
+
+    return resolve
+
+
+def _read_value(weights: _Weights, manifest: Manifest) -> Callable[[str, str], Any]:
+    """What extra state references, read into new memory (a module keeps it after the load)."""
+
+    def resolve(tag: str, key: str) -> Any:
+        tensor = _stored_value(weights, manifest, _stored(manifest, key)).clone()
+        if tag == "tensor":
+            return tensor
+        data = tensor.numpy().tobytes()
+        return data if tag == "bytes" else io.BytesIO(data)
+
+    return resolve
 
 
 def _stored_value(weights: _Weights, manifest: Manifest, key: str) -> torch.Tensor:
@@ -600,9 +676,16 @@ def _machinery_values(
         LoadAbortedError: the machinery failed on the values (it ran on their description),
             before anything was copied.
     """
-    state = {new: _stored_value(weights, manifest, _stored(manifest, old)) for new, old in plan.names.items()}
+    read = _read_value(weights, manifest)
+    state = {
+        new: _extra_value(manifest, old, read) if old in manifest.extra_state else _stored_value(weights, manifest, _stored(manifest, old))
+        for new, old in plan.names.items()
+    }
     rewritten = machinery.rewrite(module, state, plan.versions, placeholders=False, strict=strict)
-    if rewritten.problems or any(not isinstance(rewritten.state.get(k), torch.Tensor) for k in keys):
+    if rewritten.problems or any(
+        k not in rewritten.state or (k.rpartition(".")[2] != EXTRA_STATE_NAME and not isinstance(rewritten.state[k], torch.Tensor))
+        for k in keys
+    ):
         path, why = rewritten.problems[0] if rewritten.problems else ("", "gave no tensor for a key it described")
         raise LoadAbortedError(
             f"{weights.store.location}: module {path or '(root)'}: {why}. Nothing was copied; the module is as it was."

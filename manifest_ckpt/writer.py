@@ -43,7 +43,7 @@ from manifest_ckpt.format.manifest import (
 from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
 from manifest_ckpt.storage import commit
 from manifest_ckpt.storage.store import is_url, read_manifest, require_parent_dir
-from manifest_ckpt.training.tree import capture_app, is_app_state
+from manifest_ckpt.training.tree import Encoder, capture_app, is_app_state
 
 _PLAIN_TENSOR_TYPES: Final = (torch.Tensor, nn.Parameter, nn.Buffer)
 RELATIONS = ("fine-tuned-from", "converted-from", "merged-from", "quantized-from", "resumed-from", "derived-from")
@@ -212,7 +212,7 @@ def save(
     if is_app_state(obj) and modules is None:
         state, extensions = capture_app(obj)
     else:
-        state = capture(obj)
+        state, extensions = _with_extra_state(capture(obj, extra_state=True))
     require_storable(state.tensors, writer="save")
     if modules is not None:
         state = _with_modules(state, obj, modules)
@@ -229,6 +229,33 @@ def save(
         )
         stage.commit(manifest.to_json(), manifest.files)
     return manifest
+
+
+def _with_extra_state(state: LiveState) -> tuple[LiveState, dict[str, Any] | None]:
+    """The state with its module extra state encoded: ``extensions.extra_state`` and the tensors it holds.
+
+    Extra state that is JSON, a tensor, bytes, or a dict / list / tuple of these, is stored
+    (tensors under the dotted key of their place in the value, docs/format.md §9).
+
+    Raises:
+        UnsupportedValueError: naming every extra-state value that would need pickle.
+        ManifestError: a tensor of extra state would be stored under a key the state uses.
+    """
+    if not state.extra:
+        return state, None
+    encoder = Encoder()
+    nodes = {key: encoder.value(value, key) for key, value in state.extra.items()}
+    encoder.finish()
+    clash = sorted(k for k in encoder.tensors if k in state.tensors)
+    if clash:
+        raise ManifestError(
+            f"save: module extra state would store tensors under {', '.join(map(repr, clash[:5]))}, which are "
+            "also state-dict keys; rename the parameter or buffer. Nothing was written.",
+            field="extensions.extra_state",
+        )
+    # Stored apart even when they share memory with a parameter: their keys are no state-dict keys.
+    tensors = {**state.tensors, **encoder.tensors}
+    return replace(state, tensors=tensors, extra={}), {"extra_state": nodes}
 
 
 def _with_modules(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,14 @@ from torch import nn
 
 import manifest_ckpt as mc
 from manifest_ckpt import machinery
+from manifest_ckpt.errors import UnsupportedValueError
 
 
 def _bits(module: nn.Module) -> dict[str, bytes]:
     return {
         k: v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
         for k, v in module.state_dict().items()
+        if isinstance(v, torch.Tensor)
     }
 
 
@@ -177,3 +180,98 @@ def test_the_machinery_patch_is_only_active_while_it_runs() -> None:
     assert nn.Module._load_from_state_dict is machinery._BASE
     m.load_state_dict({"0.w": torch.ones(2, 3)})
     assert torch.equal(m[0].w, torch.ones(2, 3))
+
+
+class WithExtra(nn.Module):
+    """A layer whose extra state is whatever ``value`` holds (JSON, a tensor, a dict of tensors...)."""
+
+    def __init__(self, value: Any = None, *, fail: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.value = value
+        self.fail = fail
+
+    def get_extra_state(self) -> Any:
+        return self.value
+
+    def set_extra_state(self, state: Any) -> None:
+        if self.fail:
+            raise RuntimeError("cannot accept this state")
+        self.value = state
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and a != a:
+        return isinstance(b, float) and b != b
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b) and type(a) is type(b)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"step": 3, "name": "fp8", "amax": [1.5, float("nan"), float("inf")], "pair": (1, 2), "none": None},
+        torch.arange(6, dtype=torch.int16).reshape(2, 3),
+        {"scale": torch.ones(2), "history": torch.zeros(3, dtype=torch.int8)},
+    ],
+    ids=["json", "tensor", "dict-of-tensors"],
+)
+def test_extra_state_round_trips_as_torch_loads_it(tmp_path: Path, value: Any) -> None:
+    torch.manual_seed(4)
+    saved = nn.Sequential(WithExtra(value), nn.BatchNorm1d(2))
+    manifest = mc.save(saved, tmp_path / "ck")
+    assert manifest.format_version == "1.2.0" and list(manifest.extra_state) == ["0._extra_state"]
+    mc.verify(tmp_path / "ck")
+    ours, theirs = nn.Sequential(WithExtra(), nn.BatchNorm1d(2)), nn.Sequential(WithExtra(), nn.BatchNorm1d(2))
+    theirs.load_state_dict(saved.state_dict())
+    assert mc.check(ours, tmp_path / "ck").ok
+    result = mc.load(ours, tmp_path / "ck")
+    assert "0._extra_state" in result.loaded
+    assert _same(ours[0].value, theirs[0].value) and _same(ours[0].value, value)
+    assert _bits(ours) == _bits(saved)
+    assert mc.save(ours, tmp_path / "again").digest == manifest.digest
+
+
+def test_the_digest_covers_extra_state(tmp_path: Path) -> None:
+    manifest = mc.save(WithExtra({"step": 3}), tmp_path / "ck")
+    doc = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    doc["extensions"]["extra_state"]["_extra_state"] = {"dict": [["step", 4]]}
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(mc.ManifestError, match=r"\$\.digest: is " + manifest.digest):
+        mc.verify(tmp_path / "ck")
+
+
+def test_extra_state_that_needs_pickle_is_refused_with_its_key_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedValueError, match=r"0\.0\._extra_state\.fn \(builtins\.builtin_function_or_method\)") as info:
+        mc.save(nn.Sequential(nn.Sequential(WithExtra({"fn": len}))), tmp_path / "ck")
+    assert info.value.keys == ("0.0._extra_state.fn",)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_extra_state_keys_are_missing_or_unexpected_as_in_torch(tmp_path: Path) -> None:
+    mc.save(WithExtra({"step": 1}), tmp_path / "with")
+    mc.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "without")
+    plain = nn.Module()
+    plain.lin = nn.Linear(2, 2)
+    report = mc.check(plain, tmp_path / "with")
+    assert [(p.kind, p.key, p.found) for p in report.problems] == [("unexpected", "_extra_state", "extra state")]
+    target = WithExtra({"kept": True})
+    with pytest.raises(mc.ModelMismatchError) as info:
+        mc.load(target, tmp_path / "without", remap={r"^0\.": "lin."})
+    assert [(p.kind, p.key) for p in info.value.report.problems] == [("missing", "_extra_state")]
+    result = mc.load(target, tmp_path / "without", remap={r"^0\.": "lin."}, allow_missing=["_extra_state"])
+    assert result.left_initial == ["_extra_state"] and target.value == {"kept": True}
+
+
+def test_a_failing_set_extra_state_restores_the_module(tmp_path: Path) -> None:
+    mc.save(WithExtra({"step": 9}), tmp_path / "ck")
+    target = WithExtra({"step": 1}, fail=True)
+    before = _bits(target)
+    with pytest.raises(mc.LoadAbortedError, match=r"set_extra_state of the module failed.*cannot accept this state"):
+        mc.load(target, tmp_path / "ck")
+    assert _bits(target) == before and target.value == {"step": 1}

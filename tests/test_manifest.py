@@ -286,7 +286,7 @@ def test_newer_minor_version_warns_and_still_parses() -> None:
     doc["format_version"] = "1.7.0"
     doc["extensions"] = {"added_in_1_7": {"anything": [1, 2]}}
     doc = redigest(doc)
-    with pytest.warns(FormatVersionWarning, match=r"ckpt/manifest\.json: format version 1\.7\.0 is newer than 1\.1\.0"):
+    with pytest.warns(FormatVersionWarning, match=r"ckpt/manifest\.json: format version 1\.7\.0 is newer than 1\.2\.0"):
         manifest = Manifest.from_dict(doc, file=WHERE)
     assert manifest.format_version == "1.7.0"
     assert manifest.to_dict()["format_version"] == "1.7.0"
@@ -295,12 +295,12 @@ def test_newer_minor_version_warns_and_still_parses() -> None:
 def test_newer_minor_version_warning_is_an_error_under_the_project_config() -> None:
     """pyproject turns FormatVersionWarning into an error, so an unexpected one fails the suite."""
     doc = document()
-    doc["format_version"] = "1.2.0"
+    doc["format_version"] = "1.3.0"
     with pytest.raises(FormatVersionWarning):
         Manifest.from_dict(doc)
 
 
-@pytest.mark.parametrize("version", ["1.0.0", "1.0.9", "1.1.0", "1.1.3"])
+@pytest.mark.parametrize("version", ["1.0.0", "1.0.9", "1.1.0", "1.1.3", "1.2.0", "1.2.4"])
 def test_same_minor_version_does_not_warn(version: str) -> None:
     """Our own version and newer patch versions are read without any warning."""
     doc = document()

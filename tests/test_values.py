@@ -11,7 +11,13 @@ import pytest
 
 from manifest_ckpt.errors import ManifestError
 from manifest_ckpt.format import values
-from manifest_ckpt.format.manifest import BASE_FORMAT_VERSION, FORMAT_VERSION, Manifest, required_version
+from manifest_ckpt.format.manifest import (
+    BASE_FORMAT_VERSION,
+    FORMAT_VERSION,
+    STATE_FORMAT_VERSION,
+    Manifest,
+    required_version,
+)
 from manifest_ckpt.format.schema import iter_errors
 
 from .test_manifest import document, tensor
@@ -225,7 +231,8 @@ def test_a_training_state_manifest_is_valid_and_lists_its_entries() -> None:
     manifest = Manifest.from_dict(training_document())
     assert manifest.state is not None
     assert [(k, t) for k, t, _ in values.iter_entries(manifest.state)] == [("model", "module"), ("optim", "stateful")]
-    assert required_version(manifest.extensions) == FORMAT_VERSION == "1.1.0"
+    assert required_version(manifest.extensions) == STATE_FORMAT_VERSION == "1.1.0"
+    assert FORMAT_VERSION == "1.2.0"
     assert required_version(None) == BASE_FORMAT_VERSION == "1.0.0"
 
 

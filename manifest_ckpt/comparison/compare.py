@@ -18,6 +18,10 @@ from manifest_ckpt.errors import PatternError
 from manifest_ckpt.format.dtypes import PACKED, describe
 from manifest_ckpt.format.manifest import Manifest
 
+# The "dtype" of a module's extra-state key (``get_extra_state``): compared by key only,
+# so missing, unexpected and the allow policies treat it as torch's strict load does.
+EXTRA_STATE = "extra_state"
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -28,7 +32,7 @@ class TensorSpec:
     owner: str
 
     def describe(self) -> str:
-        return describe(self.dtype, self.shape)
+        return "extra state" if self.dtype == EXTRA_STATE else describe(self.dtype, self.shape)
 
 
 def owner_of(key: str) -> str:
@@ -46,10 +50,19 @@ class StateSpec:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> StateSpec:
+        """The state-dict keys a checkpoint holds: its tensors (aliases included) and extra-state keys.
+
+        Tensors that hold parts of extra state are not keys of their own.
+        """
         tensors = {}
+        parts = manifest.extra_state_refs() if manifest.extra_state else set()
         for key in manifest.keys():
+            if key in parts:
+                continue
             entry = manifest.entry(key)
             tensors[key] = TensorSpec(entry.dtype, entry.shape, owner_of(key))
+        for key in manifest.extra_state:
+            tensors[key] = TensorSpec(EXTRA_STATE, (), owner_of(key))
         classes = None if manifest.modules is None else {p: m.cls for p, m in manifest.modules.items()}
         return cls(tensors, dict(manifest.aliases), classes)
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
-from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, owner_of
+from manifest_ckpt.comparison.compare import EXTRA_STATE, StateSpec, TensorSpec, owner_of
 from manifest_ckpt.errors import InvalidKeyError, UnsupportedTensorError
 from manifest_ckpt.format.dtypes import DTYPES
-from manifest_ckpt.format.manifest import ModuleEntry, _gc_paused
+from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, ModuleEntry, _gc_paused
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,9 @@ class LiveState:
     """A module's (or state dict's) persistent tensors by key, with ties and tree.
 
     ``lazy`` holds the keys of uninitialised lazy parameters and buffers (``nn.LazyLinear``
-    before its first forward): they have a dtype but no shape until loaded or run.
+    before its first forward): they have a dtype but no shape until loaded or run. ``extra``
+    holds module extra state by key (``capture(..., extra_state=True)``), as
+    ``get_extra_state`` returned it.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -29,6 +32,7 @@ class LiveState:
     modules: dict[str, ModuleEntry] | None
     owners: dict[str, nn.Module]
     lazy: frozenset[str] = frozenset()
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def spec(self, lazy_shapes: Mapping[str, tuple[int, ...]] | None = None) -> StateSpec:
         """The structure only, for comparison.
@@ -42,6 +46,7 @@ class LiveState:
             k: TensorSpec(dtype_name(t, k), shapes.get(k, ()) if k in self.lazy else tuple(t.shape), owner_of(k))
             for k, t in self.tensors.items()
         }
+        specs.update((k, TensorSpec(EXTRA_STATE, (), owner_of(k))) for k in self.extra)
         classes = None if self.modules is None else {p: m.cls for p, m in self.modules.items()}
         return StateSpec(specs, self.aliases, classes)
 
@@ -171,16 +176,24 @@ def _agree_with_state(tree: dict[str, ModuleEntry], keys: Iterable[str]) -> dict
 
 
 @_gc_paused()  # a state dict of 100,000 tensors allocates no cycles; collections would only traverse it
-def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
+def capture(obj: nn.Module | Mapping[str, torch.Tensor], *, extra_state: bool = False) -> LiveState:
     """Describe a module or a plain state dict.
+
+    Args:
+        extra_state: keep a module's extra state (``get_extra_state``) apart in
+            ``LiveState.extra`` (``save`` and ``load`` of a module); otherwise a value that is
+            not a tensor is refused.
 
     Raises:
         UnsupportedTensorError: a state value is not a tensor, or cannot be stored.
         TypeError: ``obj`` is neither a module nor a mapping.
     """
+    extra: dict[str, Any] = {}
     if isinstance(obj, nn.Module):
         state = obj.state_dict(keep_vars=True)
         owners = dict(obj.named_modules(remove_duplicate=False))
+        if extra_state:
+            extra = {k: state.pop(k) for k in [k for k in state if is_extra_state_key(k, owners)]}
         tree = module_tree(obj)
         # Without state-dict hooks the tree already declares exactly the state's keys, and
         # _agree_with_state would rebuild every entry unchanged (half a second at 100,000).
@@ -203,7 +216,7 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
         if not isinstance(value, torch.Tensor):
             raise UnsupportedTensorError(
                 f"state dict entry {key!r} is a {type(value).__name__}, not a tensor (module extra state is "
-                "not supported); keep such values in save(..., metadata=...)"
+                "stored by save(module) and mc.load only, not here); keep such values in save(..., metadata=...)"
             )
         if value.layout != strided or value.is_quantized or value.is_nested:
             raise UnsupportedTensorError(
@@ -214,4 +227,15 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor]) -> LiveState:
             dtype_name(value, key)
         tensors[key] = value
     lazy = frozenset(k for k, t in tensors.items() if is_lazy(t))
-    return LiveState(tensors, find_aliases(tensors), modules, owners, lazy)
+    return LiveState(tensors, find_aliases(tensors), modules, owners, lazy, extra)
+
+
+def is_extra_state_key(key: str, owners: Mapping[str, nn.Module]) -> bool:
+    """Whether ``key`` is a module's extra state (``get_extra_state``), as torch's state_dict names it."""
+    path, _, name = key.rpartition(".")
+    owner = owners.get(path)
+    return (
+        name == EXTRA_STATE_NAME
+        and owner is not None
+        and getattr(type(owner), "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
+    )

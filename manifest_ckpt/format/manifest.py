@@ -28,12 +28,16 @@ from manifest_ckpt.format import jsonio as _jsonio
 from manifest_ckpt.format import values as _values
 
 FORMAT_NAME: Final = "manifest-ckpt"
-FORMAT_VERSION: Final = "1.1.0"
+FORMAT_VERSION: Final = "1.2.0"
 """The newest format version this release reads and writes."""
 BASE_FORMAT_VERSION: Final = "1.0.0"
 """Written when a manifest uses nothing added since 1.0 (weights checkpoints stay as they were)."""
+STATE_FORMAT_VERSION: Final = "1.1.0"
+"""Written for a training state (``extensions.state``) that records no module extra state."""
 # Extensions that are content, not record: the digest covers them (docs/format.md §4).
-CONTENT_EXTENSIONS: Final = ("state",)
+CONTENT_EXTENSIONS: Final = ("state", "extra_state")
+EXTRA_STATE_NAME: Final = "_extra_state"
+"""The last segment of a module's extra-state key (torch's ``_EXTRA_STATE_KEY_SUFFIX``)."""
 MANIFEST_NAME: Final = "manifest.json"
 # ASCII digits only ("²" is a digit to str.isdigit but not to int()); nine digits is plenty.
 _VERSION: Final = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}")
@@ -143,9 +147,11 @@ class ModuleEntry:
 
 
 def required_version(extensions: Any) -> str:
-    """The format version a manifest with these ``extensions`` must declare."""
-    if isinstance(extensions, Mapping) and "state" in extensions:
+    """The format version a manifest with these ``extensions`` must declare (the oldest that has them)."""
+    if isinstance(extensions, Mapping) and "extra_state" in extensions:
         return FORMAT_VERSION
+    if isinstance(extensions, Mapping) and "state" in extensions:
+        return STATE_FORMAT_VERSION
     return BASE_FORMAT_VERSION
 
 
@@ -325,8 +331,9 @@ class Manifest:
             stored = set(self.tensors) | set(self.aliases)
             for key in sorted(declared - stored):
                 yield _path("modules"), f"declares {key!r}, which is neither stored nor an alias"
-            for key in sorted(stored - declared):
+            for key in sorted(stored - declared - self.extra_state_refs()):
                 yield _path("tensors", key), "is stored but no module in the tree declares it"
+        yield from self._extra_state_problems()
         yield from self._state_problems()
         expected = compute_digest(self.tensors, self.aliases, self.modules, self.extensions)
         if self.digest != expected:
@@ -341,7 +348,7 @@ class Manifest:
         if self.modules is not None:
             yield "$.modules", "must be null in a training state (each module entry carries its own tree)"
         if self.format_version.split(".")[:2] == BASE_FORMAT_VERSION.split(".")[:2]:
-            yield "$.format_version", f"is {self.format_version}; a training state needs {FORMAT_VERSION} or later"
+            yield "$.format_version", f"is {self.format_version}; a training state needs {STATE_FORMAT_VERSION} or later"
         yield from ((at + p, msg) for p, msg in _values.duplicate_names(state))
         stored = set(self.tensors) | set(self.aliases)
         seen: dict[str, str] = {}
@@ -360,6 +367,42 @@ class Manifest:
             yield _path("tensors", key) if key in self.tensors else _path("aliases", key), (
                 "is stored but no entry of the application state references it"
             )
+
+    @property
+    def extra_state(self) -> Mapping[str, Any]:
+        """Module extra state by key (``$.extensions.extra_state``): ``{key: value node}``, maybe empty."""
+        if isinstance(self.extensions, Mapping):
+            extra = self.extensions.get("extra_state")
+            if isinstance(extra, Mapping):
+                return extra
+        return {}
+
+    def extra_state_refs(self) -> set[str]:
+        """The stored tensors that hold (parts of) module extra state, not state-dict tensors."""
+        return {key for node in self.extra_state.values() for _, key, _ in _values.iter_refs(node)}
+
+    def _extra_state_problems(self) -> Iterator[tuple[str, str]]:
+        """The rules of ``$.extensions.extra_state`` (docs/format.md §9)."""
+        if isinstance(self.extensions, Mapping) and "extra_state" in self.extensions:
+            if not isinstance(self.extensions["extra_state"], Mapping):
+                yield "$.extensions.extra_state", "must be an object of extra-state keys"
+                return
+            if [int(p) for p in self.format_version.split(".")[:2]] < [int(p) for p in FORMAT_VERSION.split(".")[:2]]:
+                yield "$.format_version", f"is {self.format_version}; module extra state needs {FORMAT_VERSION} or later"
+        seen: dict[str, str] = {}
+        for key, node in self.extra_state.items():
+            at = f'$.extensions.extra_state["{key}"]'
+            if key.rpartition(".")[2] != EXTRA_STATE_NAME:
+                yield at, f"is not an extra-state key (its last segment must be {EXTRA_STATE_NAME!r})"
+            if key in self.aliases:
+                yield at, "is also an alias; extra state is stored once"
+            yield from ((at + p, msg) for p, msg in _values.duplicate_names(node))
+            for _, ref, where in _values.iter_refs(node):
+                if ref not in self.tensors:
+                    yield at + where, f"references {ref!r}, which is not a stored tensor"
+                elif ref in seen:
+                    yield at + where, f"references {ref!r}, already referenced by {seen[ref]!r}"
+                seen.setdefault(ref, key)
 
     @property
     def state(self) -> Mapping[str, Any] | None:
