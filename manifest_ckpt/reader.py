@@ -201,8 +201,15 @@ def _state_keys(manifest: Manifest) -> list[str]:
     return sorted([*(k for k in manifest.keys() if k not in parts), *manifest.extra_state])
 
 
-def _versions(manifest: Manifest, names: Mapping[str, str]) -> dict[str, int] | None:
-    """The recorded ``_version`` of each module (torch's ``state_dict._metadata``), under remapped paths."""
+def _versions(manifest: Manifest, names: Mapping[str, str], module: nn.Module) -> dict[str, int] | None:
+    """The ``_version`` each module's load machinery is told (torch's ``state_dict._metadata``).
+
+    The recorded versions, under remapped paths. A checkpoint saved from a state dict records
+    none: every module is told none, as torch's ``load_state_dict`` of a plain dict does (and
+    BatchNorm then fills a ``num_batches_tracked`` it lacks). A checkpoint with a module tree
+    is a current one: a module it does not hold is told its own version, so nothing is
+    migrated into it and its keys are reported missing.
+    """
     if manifest.modules is None:
         return None
     versions = {p: m.version for p, m in manifest.modules.items() if m.version is not None}
@@ -212,6 +219,10 @@ def _versions(manifest: Manifest, names: Mapping[str, str]) -> dict[str, int] | 
             versions.pop(path, None)
         else:
             versions[path] = version
+    for path, sub in module.named_modules(remove_duplicate=False):
+        own = getattr(sub, "_version", None)
+        if path not in versions and path not in moved and isinstance(own, int):
+            versions[path] = own
     return versions
 
 
@@ -229,7 +240,7 @@ def _rewritten(
     origin: dict[int, str] = {}
     for key, t in placeholders.items():
         origin.setdefault(id(t), original[key])
-    versions = _versions(manifest, names)
+    versions = _versions(manifest, names, module)
     rewritten = machinery.rewrite(module, placeholders, versions, placeholders=True, strict=strict)
     problems = [Problem("hook", path, None, text) for path, text in rewritten.problems]
     tensors: dict[str, TensorSpec] = {}
