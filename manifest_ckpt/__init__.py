@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from manifest_ckpt._version import __version__
 from manifest_ckpt.comparison.report import Problem, Report
+from manifest_ckpt.comparison.transforms import Concatenate, Rename, Split, Stack, Transpose, Unstack
 from manifest_ckpt.errors import (
     ArchiveError,
     CheckpointExistsError,
@@ -34,6 +35,7 @@ from manifest_ckpt.errors import (
     SaveInProgressError,
     StateMismatchError,
     StorageError,
+    TransformError,
     UnsafeCheckpointError,
     UnsupportedOptionError,
     UnsupportedTensorError,
@@ -91,6 +93,7 @@ __all__ = [
     "CheckpointDiff",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "Concatenate",
     "ConversionError",
     "DestinationError",
     "DeviceUnavailableError",
@@ -108,11 +111,17 @@ __all__ = [
     "Problem",
     "RNGState",
     "RemapError",
+    "Rename",
     "Report",
     "SaveInProgressError",
+    "Split",
+    "Stack",
     "StateMismatchError",
     "StorageError",
+    "TransformError",
+    "Transpose",
     "UnsafeCheckpointError",
+    "Unstack",
     "UnsupportedOptionError",
     "UnsupportedTensorError",
     "UnsupportedVersionError",

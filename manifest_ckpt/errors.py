@@ -109,6 +109,24 @@ class RemapError(ManifestCkptError, ValueError):
     """A remap rule is invalid, matches no key, or makes two keys collide."""
 
 
+class TransformError(ManifestCkptError, ValueError):
+    """A key transform is malformed, matches no key, or does not fit the keys it matches.
+
+    Attributes:
+        rule: the rule, as written (``Stack(source=..., ...)``), when one is at fault.
+        key: the key it could not build or would have built twice, when known.
+        unmatched: the rule matched no key at all (rather than keys it cannot fit).
+    """
+
+    def __init__(
+        self, message: str, *, rule: str | None = None, key: str | None = None, unmatched: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.key = key
+        self.unmatched = unmatched
+
+
 class UnsupportedTensorError(ManifestCkptError, TypeError):
     """A tensor cannot be stored faithfully (complex, sparse, quantized, unknown dtype...)."""
 

@@ -17,12 +17,13 @@ from torch import nn
 from torch.autograd.graph import increment_version
 from torch.nn.modules.module import _IncompatibleKeys
 
-from manifest_ckpt import machinery
+from manifest_ckpt import assemble, machinery
 from manifest_ckpt.cli.progress import Progress
 from manifest_ckpt.comparison.compare import EXTRA_STATE, Comparison, StateSpec, TensorSpec, compare, owner_of
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.comparison.remap import Remap, apply_remap
 from manifest_ckpt.comparison.report import Problem, Report, sort_problems
+from manifest_ckpt.comparison.transforms import Node, Transforms, resolve_transforms, suggest_rule_set, transform_spec
 from manifest_ckpt.errors import (
     DeviceUnavailableError,
     IntegrityError,
@@ -30,6 +31,7 @@ from manifest_ckpt.errors import (
     ManifestCkptError,
     ManifestError,
     ModelMismatchError,
+    TransformError,
     UnsupportedTensorError,
 )
 from manifest_ckpt.format import values
@@ -80,6 +82,7 @@ def check(
     strict: bool = True,
     cast: bool = False,
     check_classes: bool = True,
+    transforms: Transforms | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Report:
     """Compare a checkpoint with a live module; change nothing.
@@ -93,9 +96,14 @@ def check(
         A :class:`Report` listing every missing, unexpected, shape, dtype, class and alias
         difference at once, with hints (such as the remap that fixes a prefix).
 
+    ``transforms`` are applied after ``remap``, as ``load`` applies them; without them, a
+    checkpoint of per-expert keys against a fused-expert module gets a hint naming the rule
+    set that fits (``Report.suggested_transforms``).
+
     Raises:
         ManifestError: invalid manifest, or weights files whose headers disagree with it.
         IntegrityError: a weights file is missing or has another size than recorded.
+        TransformError: a transform matches no key or does not fit the keys it matches.
 
     An application state (a dict of modules, optimizers, schedulers, Stateful objects and
     values) is compared entry by entry with a training state (:mod:`manifest_ckpt.training`).
@@ -103,6 +111,7 @@ def check(
     if is_app_state(module):
         from manifest_ckpt.training.restore import check_state
 
+        _no_transforms(transforms)
         return check_state(
             module,
             path,
@@ -118,7 +127,8 @@ def check(
     manifest = read_store_manifest(store)
     _Weights(store, manifest).bind(manifest.files)
     comparison, _ = _compare(
-        manifest, capture(module, extra_state=True), remap, allow_missing, allow_unexpected, strict, cast, check_classes, module
+        manifest, capture(module, extra_state=True), remap, allow_missing, allow_unexpected, strict, cast, check_classes, module,
+        transforms,
     )
     return comparison.report
 
@@ -133,12 +143,15 @@ class _Plan:
             a hook's transform); ``load`` runs the machinery over the stored values for them.
         names: ``{key: checkpoint key}`` for every checkpoint key after remapping.
         versions: ``{module path: _version}`` as recorded, under the remapped paths.
+        built: ``{key: Node}`` for keys a transform builds from checkpoint keys (the nodes
+            name checkpoint keys).
     """
 
     source: dict[str, str]
     names: dict[str, str]
     derived: frozenset[str] = frozenset()
     versions: dict[str, int] | None = None
+    built: Mapping[str, Node] = field(default_factory=dict)
 
 
 @_gc_paused()  # 100,000 keys allocate a few million acyclic objects; collections would only traverse them
@@ -152,15 +165,31 @@ def _compare(
     cast: bool,
     check_classes: bool,
     module: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    transforms: Transforms | None = None,
 ) -> tuple[Comparison, _Plan]:
-    """Compare after remapping and after the module's own load machinery; also say where each key comes from."""
+    """Compare after remapping, transforming (simulated: nothing is read) and the module's own
+    load machinery; also say where each key comes from."""
     names = apply_remap(_state_keys(manifest), remap)
     spec = StateSpec.from_manifest(manifest).renamed(names)
     renamed = {new: old for old, new in names.items()}
     plan = _Plan(renamed, renamed)
+    _, rules = resolve_transforms(transforms)
+    ran = isinstance(module, nn.Module) and machinery.any_rewrites(module)
+    if rules:
+        if ran:
+            raise TransformError(
+                "transforms= with a module whose load hooks or _load_from_state_dict rewrite the state dict is not "
+                "supported (the hooks would see keys the checkpoint does not hold); convert the checkpoint with "
+                "transforms= first, then load it"
+            )
+        spec, kept, built = transform_spec(spec, rules)
+        plan = _Plan(
+            {new: renamed[before] for new, before in kept.items()},
+            renamed,
+            built={k: _relabel(n, renamed) for k, n in built.items()},
+        )
     original = spec
     hook_problems: list[Problem] = []
-    ran = isinstance(module, nn.Module) and machinery.any_rewrites(module)
     if ran:
         assert isinstance(module, nn.Module)
         spec, plan, hook_problems = _rewritten(module, manifest, spec, names, strict)
@@ -178,6 +207,21 @@ def _compare(
         )
 
     comparison = against(spec)
+    report = comparison.report
+    if not rules and report.by_kind("missing") and report.by_kind("unexpected"):
+        # Per-expert keys against fused expert tensors: name the rule set that fits (simulated).
+        name = suggest_rule_set(
+            {k: (t.dtype, t.shape) for k, t in spec.tensors.items()},
+            {k: (t.dtype, t.shape) for k, t in live.spec().tensors.items()},
+        )
+        if name is not None:
+            hint = (
+                f"the checkpoint holds per-expert keys where the module has fused expert tensors: load with "
+                f"transforms={name!r} (CLI: --transforms {name})"
+            )
+            comparison = replace(
+                comparison, report=replace(report, hints=[hint, *report.hints], suggested_transforms=name)
+            )
     if ran and (hook_problems or not comparison.report.ok):
         report = comparison.report
         # A remap is suggested from the checkpoint's own keys: a migration's defaults (BatchNorm
@@ -191,6 +235,14 @@ def _compare(
             comparison, report=replace(report, problems=problems, hints=hints, suggested_remap=suggested)
         )
     return comparison, plan
+
+
+def _relabel(node: Node, key_of: Mapping[str, str]) -> Node:
+    """``node`` with its source keys renamed by ``key_of`` (remapped names back to checkpoint keys)."""
+    if node.op == "source":
+        assert node.key is not None
+        return replace(node, key=key_of[node.key])
+    return replace(node, parts=tuple(_relabel(p, key_of) for p in node.parts))
 
 
 def _state_keys(manifest: Manifest) -> list[str]:
@@ -458,6 +510,7 @@ def load(
     allow_unexpected: Iterable[str] = (),
     check_classes: bool = True,
     device: str | torch.device | None = None,
+    transforms: Transforms | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> LoadResult:
     """Load a checkpoint into ``module`` after checking that it matches, all or nothing.
@@ -473,6 +526,10 @@ def load(
         allow_missing, allow_unexpected: ``re.fullmatch`` patterns of allowed differences.
         check_classes: compare layer classes (off for deliberate architecture swaps).
         device: where tensors of a meta-device module are materialised (default CPU).
+        transforms: key transforms applied after ``remap``: a rule set name (``"mixtral"``,
+            ``"qwen2_moe"``...) or rules of :mod:`manifest_ckpt.comparison.transforms`
+            (``Stack``, ``Concatenate``...). The transformed view is compared first; each part
+            is then copied straight into its region of the module's tensor.
         storage_options: fsspec options when ``path`` is a URL (``s3://...``).
 
     Raises:
@@ -480,6 +537,7 @@ def load(
         IntegrityError: missing or corrupt files, or ``expect_digest`` does not match.
         ManifestError: invalid manifest or weights that do not belong to it.
         UnsupportedTensorError: a module tensor cannot be written (an expanded view).
+        TransformError: a transform matches no key or does not fit the keys it matches.
 
     An application state (a dict of modules, optimizers, schedulers, Stateful objects and
     values, as saved) is checked whole, then restored in place (:mod:`manifest_ckpt.training`);
@@ -488,6 +546,7 @@ def load(
     if is_app_state(module):
         from manifest_ckpt.training.restore import load_state
 
+        _no_transforms(transforms)
         return load_state(
             module,
             path,
@@ -516,25 +575,29 @@ def load(
         )
     live = capture(module, extra_state=True)
     comparison, plan = _compare(
-        manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes, module
+        manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes, module, transforms
     )
     if not comparison.report.ok:
         raise ModelMismatchError(comparison.report, path=store.location)
 
     # One copy per live tensor: keys tied in the module share one target, filled from the
     # first key of the tie group that the checkpoint holds.
-    source_key, derived = plan.source, plan.derived
+    source_key, derived, built = plan.source, plan.derived, plan.built
     skipped = set(comparison.skipped)
     chosen: dict[str, str] = {}
     for key in live.tensors:
-        if (key in source_key or key in derived) and key not in skipped:
+        if (key in source_key or key in derived or key in built) and key not in skipped:
             chosen.setdefault(live.aliases.get(key, key), key)
     targets = list(chosen.values())
     _require_writable(live, targets)
     extra = [k for k in live.extra if (k in source_key or k in derived) and k not in skipped]
     computed = [k for k in [*targets, *extra] if k in derived]
     # The machinery may read any stored tensor to compute a derived value.
-    stored = set(manifest.tensors) if computed else {_stored(manifest, source_key[k]) for k in targets}
+    stored = (
+        set(manifest.tensors)
+        if computed
+        else {_stored(manifest, k) for t in targets for k in (built[t].sources() if t in built else [source_key[t]])}
+    )
     for key in extra:
         if key in source_key:
             stored |= {ref for _, ref, _ in values.iter_refs(manifest.extra_state[source_key[key]])}
@@ -556,6 +619,15 @@ def load(
         if key in given:
             with torch.no_grad():
                 target.copy_(given[key])
+        elif key in built:
+            # A transformed key: each source goes straight into its region of the target.
+            with torch.no_grad():
+                assemble.fill(
+                    target,
+                    built[key],
+                    lambda region, k: _fill(region, weights, manifest, _stored(manifest, k)),
+                    lambda k: _stored_value(weights, manifest, _stored(manifest, k)),
+                )
         else:
             _fill(target, weights, manifest, _stored(manifest, source_key[key]))
 
@@ -565,7 +637,13 @@ def load(
     # Meta and lazy tensors are built in full before the module is touched, so a failure leaves it as it was.
     for key in sorted(materialize):
         old = live.tensors[key]
-        shape = tuple(given[key].shape) if key in given else manifest.entry(source_key[key]).shape
+        shape = (
+            tuple(given[key].shape)
+            if key in given
+            else built[key].shape
+            if key in built
+            else manifest.entry(source_key[key]).shape
+        )
         fresh[key] = torch.empty(shape, dtype=old.dtype, device=old.data.device if key in lazy else target_device)
         fill(fresh[key], key)
     in_place = [k for k in targets if k not in materialize]
@@ -611,7 +689,7 @@ def load(
             "was (state the hook itself changed outside the module's tensors excepted). Fix the hook and load again."
         ) from exc
 
-    fillable = source_key.keys() | derived
+    fillable = source_key.keys() | derived | built.keys()
     loaded = sorted([*(k for k in live.tensors if k in fillable and k not in skipped), *extra])
     retied = sorted(k for k in live.aliases if k in fillable and k not in targets)
     return LoadResult(
@@ -631,6 +709,14 @@ def _copied(value: Any) -> Any:
         return copy.deepcopy(value)
     except Exception:  # noqa: BLE001 - user objects: restoring the same object is the best left
         return value
+
+
+def _no_transforms(transforms: Transforms | None) -> None:
+    if transforms is not None:
+        raise TransformError(
+            "transforms= applies to a module's weights, not to an application state; load the module on its own "
+            "(mc.load(model, path, transforms=...)) or convert the checkpoint first"
+        )
 
 
 def _stored(manifest: Manifest, key: str) -> str:

@@ -131,6 +131,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.cli.factory import build_model
     from manifest_ckpt.comparison.remap import parse_remap_args
+    from manifest_ckpt.comparison.transforms import parse_transforms_arg
     from manifest_ckpt.reader import check
 
     model = build_model(args.model)
@@ -138,6 +139,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         model,
         args.path,
         remap=parse_remap_args(args.remap) or None,
+        transforms=parse_transforms_arg(args.transforms),
         allow_missing=args.allow_missing,
         allow_unexpected=args.allow_unexpected,
         cast=args.cast,
@@ -315,6 +317,9 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
                    help="import path (or file.py:name) of a module or a factory that builds one")
     p.add_argument("--remap", action="append", default=[], metavar="REGEX=REPLACEMENT",
                    help="rename checkpoint keys first (repeatable, applied in order)")
+    p.add_argument("--transforms", metavar="NAME|RULES.json",
+                   help="key transforms after --remap: a rule set (mixtral, qwen2_moe, qwen3_moe, deepseek_v2, "
+                        "deepseek_v3) or a JSON list of rules (stack/unstack/concat/split/transpose/rename)")
     p.add_argument("--allow-missing", action="append", default=[], metavar="REGEX")
     p.add_argument("--allow-unexpected", action="append", default=[], metavar="REGEX")
     p.add_argument("--cast", action="store_true", help="accept dtype differences (load would cast)")
@@ -333,6 +338,9 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--key", metavar="NAME", help="where the tensor dict lies in the container (e.g. state_dict)")
     p.add_argument("--remap", action="append", default=[], metavar="REGEX=REPLACEMENT",
                    help="rename source keys first (repeatable, applied in order)")
+    p.add_argument("--transforms", metavar="NAME|RULES.json",
+                   help="key transforms after --remap: a rule set (mixtral, qwen2_moe, qwen3_moe, deepseek_v2, "
+                        "deepseek_v3) or a JSON list of rules (stack/unstack/concat/split/transpose/rename)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -33,6 +33,10 @@ def conversion_text(manifest: Manifest, location: str) -> str:
     rows.append(("container", f"{container} ({where})"))
     if source.get("remap"):
         rows.append(("remap", ", ".join(f"{shlex.quote(p)} -> {shlex.quote(r)}" for p, r in source["remap"].items())))
+    if source.get("transforms"):
+        t = source["transforms"]
+        what = f"rule set {t['rule_set']}" if t.get("rule_set") else f"{len(t['rules'])} rules"
+        rows.append(("transform", f"{what}: {t['built_keys']} keys built (stack/concat...) after remap"))
     if source.get("module"):
         rows.append(("module", f"checked against {source['module']}; module tree recorded"))
     else:
@@ -95,6 +99,7 @@ def cli_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """
     from manifest_ckpt.cli.factory import build_model
     from manifest_ckpt.comparison.remap import parse_remap_args
+    from manifest_ckpt.comparison.transforms import parse_transforms_arg
     from manifest_ckpt.storage.remote import parse_storage_options
 
     remap = parse_remap_args(args.remap) or None
@@ -106,6 +111,7 @@ def cli_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             module=model,
             key=args.key,
             remap=remap,
+            transforms=parse_transforms_arg(args.transforms),
             overwrite=args.overwrite,
             progress=not args.quiet,
             storage_options=parse_storage_options(getattr(args, "storage_option", None)),

@@ -37,6 +37,8 @@ class Report:
     hints: list[str] = field(default_factory=list)
     suggested_remap: dict[str, str] | None = None
     checked: int = 0
+    # A rule set of comparison.transforms that fits (per-expert keys against fused experts).
+    suggested_transforms: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -52,6 +54,7 @@ class Report:
             "problems": [p.to_dict() for p in self.problems],
             "hints": list(self.hints),
             "suggested_remap": self.suggested_remap,
+            "suggested_transforms": self.suggested_transforms,
         }
 
     def __str__(self) -> str:

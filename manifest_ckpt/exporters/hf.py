@@ -31,13 +31,14 @@ from typing import Any, Final
 
 import torch
 
+from manifest_ckpt.assemble import build
+from manifest_ckpt.comparison.transforms import RULE_SETS, inverse, simulate
 from manifest_ckpt.errors import CheckpointExistsError, ExportError
 from manifest_ckpt.exporters.safetensors_file import OutTensor, write_safetensors
 from manifest_ckpt.format.dtypes import nbytes
 from manifest_ckpt.format.integrity import atomic_write_bytes
 from manifest_ckpt.format.manifest import Manifest
 from manifest_ckpt.reader import _Weights
-from manifest_ckpt.sources.experts import unfuse_plan, unfused_shape, unfused_tensor
 from manifest_ckpt.storage.store import is_url, open_store, read_store_manifest
 from manifest_ckpt.training.plain import read_whole
 
@@ -46,6 +47,15 @@ __all__ = ["HFExport", "export_hf", "parse_shard_size", "plan_shards"]
 WEIGHTS_NAME: Final = "model.safetensors"
 INDEX_NAME: Final = "model.safetensors.index.json"
 DIGEST_KEY: Final = "manifest_ckpt.digest"
+# The experts modules whose fused tensors save_pretrained writes back per expert, and with
+# which rule set (transformers' conversion_mapping).
+_EXPERT_CLASSES: Final = {
+    "MixtralExperts": "mixtral",
+    "Qwen2MoeExperts": "qwen2_moe",
+    "Qwen3MoeExperts": "qwen2_moe",
+    "DeepseekV2Experts": "qwen2_moe",
+    "DeepseekV3Experts": "qwen2_moe",
+}
 # save_pretrained's default in transformers 5.
 DEFAULT_MAX_SHARD_SIZE: Final = "50GB"
 # huggingface_hub.serialization's units: decimal, two letters.
@@ -192,15 +202,18 @@ def export_hf(
     weights.map_files(manifest.files)
     weights.verify(manifest.tensors)
 
-    # Fused MoE experts go back to save_pretrained's per-expert keys (the module tree says which).
-    classes = {p: m.cls for p, m in (manifest.modules or {}).items()}
-    plan, unfused = unfuse_plan({k: manifest.tensors[k].shape for k in sorted(manifest.tensors)}, classes)
+    # Fused MoE experts go back to save_pretrained's per-expert keys: the module tree says
+    # which layout, and its rule set runs backwards (comparison.transforms.inverse).
+    unfused = sorted({_EXPERT_CLASSES[c] for c in _classes(manifest) if c in _EXPERT_CLASSES})
+    if len(unfused) > 1:
+        raise ExportError(
+            f"{store.location}: the module tree mixes expert layouts {unfused}; export_hf writes one layout",
+            file=store.location,
+        )
+    specs = {k: (manifest.tensors[k].dtype, manifest.tensors[k].shape) for k in sorted(manifest.tensors)}
+    plan = simulate(specs, inverse(RULE_SETS[unfused[0]]) if unfused else ())
     keys = sorted(plan)
-    sizes = {}
-    for k in keys:
-        stored, expert, part = plan[k]
-        entry = manifest.tensors[stored]
-        sizes[k] = nbytes(entry.dtype, unfused_shape(entry.shape, expert, part))
+    sizes = {k: nbytes(plan[k].dtype, plan[k].shape) for k in keys}
     shards = plan_shards(sizes, limit)
     count = len(shards)
     names = [WEIGHTS_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
@@ -213,12 +226,10 @@ def export_hf(
     source = _Source(weights, manifest)
     try:
         for name, shard in zip(names, shards):
-            out = []
-            for k in shard:
-                stored, expert, part = plan[k]
-                entry = manifest.tensors[stored]
-                shape = unfused_shape(entry.shape, expert, part)
-                out.append(OutTensor(k, entry.dtype, shape, functools.partial(source.part, stored, expert, part)))
+            out = [
+                OutTensor(k, plan[k].dtype, plan[k].shape, functools.partial(build, plan[k], source.whole))
+                for k in shard
+            ]
             write_safetensors(staging / name, out, metadata)
         index = None
         if count > 1:
@@ -270,8 +281,11 @@ class _Source:
             self._assembled[key] = read_whole(self.weights, self.manifest, key)
         return self._assembled[key]
 
-    def part(self, key: str, expert: int | None, part: int | None) -> torch.Tensor:
-        return unfused_tensor(self.whole(key), expert, part)
+
+
+def _classes(manifest: Manifest) -> set[str]:
+    """The recorded module classes, by bare name."""
+    return {(m.cls or "").rsplit(".", 1)[-1] for m in (manifest.modules or {}).values()}
 
 
 def _existing_weights(target: Path, overwrite: bool) -> set[str]:

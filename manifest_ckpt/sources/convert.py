@@ -20,14 +20,23 @@ from typing import Any, Final
 import torch
 from torch import nn
 
+from manifest_ckpt.assemble import build
 from manifest_ckpt.cli.progress import Progress
 from manifest_ckpt.comparison.compare import compare
 from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
 from manifest_ckpt.comparison.remap import Remap, apply_remap
+from manifest_ckpt.comparison.transforms import (
+    RULE_SETS,
+    Node,
+    Rule,
+    Transforms,
+    choose_rule_set,
+    resolve_transforms,
+    simulate,
+)
 from manifest_ckpt.errors import ConversionError, ModelMismatchError
 from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.format.manifest import Manifest
-from manifest_ckpt.sources.experts import choose_rule_set, fuse, materialize
 from manifest_ckpt.sources.read import read_pending, read_source
 from manifest_ckpt.sources.source import Hashes, SourceCheckpoint, resolve
 from manifest_ckpt.storage.store import is_url
@@ -49,6 +58,7 @@ def convert(
     module: nn.Module | None = None,
     key: str | None = None,
     remap: Remap | None = None,
+    transforms: Transforms | None = None,
     lineage: Any = None,
     parents: Sequence[Any] = (),
     overwrite: bool = False,
@@ -68,6 +78,11 @@ def convert(
             a meta-device module is fine).
         key: where the tensor dict lies in a pickled container, when ambiguous.
         remap: ``{regex: replacement}`` applied in order to the source keys first.
+        transforms: key transforms applied after ``remap`` (a rule set name such as
+            ``"mixtral"``, or rules of :mod:`manifest_ckpt.comparison.transforms`). With
+            ``module`` and no ``transforms``, a rule set is chosen when the source holds
+            per-expert keys the module fuses (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
+            Recorded as ``lineage.source.transforms``.
         lineage: arbitrary JSON recorded as ``lineage.user``.
         parents: as for :func:`save`.
         overwrite: replace an existing checkpoint at ``dst``.
@@ -86,6 +101,8 @@ def convert(
         ModelMismatchError: the converted keys do not fit ``module`` (the report suggests
             the remap for a ``module.``/``model.`` prefix); nothing was written.
         RemapError: a remap rule matches no key or makes two keys collide.
+        TransformError: a transform matches no key, or the keys do not fit it (an expert
+            missing, experts of different shapes), naming the key; nothing was written.
         UnsupportedTensorError: a tensor safetensors cannot store (complex128, sparse...).
         CheckpointExistsError: ``dst`` exists and ``overwrite`` is False.
     """
@@ -105,7 +122,9 @@ def convert(
         _check_destination(target, overwrite)
         hashes = Hashes()
         try:
-            return _convert(Path(src), target, hashes, module, key, remap, lineage, parents, overwrite, progress)
+            return _convert(
+                Path(src), target, hashes, module, key, remap, transforms, lineage, parents, overwrite, progress
+            )
         finally:
             hashes.close()
 
@@ -117,6 +136,7 @@ def _convert(
     module: nn.Module | None,
     key: str | None,
     remap: Remap | None,
+    transforms: Transforms | None,
     lineage: Any,
     parents: Sequence[Any],
     overwrite: bool,
@@ -131,22 +151,32 @@ def _convert(
     record = dict(source.record)
     record.update(remap=dict(remap) if remap else None, torch=torch.__version__.split("+")[0])
     modules = None
+    name, rules = resolve_transforms(transforms)
     if module is not None:
         live = capture(module)
-        rules = choose_rule_set(state, live.tensors)
-        if rules is not None:
-            # Per-expert keys against fused expert tensors: compare the simulated view first,
-            # build the fused tensors only once it matches.
-            view, fused, record["transforms"] = fuse(state, rules, str(src))
-            _check_against(_complete_ties(view, live.aliases, live.tensors)[0], live, str(src), remap)
-            state = materialize(view, state, fused)
+        if transforms is None:
+            # An HF directory of per-expert keys against a fused-expert module: the rule set
+            # that fits is chosen (a recognised layout that does not fit is refused).
+            name = choose_rule_set(_specs(state), _specs(live.tensors), refuse_broken=True)
+            rules = RULE_SETS[name] if name else ()
+        if rules:
+            # Compare the simulated view first; build the transformed tensors only once it matches.
+            view = simulate(_specs(state), rules)
+            record["transforms"] = _transforms_record(name, rules, view)
+            meta = {k: _meta(n, state) for k, n in view.items()}
+            _check_against(_complete_ties(meta, live.aliases, live.tensors)[0], live, str(src), remap)
+            state = _build(view, state)
         state, added, merged = _complete_ties(state, live.aliases, live.tensors)
         _check_against(state, live, str(src), remap)
         modules = module_tree(module)
         record.update(module=class_name(module), ties_added=added, ties_merged=merged, key_prefix=None)
     else:
+        if rules:
+            view = simulate(_specs(state), rules)
+            record["transforms"] = _transforms_record(name, rules, view)
+            state = _build(view, state)
         # A manifest-ckpt source's module tree still describes the keys unless a remap renamed them.
-        if source.modules is not None and all(names[k] == k for k in names):
+        elif source.modules is not None and all(names[k] == k for k in names):
             modules = dict(source.modules)
         record.update(module=None, ties_added=[], ties_merged=[], key_prefix=_common_prefix(state))
     aliases = find_aliases(state)
@@ -168,6 +198,31 @@ def _convert(
             modules=modules,
             progress=bar.advance,
         )
+
+
+def _specs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in state.items()}
+
+
+def _meta(node: Node, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A source's own tensor (ties are compared too), a built key as a meta tensor of its shape."""
+    if node.op == "source":
+        assert node.key is not None
+        return state[node.key]
+    return torch.empty(node.shape, dtype=getattr(torch, node.dtype), device="meta")
+
+
+def _build(view: Mapping[str, Node], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: _meta(n, state) if n.op == "source" else build(n, state.__getitem__).contiguous() for k, n in view.items()}
+
+
+def _transforms_record(name: str | None, rules: Sequence[Rule], view: Mapping[str, Node]) -> dict[str, Any]:
+    """What the lineage says about the transforms: the rule set, every rule, how many keys were built."""
+    return {
+        "rule_set": name,
+        "rules": [r.to_dict() for r in rules],
+        "built_keys": sum(1 for n in view.values() if n.op != "source"),
+    }
 
 
 def _check_tensors(state: Mapping[str, torch.Tensor], where: str) -> None:
