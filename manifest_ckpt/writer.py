@@ -187,10 +187,10 @@ def save(
         The manifest written.
     """
     if is_url(path):
-        from manifest_ckpt.storage.remote import upload_checkpoint
+        from manifest_ckpt.storage.remote import staged_destination
 
-        with tempfile.TemporaryDirectory(prefix=".manifest-ckpt-upload.") as staging:
-            local = Path(staging) / "checkpoint"
+        # The destination is checked before the save; the upload commits the manifest last.
+        with staged_destination(str(path), overwrite=overwrite, storage_options=storage_options) as local:
             manifest = save(
                 obj,
                 local,
@@ -205,7 +205,6 @@ def save(
                 modules=modules,
                 progress=progress,
             )
-            upload_checkpoint(local, str(path), overwrite=overwrite, storage_options=storage_options)
         return manifest
     target = Path(path)
     extensions: dict[str, Any] | None = None

@@ -210,7 +210,52 @@ def _scenario_load(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"save": _scenario_save, "load": _scenario_load}
+class _ResettingFs:
+    """An fsspec file system whose uploads fail as a dropped connection does."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def put_file(self, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionResetError("connection reset by peer (injected)")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fs, name)
+
+
+def _scenario_remote(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
+    """2 ranks against the S3 server in ``MANIFEST_CKPT_TEST_S3``: a failed upload, a retry, a resharded load."""
+    import torch.distributed as dist
+
+    from manifest_ckpt.storage import remote
+
+    where = json.loads(os.environ["MANIFEST_CKPT_TEST_S3"])
+    url, options = where["url"], where["options"]
+    values = expected_values()
+    state = _sharded(values, SAVE_PLACEMENT, mesh, zeros=False)
+    out: dict[str, Any] = {"local_digest": mcd.save(state, directory / "ck_remote_ref", record_code=False).digest}
+
+    # Rank 1's upload fails; rank 0's file is already up by then (writes finish before DCP gathers).
+    original = remote._filesystem
+    if rank == 1:
+        remote._filesystem = lambda u, o: (_ResettingFs(original(u, o)[0]), original(u, o)[1])  # type: ignore[assignment]
+    out["failed"] = _expect_failure(lambda: mcd.save(state, url, record_code=False, storage_options=options))
+    remote._filesystem = original  # type: ignore[assignment]
+    dist.barrier()
+    if rank == 0:
+        fs = remote._filesystem(url, options)[0]
+        out["left"] = sorted(p.rsplit("/", 1)[1] for p in fs.ls(url[5:], detail=False))
+        out["verify_after_failure"] = _expect_failure(lambda: mc.verify(url, storage_options=options))
+    dist.barrier()
+
+    out["digest"] = mcd.save(state, url, record_code=False, storage_options=options).digest
+    loaded = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
+    out["load_digest"] = mcd.load(loaded, url, verify_digests=True, storage_options=options).digest
+    out["exact"] = _bit_exact(loaded)
+    return out
+
+
+SCENARIOS = {"save": _scenario_save, "load": _scenario_load, "remote": _scenario_remote}
 
 
 def _rank_main(scenario: str, rank: int, world: int, port: int, directory: Path) -> None:

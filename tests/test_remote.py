@@ -454,3 +454,34 @@ def test_async_save_to_s3_matches_a_synchronous_save(s3: S3, url: str, tmp_path:
     target = TiedNet()
     mc.load(target, url, storage_options=s3.options, verify_digests=True)
     assert_bitwise_equal(target.state_dict(), model.state_dict())
+
+
+@pytest.mark.distributed
+def test_distributed_save_and_resharded_load_through_s3(
+    s3: S3, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 gloo ranks: a rank whose upload fails leaves no checkpoint; the retry commits; a resharded load is bit-exact."""
+    from tests.test_distributed import Model, expected_values, run_ranks
+
+    monkeypatch.setenv("MANIFEST_CKPT_TEST_S3", json.dumps({"url": url, "options": s3.options}))
+    ranks = run_ranks("remote", 2, tmp_path)
+    for r in ranks:
+        assert r["failed"]["type"] == "StorageError"
+        assert url in r["failed"]["message"] and "connection reset" in r["failed"]["message"]
+    # Rank 0 uploaded its file; rank 1 did not; the manifest was never written.
+    left = ranks[0]["left"]
+    assert len(left) == 1 and left[0].endswith("-rank0.safetensors")
+    assert ranks[0]["verify_after_failure"]["type"] == "CheckpointNotFoundError"
+    # The retry needs no overwrite=True, gives the digest of the same save to a directory, and
+    # leaves exactly the manifest's objects.
+    assert [r["digest"] for r in ranks] == [ranks[0]["local_digest"]] * 2
+    manifest = mc.read_manifest(url, storage_options=s3.options)
+    assert manifest.digest == ranks[0]["local_digest"]
+    names = sorted(p.rsplit("/", 1)[1] for p in s3.filesystem().ls(url[5:], detail=False))
+    assert names == sorted(["manifest.json", *manifest.files])
+    assert [r["load_digest"] for r in ranks] == [manifest.digest] * 2
+    assert all(all(r["exact"].values()) and r["exact"] for r in ranks)
+    mc.verify(url, storage_options=s3.options)
+    single = Model()
+    mc.load(single, url, storage_options=s3.options)
+    assert_bitwise_equal(single.state_dict(), expected_values())

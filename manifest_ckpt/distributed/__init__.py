@@ -25,7 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,6 +71,7 @@ def save(
     fsync: bool = True,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Save a (sharded) state dict from every rank as one manifest checkpoint; call on all ranks.
 
@@ -80,7 +81,8 @@ def save(
 
     Args:
         state_dict: the (possibly nested) state dict, as for ``dcp.save``; tensors only.
-        path: the checkpoint directory, on storage every rank can reach.
+        path: the checkpoint directory, on storage every rank can reach, or a URL
+            (``s3://bucket/ck``): each rank uploads its files, the coordinator the manifest last.
         module: record this module's tree; the state dict must then be its ``state_dict()``.
         lineage, metadata, parents, record_code, timestamp: as in :func:`manifest_ckpt.save`.
         overwrite: replace an existing checkpoint at ``path``.
@@ -89,6 +91,7 @@ def save(
         no_dist: save from this process alone, with no collective, even where a process
             group is initialised (as ``dcp.save(no_dist=True)``; for code that runs on one
             rank, such as a Lightning ``CheckpointIO``).
+        storage_options: fsspec options when ``path`` is a URL (the same on every rank).
 
     Returns:
         The manifest, on every rank.
@@ -97,7 +100,7 @@ def save(
         CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is False.
         UnsupportedTensorError: a value is not a tensor or cannot be stored faithfully.
     """
-    writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync)
+    writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync, storage_options)
     with _library_errors(lambda: None), _single_process_quiet(no_dist):
         result = dcp_save(
             state_dict,
@@ -122,6 +125,7 @@ def async_save(
     timestamp: bool = False,
     fsync: bool = True,
     process_group: dist.ProcessGroup | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> concurrent.futures.Future[Manifest]:
     """``save`` in the background: stage a CPU copy now, write it on a thread; call on all ranks.
 
@@ -131,7 +135,7 @@ def async_save(
     Returns:
         A future of the manifest; its exception is this library's error, as for ``save``.
     """
-    writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync)
+    writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync, storage_options)
     # The staged copy no longer shares storage between tied keys: find the ties (and refuse
     # what cannot be stored) on the caller's state dict, now, on every rank alike.
     probe = ManifestSavePlanner()
@@ -172,6 +176,7 @@ def load(
     module: nn.Module | None = None,
     check_classes: bool = True,
     process_group: dist.ProcessGroup | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Load a manifest checkpoint into every rank's (sharded) state dict, in place; call on all ranks.
 
@@ -182,12 +187,13 @@ def load(
     Args:
         state_dict: the state dict to fill (DTensor, ShardedTensor or plain tensors), as for
             ``dcp.load``; its tensors must already have their final shape and placement.
-        path: the checkpoint directory.
+        path: the checkpoint directory, or a URL (``s3://bucket/ck``).
         strict, remap, cast, allow_missing, allow_unexpected, check_classes: as in
             :func:`manifest_ckpt.load`; ``module`` supplies the layer classes to compare.
         verify_digests: hash every chunk a rank reads before any rank copies a byte.
         expect_digest: refuse a checkpoint whose digest is not this one.
         process_group: the group to load with (default: the default group).
+        storage_options: fsspec options when ``path`` is a URL (the same on every rank).
 
     Returns:
         The checkpoint's manifest.
@@ -197,7 +203,9 @@ def load(
         IntegrityError: a missing, truncated or (with ``verify_digests``) corrupt file.
         ManifestError: invalid manifest, or weights files that do not belong to it.
     """
-    reader = ManifestStorageReader(path, remap=remap, verify_digests=verify_digests, expect_digest=expect_digest)
+    reader = ManifestStorageReader(
+        path, remap=remap, verify_digests=verify_digests, expect_digest=expect_digest, storage_options=storage_options
+    )
     planner = ManifestLoadPlanner(
         strict=strict,
         allow_missing=allow_missing,
@@ -222,6 +230,7 @@ def _writer(
     record_code: bool,
     timestamp: bool,
     fsync: bool,
+    storage_options: Mapping[str, Any] | None,
 ) -> ManifestStorageWriter:
     return ManifestStorageWriter(
         path,
@@ -233,6 +242,7 @@ def _writer(
         timestamp=timestamp,
         overwrite=overwrite,
         sync_files=fsync,
+        storage_options=storage_options,
     )
 
 

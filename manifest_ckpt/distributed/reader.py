@@ -12,7 +12,7 @@ import dataclasses
 import io
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from manifest_ckpt.distributed.tree import DcpView, dcp_view, materialize, refs_
 from manifest_ckpt.errors import IntegrityError, ManifestCkptError, ModelMismatchError
 from manifest_ckpt.format.manifest import Chunk, Manifest
 from manifest_ckpt.reader import _Weights
-from manifest_ckpt.storage.store import open_store, read_store_manifest
+from manifest_ckpt.storage.store import is_url, open_store, read_store_manifest
 from manifest_ckpt.training.plain import read_whole
 
 
@@ -80,10 +80,11 @@ class ManifestStorageReader(FileSystemReader):
     ``verify_digests``, hashes every chunk it will read; a failure on any rank stops all.
 
     Args:
-        path: the checkpoint directory (or its ``manifest.json``).
+        path: the checkpoint directory (or its ``manifest.json``), or a URL (``s3://...``).
         remap: ``{regex: replacement}`` applied in order to checkpoint keys.
         verify_digests: hash the chunks this rank reads before any rank copies a byte.
         expect_digest: refuse a checkpoint whose digest is not this one.
+        storage_options: fsspec options when ``path`` is a URL, the same on every rank.
     """
 
     def __init__(
@@ -93,9 +94,13 @@ class ManifestStorageReader(FileSystemReader):
         remap: Remap | None = None,
         verify_digests: bool = False,
         expect_digest: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(path, **kwargs)
+        # DCP's ``self.path`` is a ``Path``, which would mangle a URL: the original is kept.
+        self.source: str | os.PathLike[str] = path
+        self.storage_options = dict(storage_options or {})
         self.remap = remap
         self.verify_digests = verify_digests
         self.expect_digest = expect_digest
@@ -104,6 +109,15 @@ class ManifestStorageReader(FileSystemReader):
         # DCP turns a failed read_metadata into an AssertionError carrying only its text;
         # the original is kept here for ``manifest_ckpt.distributed.load`` to raise.
         self.failure: ManifestCkptError | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        super().reset(checkpoint_id)
+        if checkpoint_id:
+            self.source = checkpoint_id
+
+    @property
+    def checkpoint_id(self) -> str | os.PathLike[str]:
+        return str(self.source) if is_url(self.source) else self.path
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self.failure is not None:
@@ -116,7 +130,7 @@ class ManifestStorageReader(FileSystemReader):
             raise
 
     def _read_metadata(self) -> Metadata:
-        store = open_store(self.path)
+        store = open_store(self.source, storage_options=self.storage_options)
         manifest = read_store_manifest(store)
         if self.expect_digest is not None and manifest.digest != self.expect_digest:
             raise IntegrityError(
@@ -192,8 +206,12 @@ class ManifestStorageReader(FileSystemReader):
                 pieces.add(self.index.chunks[item.storage_index])
         if not pieces:
             return
-        self.weights.bind({c.file for _, c in pieces})
+        files = {c.file for _, c in pieces}
+        self.weights.bind(files)
         if self.verify_digests:
+            # Map (remotely: fetch) the files first, so object storage is read once, not once
+            # to hash and again to copy.
+            self.weights.map_files(files)
             self.weights.verify_pieces(sorted(pieces, key=lambda p: (p[0], p[1].offsets)))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:

@@ -4,12 +4,18 @@ Every rank writes the chunks it owns into safetensors files of the manifest-ckpt
 (content digest in the header, one chunk per tensor per file, absolute byte ranges),
 digesting each chunk while it is written. The coordinator's ``finish`` then writes
 ``manifest.json``, the commit marker: until it exists the directory is no checkpoint.
+
+At a URL (``s3://...``) the coordinator checks the destination first; each rank writes its
+files into a local temporary directory and uploads them (content-addressed names, so no
+rank's object is part of any checkpoint yet); the coordinator then uploads ``manifest.json``
+last and only then deletes the objects it replaced (``storage/remote.py``, as ``save`` does).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +56,7 @@ from manifest_ckpt.format.manifest import (
     required_version,
 )
 from manifest_ckpt.storage import commit
+from manifest_ckpt.storage.store import is_url
 from manifest_ckpt.writer import (
     _lineage,
     _require_json,
@@ -195,6 +202,8 @@ class ManifestStorageWriter(FileSystemWriter):
         single_file_per_rank: False writes one file per chunk (as ``FileSystemWriter`` does).
         per_thread_copy_ahead, cache_staged_state_dict, serialization_format: accepted as
             ``FileSystemWriter`` accepts them; every file is safetensors whatever the format.
+        storage_options: fsspec options when ``path`` is a URL (``s3://bucket/ck``), the same
+            on every rank; each rank uploads its own files.
 
     Raises:
         UnsupportedOptionError: ``_extensions`` (stream transforms such as ``ZStandard``):
@@ -216,6 +225,7 @@ class ManifestStorageWriter(FileSystemWriter):
         sync_files: bool = True,
         thread_count: int = 1,
         single_file_per_rank: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         extensions = kwargs.pop("_extensions", None)
@@ -252,6 +262,18 @@ class ManifestStorageWriter(FileSystemWriter):
         self._aliases: dict[str, str] = {}
         self._tree: Any = None
         self._stage: commit.Stage | None = None
+        self.storage_options = dict(storage_options or {})
+        self.url: str | None = str(path).rstrip("/") if is_url(path) else None
+        self._destination: Any = None  # the coordinator's checked remote.Destination
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        super().reset(checkpoint_id)
+        if checkpoint_id:
+            self.url = str(checkpoint_id).rstrip("/") if is_url(checkpoint_id) else None
+
+    @property
+    def checkpoint_id(self) -> str | os.PathLike[str]:
+        return self.url if self.url is not None else self.path
 
     def storage_meta(self) -> StorageMeta | None:
         return ManifestStorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
@@ -266,11 +288,12 @@ class ManifestStorageWriter(FileSystemWriter):
             )
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        target = Path(self.path)
-        _check_destination(target, self.replace)
         if self.modules is not None:
             _check_module_keys(self.modules, {item.index.fqn for item in plan.items})
-        self.fs.mkdir(target.parent)
+        if self.url is None:
+            target = Path(self.path)
+            _check_destination(target, self.replace)
+            self.fs.mkdir(target.parent)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -285,12 +308,21 @@ class ManifestStorageWriter(FileSystemWriter):
                 "holding values that are not tensors); leave module= out",
                 field="modules",
             )
-        # The coordinator holds the staging directory's lock from here to the commit in
-        # ``finish`` (storage/commit.py): ranks write into it, never into the checkpoint.
-        if self._stage is not None:
-            self._stage.close()
-        self._stage = commit.open_stage(Path(self.path), overwrite=self.replace, fsync=self.sync_files)
-        staging = self._stage.directory.name
+        if self.url is not None:
+            from manifest_ckpt.storage import remote
+
+            # Checked once, here, before any rank uploads a byte; ``finish`` commits against it.
+            self._destination = remote.check_destination(
+                self.url, overwrite=self.replace, storage_options=self.storage_options
+            )
+            staging = ""
+        else:
+            # The coordinator holds the staging directory's lock from here to the commit in
+            # ``finish`` (storage/commit.py): ranks write into it, never into the checkpoint.
+            if self._stage is not None:
+                self._stage.close()
+            self._stage = commit.open_stage(Path(self.path), overwrite=self.replace, fsync=self.sync_files)
+            staging = self._stage.directory.name
         return [
             dataclasses.replace(
                 p, items=[it for it in p.items if it.index.fqn not in self._aliases], storage_data=_RankFiles(i, staging)
@@ -301,23 +333,40 @@ class ManifestStorageWriter(FileSystemWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         if not isinstance(plan.storage_data, _RankFiles):
             raise ManifestCkptError("ManifestStorageWriter.write_data: the plan was not made by this storage writer")
-        rank, directory = plan.storage_data.index, Path(self.path).parent / plan.storage_data.staging
+        rank = plan.storage_data.index
         files = _files_of(plan.items, self.thread_count if self.single_file_per_rank else None)
+        if self.url is not None:
+            results = self._upload(rank, files, planner)
+        else:
+            results = self._write(Path(self.path).parent / plan.storage_data.staging, rank, files, planner, self.sync_files)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _upload(self, rank: int, files: list[list[WriteItem]], planner: SavePlanner) -> list[WriteResult]:
+        """Write this rank's files locally, then upload them; the manifest that lists them comes later."""
+        from manifest_ckpt.storage import remote
+
+        assert self.url is not None
+        with tempfile.TemporaryDirectory(prefix=".manifest-ckpt-upload.") as tmp:
+            results = self._write(Path(tmp), rank, files, planner, False)
+            names = sorted({r.storage_data.file for r in results if isinstance(r.storage_data, StoredChunk)})
+            remote.upload_files(self.url, Path(tmp), names, storage_options=self.storage_options)
+        return results
+
+    def _write(
+        self, directory: Path, rank: int, files: list[list[WriteItem]], planner: SavePlanner, fsync: bool
+    ) -> list[WriteResult]:
         results: list[WriteResult] = []
         if self.thread_count > 1 and len(files) > 1:
             with ThreadPoolExecutor(min(self.thread_count, len(files))) as pool:
-                jobs = [
-                    pool.submit(_write_file, directory, rank, j, items, planner, self.sync_files)
-                    for j, items in enumerate(files)
-                ]
+                jobs = [pool.submit(_write_file, directory, rank, j, items, planner, fsync) for j, items in enumerate(files)]
                 for job in jobs:
                     results += job.result()
         else:
             for j, items in enumerate(files):
-                results += _write_file(directory, rank, j, items, planner, self.sync_files)
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+                results += _write_file(directory, rank, j, items, planner, fsync)
+        return results
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         aliases = self._aliases
@@ -325,15 +374,24 @@ class ManifestStorageWriter(FileSystemWriter):
         if lineage is None:
             lineage = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
         manifest = build_manifest(metadata, results, aliases, self.modules, lineage, self.user_metadata, self._tree)
-        if self._stage is None:
+        if self.url is not None:
+            from manifest_ckpt.storage import remote
+
+            if self._destination is None:
+                raise ManifestCkptError("ManifestStorageWriter.finish: prepare_global_plan did not run here")
+            # Every rank's files are uploaded (DCP calls finish only when all writes succeeded).
+            remote.commit_manifest(self._destination, manifest.to_json(), manifest.files)
+            self._destination = None
+        elif self._stage is None:
             raise ManifestCkptError("ManifestStorageWriter.finish: no staged save (prepare_global_plan did not run here)")
-        try:
-            # Under the checkpoint's lock: move the files in, commit the manifest, delete what
-            # it does not reference (the old manifest's files, leftovers of killed saves).
-            self._stage.commit(manifest.to_json(), manifest.files)
-        finally:
-            self._stage.close()
-            self._stage = None
+        else:
+            try:
+                # Under the checkpoint's lock: move the files in, commit the manifest, delete what
+                # it does not reference (the old manifest's files, leftovers of killed saves).
+                self._stage.commit(manifest.to_json(), manifest.files)
+            finally:
+                self._stage.close()
+                self._stage = None
         self.manifest = manifest
         # DCP broadcasts this Metadata from the coordinator to every rank: it carries the
         # manifest to the callers of ``save`` on all of them.

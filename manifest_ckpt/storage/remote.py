@@ -23,7 +23,7 @@ import posixpath
 import re
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -328,20 +328,35 @@ def open_remote_store(url: str, storage_options: StorageOptions | None = None) -
     return FsspecStore(fs, root, location)
 
 
-def upload_checkpoint(
-    local: Path,
-    url: str,
-    *,
-    overwrite: bool,
-    storage_options: StorageOptions | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> None:
-    """Upload the finished local checkpoint ``local`` to ``url``, committing the manifest last.
+@dataclass(frozen=True)
+class Destination:
+    """A checked upload destination: what is there now, so the commit knows what to delete.
+
+    Attributes:
+        old: the files the manifest at the destination lists (replaced by the commit).
+        leftovers: weights objects without a manifest, left by interrupted uploads.
+    """
+
+    url: str
+    storage_options: StorageOptions | None
+    old: frozenset[str]
+    leftovers: frozenset[str]
+
+    @property
+    def location(self) -> str:
+        return self.url.rstrip("/")
+
+
+def check_destination(url: str, *, overwrite: bool, storage_options: StorageOptions | None = None) -> Destination:
+    """Refuse a destination that holds a checkpoint (unless ``overwrite``) or somebody's data.
+
+    Call it before any long work (and before any upload): the commit then deletes only what
+    was there when it was checked, and not listed by the new manifest.
 
     Raises:
         CheckpointExistsError: ``url`` holds a checkpoint (or other objects) and ``overwrite``
             is False.
-        StorageError: the store refused a write (credentials, missing bucket, network).
+        StorageError: the store refused the listing (credentials, network).
     """
     fs, root = _filesystem(url, storage_options)
     location = url.rstrip("/")
@@ -361,22 +376,74 @@ def upload_checkpoint(
             "not a checkpoint. Choose another URL, or pass overwrite=True to write beside them."
         )
     old = _referenced_files(fs, manifest_path) if exists else set()
-    names = sorted(p.name for p in local.iterdir() if p.name != MANIFEST_NAME)
-    with storage_errors(location, "uploading weights", writing=True):
+    leftovers = {posixpath.basename(p.rstrip("/")) for p in others if p not in foreign}
+    return Destination(url, storage_options, frozenset(old), frozenset(leftovers))
+
+
+def upload_files(
+    url: str,
+    local: Path,
+    names: Sequence[str],
+    *,
+    storage_options: StorageOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Upload the weights files ``names`` of directory ``local`` (each one PUT, visible whole or not at all).
+
+    Every rank of a distributed save calls this for its own files; none of them is part of a
+    checkpoint until :func:`commit_manifest` writes the manifest that lists it.
+    """
+    fs, root = _filesystem(url, storage_options)
+    with storage_errors(url.rstrip("/"), "uploading weights", writing=True):
         for name in names:
             fs.put_file(str(local / name), f"{root}/{name}")
             if progress is not None:
                 progress((local / name).stat().st_size)
-    with storage_errors(location, "committing the manifest", writing=True):
-        fs.pipe_file(manifest_path, (local / MANIFEST_NAME).read_bytes())
-    # Objects the committed manifest no longer lists, and leftovers of interrupted uploads.
-    leftovers = {posixpath.basename(p.rstrip("/")) for p in others if p not in foreign}
-    # Keep whatever the manifest on the store lists now: another writer may have committed since.
-    stale = (old | leftovers) - set(names) - _referenced_files(fs, manifest_path) - {MANIFEST_NAME}
-    with storage_errors(location, "removing replaced weights", writing=True):
-        for name in sorted(stale):
+
+
+def commit_manifest(destination: Destination, manifest: bytes, names: Iterable[str]) -> None:
+    """Write ``manifest.json`` (the commit marker), then delete what no manifest needs any more.
+
+    ``names`` are the weights files the new manifest lists, all uploaded before this call.
+    Deleted: the files of the manifest that was replaced and the leftovers of interrupted
+    uploads, as :func:`check_destination` found them, except any the manifest on the store
+    lists now (another writer may have committed since).
+    """
+    fs, root = _filesystem(destination.url, destination.storage_options)
+    manifest_path = f"{root}/{MANIFEST_NAME}"
+    with storage_errors(destination.location, "committing the manifest", writing=True):
+        fs.pipe_file(manifest_path, manifest)
+    stale = (destination.old | destination.leftovers) - set(names) - _referenced_files(fs, manifest_path)
+    with storage_errors(destination.location, "removing replaced weights", writing=True):
+        for name in sorted(stale - {MANIFEST_NAME}):
             if "/" not in name:
                 fs.rm_file(f"{root}/{name}")
+
+
+def upload_checkpoint(
+    local: Path,
+    url: str,
+    *,
+    overwrite: bool,
+    storage_options: StorageOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+    destination: Destination | None = None,
+) -> None:
+    """Upload the finished local checkpoint ``local`` to ``url``, committing the manifest last.
+
+    Args:
+        destination: ``url`` as :func:`check_destination` already checked it (else checked here).
+
+    Raises:
+        CheckpointExistsError: ``url`` holds a checkpoint (or other objects) and ``overwrite``
+            is False.
+        StorageError: the store refused a write (credentials, missing bucket, network).
+    """
+    if destination is None:
+        destination = check_destination(url, overwrite=overwrite, storage_options=storage_options)
+    names = sorted(p.name for p in local.iterdir() if p.name != MANIFEST_NAME)
+    upload_files(destination.url, local, names, storage_options=destination.storage_options, progress=progress)
+    commit_manifest(destination, (local / MANIFEST_NAME).read_bytes(), names)
 
 
 def find_manifests(url: str, storage_options: StorageOptions | None = None) -> list[str]:
@@ -440,15 +507,11 @@ def staged_destination(
     """
     import tempfile
 
-    fs, root = _filesystem(url, storage_options)
-    with storage_errors(url, "checking the destination"):
-        exists = fs.exists(f"{root}/{MANIFEST_NAME}")
-    if exists and not overwrite:
-        raise CheckpointExistsError(f"{url.rstrip('/')} already holds a checkpoint; pass overwrite=True to replace it")
+    destination = check_destination(url, overwrite=overwrite, storage_options=storage_options)
     with tempfile.TemporaryDirectory(prefix=".manifest-ckpt-upload.") as tmp:
         local = Path(tmp) / "checkpoint"
         yield local
-        upload_checkpoint(local, url, overwrite=overwrite, storage_options=storage_options)
+        upload_checkpoint(local, url, overwrite=overwrite, storage_options=storage_options, destination=destination)
 
 
 def upload_file(local: Path, url: str, *, overwrite: bool, storage_options: StorageOptions | None = None) -> None:
