@@ -243,3 +243,18 @@ def test_tied_keys_can_be_renamed_but_not_stacked(tmp_path: Path) -> None:
     assert info.value.key in ("a.weight", "b.weight")
     report = mc.check(Tied(), tmp_path / "ck", transforms=[Rename("{m}.weight", "{m}.weight")])
     assert report.ok
+
+
+def test_cast_with_transforms_converts_each_part_as_torch_does(tmp_path: Path) -> None:
+    """bfloat16 parts into a float32 fused tensor with cast=True: the values equal torch.cat(...).float()."""
+    torch.manual_seed(0)
+    src = Separate().to(torch.bfloat16)
+    mc.save(src, tmp_path / "ck", record_code=False)
+    target = Fused()
+    with pytest.raises(ModelMismatchError) as info:
+        mc.load(target, tmp_path / "ck", transforms=QKV)
+    assert {p.kind for p in info.value.report.problems} == {"dtype"}
+    result = mc.load(target, tmp_path / "ck", transforms=QKV, cast=True)
+    assert result.cast == ["out.weight", "qkv.weight"]
+    expected = torch.cat([src.q.weight, src.k.weight, src.v.weight]).float()
+    assert torch.equal(target.qkv.weight, expected) and torch.equal(target.out.weight, src.out.weight.T.float())
