@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import manifest_ckpt as mc
+from harness import hostile
 from manifest_ckpt import cli, writer
 from manifest_ckpt.cli.convert import conversion_json, conversion_text
 from manifest_ckpt.cli.render import inspect_text
@@ -36,7 +37,6 @@ from manifest_ckpt.errors import (
 )
 from manifest_ckpt.sources.convert import convert, read_source
 from manifest_ckpt.sources.torch_pickle import read_torch_file
-from tests import hostile
 from tests._models import TiedNet, assert_bitwise_equal, snapshot
 
 # --------------------------------------------------------------------------- models and sources

@@ -33,3 +33,13 @@ def test_crash_harness_quick_finds_no_broken_state() -> None:
     figures = _quick("crash")
     assert figures["broken"] == 0 and figures["recovery_failures"] == 0, figures
     assert isinstance(figures["kills"], int) and figures["kills"] >= 10, figures
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork")
+def test_pickles_harness_quick_runs_no_payload_and_proves_each_live() -> None:
+    figures = _quick("pickles")
+    assert figures["executed"] == 0 and figures["wrongly_accepted"] == 0, figures
+    assert figures["untyped"] == 0 and figures["hangs"] == 0, figures
+    # The controls: every payload ran under an unsafe load, and clean carriers convert faithfully.
+    assert figures["dead"] == 0 and figures["live"] == figures["tried"] == 22, figures
+    assert figures["containers"] == 11 and figures["clean_carriers_faithful"] == 2, figures

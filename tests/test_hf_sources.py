@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import manifest_ckpt as mc
+from harness import hostile
 from manifest_ckpt.errors import ConversionError, UnsafeCheckpointError
-from tests import hostile
 from tests._models import assert_bitwise_equal, snapshot
 
 transformers = pytest.importorskip("transformers")

@@ -20,10 +20,10 @@ import pytest
 import torch
 from torch import nn
 
+from harness import hostile
 from manifest_ckpt.errors import ConversionError, UnsafeCheckpointError
 from manifest_ckpt.sources import torch_pickle as _torch_pickle
 from manifest_ckpt.sources.torch_pickle import ALLOWED_GLOBALS, TorchFileContents, read_torch_file
-from tests import hostile
 
 # Every dtype torch.save writes that safetensors also stores.
 DTYPES = [
