@@ -25,18 +25,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pickle
 import pickletools
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +42,7 @@ import torch
 
 import manifest_ckpt as mc
 from harness import hostile
+from harness.child import in_child
 from harness.hostile import STYLES, Call, Global
 from manifest_ckpt.errors import ManifestCkptError
 from manifest_ckpt.storage.store import read_manifest
@@ -262,38 +260,6 @@ def corpus(work: Path, seed: int, limit: int | None) -> list[Case]:
     return cases
 
 
-def _in_child(work: Callable[[], str], timeout: float) -> str:
-    """Run ``work`` in a forked child (stdio to /dev/null); its returned line, or ``hang``/``crash``."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns
-        os.close(read_end)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        try:
-            line = work()
-        except BaseException as exc:  # noqa: BLE001 - every failure is an outcome to report
-            line = f"error {type(exc).__name__}"
-        os.write(write_end, line.encode()[:4000])
-        os._exit(0)
-    os.close(write_end)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read_end)
-            return "hang"
-        time.sleep(0.002)
-    with os.fdopen(read_end, "rb") as pipe:
-        line = pipe.read().decode()
-    return line or "crash"
-
-
 def convert_outcome(case: Case, out: Path, expected_digest: str) -> str:
     """``refused <Error>``, ``faithful``, ``accepted <why>``, ``untyped <Error>`` or ``hang``."""
 
@@ -313,7 +279,7 @@ def convert_outcome(case: Case, out: Path, expected_digest: str) -> str:
             return "faithful"
         return f"accepted digest {digest[:16]}"
 
-    return _in_child(work, _CASE_TIMEOUT)
+    return in_child(work, _CASE_TIMEOUT, quiet=True)
 
 
 def control_outcome(case: Case) -> str:
@@ -325,7 +291,7 @@ def control_outcome(case: Case) -> str:
             torch.load(path, weights_only=False)
         return "loaded"
 
-    return _in_child(work, _CASE_TIMEOUT)
+    return in_child(work, _CASE_TIMEOUT, quiet=True)
 
 
 def _wait_for(paths: list[Path], seconds: float) -> None:

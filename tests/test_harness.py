@@ -43,3 +43,12 @@ def test_pickles_harness_quick_runs_no_payload_and_proves_each_live() -> None:
     # The controls: every payload ran under an unsafe load, and clean carriers convert faithfully.
     assert figures["dead"] == 0 and figures["live"] == figures["tried"] == 22, figures
     assert figures["containers"] == 11 and figures["clean_carriers_faithful"] == 2, figures
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork")
+def test_corrupt_harness_quick_accepts_no_damage() -> None:
+    figures = _quick("corrupt")
+    assert figures["wrongly_accepted"] == 0 and figures["untyped"] == 0 and figures["hangs"] == 0, figures
+    assert figures["rejected"] >= 60 and figures["tried"] == figures["rejected"] + figures["harmless"], figures
+    regions = {key.split(":")[1] for key in figures["regions"]}  # type: ignore[union-attr]
+    assert {"manifest", "st-length", "st-header", "st-padding", "st-data", "tar-header", "tar-padding"} <= regions
