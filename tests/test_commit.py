@@ -164,3 +164,40 @@ def test_closing_a_stage_removes_its_files_before_its_lock(tmp_path: Path, monke
     stage.close()
     assert remaining == [[commit.LOCK_NAME]]
     assert _staging_dirs(tmp_path) == []
+
+
+def test_a_staging_directory_whose_lock_appears_after_the_check_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cleaner that looked before a live writer renamed its lock in must not delete the directory.
+
+    Found by harness/concurrency.py: two racing saves, one removing the other's staging directory
+    (``FileNotFoundError`` writing its weights).
+    """
+    alive = commit.open_stage(tmp_path / "ck", overwrite=False)
+    real = commit._flock
+
+    def looked_too_early(path: Path, *, blocking: bool, create: bool) -> int | None:
+        if not blocking:  # the cleaner's probe: the lock files were not there yet when it looked
+            raise FileNotFoundError(path)
+        return real(path, blocking=blocking, create=create)
+
+    monkeypatch.setattr(commit, "_flock", looked_too_early)
+    commit.remove_abandoned_staging(tmp_path / "ck")
+    monkeypatch.undo()
+    assert sorted(os.listdir(alive.directory)) == [commit.LOCK_NAME]
+    alive.close()
+    assert _staging_dirs(tmp_path) == []
+
+
+def test_abandoned_staging_directories_in_every_state_are_removed(tmp_path: Path) -> None:
+    """Killed right after mkdir (empty), with its lock file not yet renamed in, or holding files."""
+    (tmp_path / ".ck.0000000000000001.tmp").mkdir()
+    pending = tmp_path / ".ck.0000000000000002.tmp"
+    pending.mkdir()
+    (pending / f"{commit.LOCK_NAME}.new").write_bytes(b"")
+    dead = commit.open_stage(tmp_path / "ck", overwrite=False)
+    (dead.directory / "weights-0123456789abcdef.safetensors").write_bytes(b"partial")
+    _abandon(dead)
+    commit.remove_abandoned_staging(tmp_path / "ck")
+    assert _staging_dirs(tmp_path) == []

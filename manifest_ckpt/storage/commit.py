@@ -126,7 +126,13 @@ def release(directory: Path, fd: int) -> None:
 
 
 def remove_abandoned_staging(target: Path) -> None:
-    """Remove staging siblings of ``target`` whose writer died (nobody holds their lock)."""
+    """Remove staging siblings of ``target`` whose writer died (nobody holds their lock).
+
+    A directory with a lock file (the finished ``LOCK_NAME`` or the ``LOCK_NAME.new`` a writer
+    creates before renaming it in) is removed only while this cleaner holds its flock. Checking
+    and then removing would race with a writer that creates its lock file in between (two
+    concurrent saves once deleted each other's staging directories that way).
+    """
     prefix = f".{target.name}."
     try:
         names = os.listdir(target.parent)
@@ -139,21 +145,33 @@ def remove_abandoned_staging(target: Path) -> None:
         with contextlib.suppress(OSError):
             if not stat.S_ISDIR(os.lstat(path).st_mode):
                 continue
-            try:
-                fd = _flock(path / LOCK_NAME, blocking=False, create=False)
-            except FileNotFoundError:
-                # No lock file: killed between creating the directory and its lock file (it is
-                # empty; a live writer that loses this race retries with a new directory), or
-                # killed while removing it (writers remove the lock file last, so the rest is
-                # abandoned too).
-                shutil.rmtree(path, ignore_errors=True)
-                continue
-            if fd is None:
-                continue  # a live writer holds it
-            try:
-                shutil.rmtree(path)
-            finally:
-                os.close(fd)
+            _remove_if_abandoned(path)
+
+
+def _remove_if_abandoned(path: Path) -> None:
+    for lock_name in (LOCK_NAME, f"{LOCK_NAME}.new"):
+        try:
+            fd = _flock(path / lock_name, blocking=False, create=False)
+        except FileNotFoundError:
+            continue
+        if fd is None:
+            return  # a live writer holds it
+        try:
+            shutil.rmtree(path)
+        finally:
+            os.close(fd)
+        return
+    # No lock file. A live writer has its lock file before it writes any other file, so a
+    # directory holding files but no lock file is abandoned (its writer was killed while
+    # removing it). An empty one may belong to a writer between mkdir and creating its lock
+    # file: rmdir is atomic and fails once anything appeared in it.
+    entries = os.listdir(path)
+    if LOCK_NAME in entries or f"{LOCK_NAME}.new" in entries:
+        return  # appeared since it was looked for: a live writer
+    if entries:
+        shutil.rmtree(path)
+    else:
+        os.rmdir(path)
 
 
 @dataclass
