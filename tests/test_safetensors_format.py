@@ -317,3 +317,10 @@ def test_integrity_error_is_in_the_family() -> None:
     exc = IntegrityError("f: broken", file="f", key="k")
     assert isinstance(exc, ManifestCkptError) and isinstance(exc, OSError)
     assert str(exc) == "f: broken"
+
+
+@pytest.mark.parametrize("code", [["F32"], {"F32": 1}, 4, None])
+def test_a_dtype_that_is_not_a_string_is_refused_typed(code: Any) -> None:
+    """Found by harness/fuzz.py: a list as dtype raised TypeError (unhashable) instead of IntegrityError."""
+    exc = refused(header_file({"w": {"dtype": code, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), key="w")
+    assert "unknown dtype" in str(exc)

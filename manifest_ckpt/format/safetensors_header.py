@@ -131,7 +131,7 @@ def _parse_entry(name: str, entry: Any, data_size: int, data_start: int, file: s
     if not isinstance(entry, dict):
         raise bad("not an object")
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if code not in CODE_TO_NAME:
+    if not isinstance(code, str) or code not in CODE_TO_NAME:  # a list or dict is not even hashable
         raise bad(f"unknown dtype {_brief(code)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"shape {_brief(shape)} is not a list of non-negative integers")
