@@ -9,7 +9,7 @@ Modules: ``crash`` (kill -9 at instrumented and random points during save, pack 
 figures ``kills``, ``broken``, ``recovery_failures``), ``pickles`` (hostile pickles with a
 live-payload control; ``hostile`` holds the opcode builders the tests share), ``corrupt``
 (byte flips and truncations over every region of directories and archives); ``child`` runs one
-case in a forked child with a timeout. Planned, not written yet: ``concurrency``. Until they land, the regression tests in ``tests/``
-(``test_torch_pickle.py``, ``test_special_files.py``, ``test_jsonio.py``, ``test_commit.py``,
-``test_binding.py``) hold the cases the adversarial review found.
+case in a forked child with a timeout, ``concurrency`` (racing writers and a reader on one
+path), ``fuzz`` (hypothesis fuzz targets for the manifest reader, safetensors header parser,
+tar reader and pickle scanner). The regression tests in ``tests/`` hold every case they found.
 """

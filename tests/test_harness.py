@@ -52,3 +52,20 @@ def test_corrupt_harness_quick_accepts_no_damage() -> None:
     assert figures["rejected"] >= 60 and figures["tried"] == figures["rejected"] + figures["harmless"], figures
     regions = {key.split(":")[1] for key in figures["regions"]}  # type: ignore[union-attr]
     assert {"manifest", "st-length", "st-header", "st-padding", "st-data", "tar-header", "tar-padding"} <= regions
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork and flock")
+def test_concurrency_harness_quick_never_mixes_or_breaks() -> None:
+    figures = _quick("concurrency")
+    assert figures["failures"] == [] and figures["mixed"] == 0 and figures["broken"] == 0, figures
+    assert figures["untyped"] == 0 and figures["hangs"] == 0, figures
+    assert isinstance(figures["reads_ok"], int) and figures["reads_ok"] >= 10, figures
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGALRM")
+def test_fuzz_harness_quick_finds_no_untyped_error_or_hang() -> None:
+    figures = _quick("fuzz")
+    assert figures["untyped"] == 0 and figures["hangs"] == 0, figures
+    targets = figures["targets"]
+    assert isinstance(targets, dict) and sorted(targets) == ["manifest", "pickle", "safetensors_header", "tar"]
+    assert all(t["tried"] == 60 for t in targets.values()), targets
