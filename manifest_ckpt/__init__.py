@@ -47,6 +47,7 @@ from manifest_ckpt.storage.store import read_manifest
 if TYPE_CHECKING:
     from manifest_ckpt.background import async_save
     from manifest_ckpt.comparison.diff import CheckpointDiff, diff
+    from manifest_ckpt.empty_init import init_empty
     from manifest_ckpt.exporters.hf import export_hf
     from manifest_ckpt.lineage import Ancestry, ancestry
     from manifest_ckpt.reader import LoadResult, check, load, verify
@@ -67,6 +68,7 @@ _LAZY = {
     "convert": "manifest_ckpt.sources.convert",
     "diff": "manifest_ckpt.comparison.diff",
     "export_hf": "manifest_ckpt.exporters.hf",
+    "init_empty": "manifest_ckpt.empty_init",
     "pack": "manifest_ckpt.storage.archive",
     "unpack": "manifest_ckpt.storage.archive",
     "LoadResult": "manifest_ckpt.reader",
@@ -132,6 +134,7 @@ __all__ = [
     "convert",
     "diff",
     "export_hf",
+    "init_empty",
     "load",
     "load_file",
     "pack",

@@ -590,6 +590,8 @@ def load(
             chosen.setdefault(live.aliases.get(key, key), key)
     targets = list(chosen.values())
     _require_writable(live, targets)
+    if target_device.type != "meta":
+        _require_materialised(module, live, targets)
     extra = [k for k in live.extra if (k in source_key or k in derived) and k not in skipped]
     computed = [k for k in [*targets, *extra] if k in derived]
     # The machinery may read any stored tensor to compute a derived value.
@@ -875,6 +877,36 @@ def _require_writable(live: LiveState, targets: Iterable[str]) -> None:
             "which torch writes only inside inference mode. Call load inside `with torch.inference_mode():` "
             "(as torch's load_state_dict needs), or build the module outside it; nothing was loaded."
         )
+
+
+def _require_materialised(module: nn.Module, live: LiveState, targets: Iterable[str]) -> None:
+    """Refuse, before any copy, a load that would leave tensors of the module on the meta device.
+
+    Meta tensors have no values: a non-persistent buffer (which no checkpoint holds, such as a
+    rotary embedding's ``inv_freq``) or a key the policies let be missing would stay on meta,
+    and the module's first forward would fail far from the cause.
+    """
+    filled = {id(live.tensors[k]) for k in targets if live.tensors[k].is_meta}
+    persistent = {id(t) for t in live.tensors.values()}
+    left: list[tuple[bool, str]] = []
+    seen: set[int] = set()
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if t.is_meta and id(t) not in filled and id(t) not in seen:
+            seen.add(id(t))
+            left.append((id(t) in persistent, name))
+    if not left:
+        return
+    left.sort()  # non-persistent buffers first: the usual case
+    names = [name for _, name in left]
+    kinds = "non-persistent buffers" if not any(p for p, _ in left) else "tensors"
+    raise UnsupportedTensorError(
+        f"{len(names)} {kinds} of the module are on the meta device and the checkpoint does not fill them: "
+        f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}. They would stay without values and the first "
+        "forward would fail. Build the module inside `with mc.init_empty():` (parameters and persistent buffers "
+        "on meta, non-persistent buffers computed as usual), or initialise these tensors before loading; "
+        "nothing was loaded."
+    )
 
 
 class _Undo:

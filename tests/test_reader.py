@@ -182,10 +182,19 @@ def test_prefix_hint_remap_makes_the_load_succeed(tmp_path: Path) -> None:
 
 
 def test_meta_module_is_materialised_with_ties(saved: tuple[TiedNet, Path]) -> None:
-    """A module built on the meta device gets real tensors from the file, still tied."""
+    """A module built on the meta device gets real tensors from the file, still tied.
+
+    Built under torch.device("meta"), its non-persistent buffer would stay on meta: refused.
+    Built with mc.init_empty(), it is computed as usual and the load succeeds.
+    """
     model, path = saved
     with torch.device("meta"):
+        bare = TiedNet()
+    with pytest.raises(mc.UnsupportedTensorError, match=r"^1 non-persistent buffers .*: scratch\."):
+        mc.load(bare, path)
+    with mc.init_empty():
         target = TiedNet()
+    assert target.fc.weight.is_meta and torch.equal(target.scratch, torch.full((3,), 7.0))
     result = mc.load(target, path)
     assert target.fc.weight.device.type == "cpu" and isinstance(target.fc.weight, nn.Parameter)
     assert target.head.weight is target.emb.weight

@@ -50,7 +50,8 @@ def test_round_trip_is_bit_exact_and_keeps_ties(
 ) -> None:
     """Every key loads bit-exact, tied keys share one tensor after load, non-persistent buffers stay.
 
-    A module holding an expanded view (which copy_ cannot write) is refused before any copy.
+    A module holding an expanded view (which copy_ cannot write) is refused before any copy,
+    and so is a meta module whose non-persistent buffers the load would leave on meta.
     """
     source = build(arch, seed=seed)
     target = build(arch, seed=seed, invert=True, meta=meta)
@@ -65,6 +66,15 @@ def test_round_trip_is_bit_exact_and_keeps_ties(
             before = snapshot(target)
             with pytest.raises(mc.UnsupportedTensorError, match="expanded view"):
                 mc.load(target, tmp / "ckpt", verify_digests=verify_digests)
+            assert snapshot(target) == before
+            record_example()
+            return
+        on_meta = sorted(untouched) if meta else []
+        if on_meta:
+            before = snapshot(target)
+            with pytest.raises(mc.UnsupportedTensorError, match="non-persistent buffers of the module are on the meta") as info:
+                mc.load(target, tmp / "ckpt", verify_digests=verify_digests)
+            assert any(name in str(info.value) for name in on_meta)
             assert snapshot(target) == before
             record_example()
             return
