@@ -435,7 +435,10 @@ class _Weights:
         The distributed reader verifies only the chunks its rank reads.
         """
         found = self.store.digest_ranges([(c.file, *c.byte_range) for _, c in jobs], progress=progress)
-        bad = [(key, c, d) for (key, c), d in zip(jobs, found) if d != c.digest]
+        self.raise_mismatches([(key, c, d) for (key, c), d in zip(jobs, found) if d != c.digest])
+
+    def raise_mismatches(self, bad: list[tuple[str, Chunk, str]]) -> None:
+        """Raise one :class:`IntegrityError` naming every ``(key, chunk, digest found)``, if any."""
         if bad:
             lines = "\n".join(
                 f"  {key} ({c.file} bytes {c.byte_range[0]}-{c.byte_range[1]}): expected {c.digest[:23]}..., "
@@ -519,7 +522,8 @@ def load(
         strict: when False, missing and unexpected keys are allowed (and listed).
         remap: ``{regex: replacement}`` applied in order to checkpoint keys.
         cast: allow dtype differences and convert to the module's dtypes.
-        verify_digests: hash every tensor to be loaded before copying any of it.
+        verify_digests: hash every tensor to be loaded before copying any of it (from a URL:
+            while streaming it into the module; a mismatch puts every byte back).
         expect_digest: refuse a checkpoint whose digest is not this one. Implies
             ``verify_digests``: the digest covers the tensor digests, and hashing the bytes
             to be loaded against them is what proves they are the pinned ones.
@@ -606,7 +610,11 @@ def load(
     weights = _Weights(store, manifest)
     files = {c.file for key in stored for c in manifest.tensors[key].pieces()}
     weights.bind(files)
-    if verify_digests or expect_digest is not None:
+    verifying = verify_digests or expect_digest is not None
+    # Object storage: the needed ranges stream straight into the targets (bounded memory, each
+    # byte fetched once, hashed on the way); a mismatch restores the module like any failure.
+    streamed = not store.mapped and not computed and not built and not extra
+    if verifying and not streamed:
         # Map (remotely: fetch) each file before hashing, so the bytes hashed are the bytes
         # copied and object storage is read once, not once to hash and again to copy.
         weights.map_files(files)
@@ -647,7 +655,8 @@ def load(
             else manifest.entry(source_key[key]).shape
         )
         fresh[key] = torch.empty(shape, dtype=old.dtype, device=old.data.device if key in lazy else target_device)
-        fill(fresh[key], key)
+        if not streamed:
+            fill(fresh[key], key)
     in_place = [k for k in targets if k not in materialize]
     # Each target's bytes are kept until the last copy succeeds, so a failure (a copy error,
     # an unreadable page, Ctrl-C) puts back what was overwritten: the module is never half-loaded.
@@ -655,19 +664,24 @@ def load(
     done = 0
     try:
         with torch.no_grad():
-            for key in in_place:
+            if streamed:
+                jobs = [(fresh[k] if k in fresh else live.tensors[k], _stored(manifest, source_key[k])) for k in targets]
+                _stream_fill(weights, jobs, verify=verifying)
+                done = len(in_place)
+            for key in in_place[done:]:
                 fill(live.tensors[key], key)
                 done += 1
     except BaseException as exc:
-        undo.restore(done + 1)
+        # A stream writes into every target at once: all of them are put back.
+        undo.restore(len(in_place) if streamed else done + 1)
         if isinstance(exc, (ManifestCkptError, KeyboardInterrupt)) or not isinstance(exc, Exception):
             raise
-        key = in_place[done]
+        failed = None if streamed else in_place[done]
         raise LoadAbortedError(
-            f"{store.location}: copying {key!r} into the module failed ({type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:200]}); every tensor already loaded was restored, so the "
-            "module is as it was. Fix the cause and load again.",
-            key=key,
+            f"{store.location}: copying {'the weights' if failed is None else repr(failed)} into the module failed "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); every tensor already loaded was "
+            "restored, so the module is as it was. Fix the cause and load again.",
+            key=failed,
         ) from exc
     revert = _assign_materialized(module, live, fresh)
     set_done: list[str] = []
@@ -988,6 +1002,72 @@ def _fill(target: torch.Tensor, weights: _Weights, manifest: Manifest, stored_ke
                 # torch has no copy kernel for packed 4-bit floats; the bytes are the values.
                 region, source = region.view(torch.uint8), source.view(torch.uint8)
             region.copy_(source)
+
+
+def _stream_fill(weights: _Weights, jobs: list[tuple[torch.Tensor, str]], *, verify: bool) -> None:
+    """Fill each ``(target, stored key)`` from the store's stream of the needed byte ranges.
+
+    A whole stored tensor of the target's dtype goes straight into a plain CPU target's bytes;
+    any other piece (a chunk, a cast, another device) is gathered in a buffer of its own size
+    and copied into its region once complete. So beyond the targets, memory holds the store's
+    window of blocks and at most the pieces that are being gathered. With ``verify`` each piece
+    is hashed as it arrives; mismatches are raised once, after the stream, naming them all.
+    """
+    manifest = weights.manifest
+    sinks: list[_Sink] = []
+    for target, key in jobs:
+        entry = manifest.tensors[key]
+        sinks += [_Sink(target, key, entry.dtype, c, entry.chunks is None) for c in entry.pieces()]
+    hashers = [hashlib.sha256() for _ in sinks] if verify else []
+    ranges = [(s.chunk.file, *s.chunk.byte_range) for s in sinks]
+    for index, offset, piece in weights.store.stream(ranges):
+        if verify:
+            hashers[index].update(piece)
+        sinks[index].write(offset, piece)
+    if verify:
+        weights.raise_mismatches(
+            [(s.key, s.chunk, d) for s, d in zip(sinks, ("sha256:" + h.hexdigest() for h in hashers)) if d != s.chunk.digest]
+        )
+
+
+class _Sink:
+    """Where one stored piece's streamed bytes go: the target's own bytes, or a buffer then its region."""
+
+    def __init__(self, target: torch.Tensor, key: str, dtype: str, chunk: Chunk, whole: bool) -> None:
+        self.target, self.key, self.dtype, self.chunk = target, key, dtype, chunk
+        self.size = chunk.byte_range[1] - chunk.byte_range[0]
+        self.received = 0
+        self.direct = (
+            whole and _is_plain_cpu(target) and target.dtype is getattr(torch, dtype) and target.nbytes == self.size
+        )
+        self.buffer: torch.Tensor | None = None
+        self.view: memoryview | None = None
+
+    def write(self, offset: int, piece: memoryview) -> None:
+        if self.view is None:
+            if not self.direct:
+                self.buffer = torch.empty(self.size, dtype=torch.uint8)
+            self.view = _writable(self.target if self.direct else self.buffer)
+        self.view[offset : offset + len(piece)] = piece
+        self.received += len(piece)
+        if self.received < self.size:
+            return
+        if self.direct:
+            increment_version(self.target)  # as copy_ does, so autograd sees an in-place change
+            return
+        assert self.buffer is not None
+        source = self.buffer.view(getattr(torch, self.dtype)).view(self.chunk.shape)
+        region = self.target[tuple(slice(o, o + n) for o, n in zip(self.chunk.offsets, self.chunk.shape))]
+        if region.dtype in _BYTE_COPIED and source.dtype is region.dtype:
+            region, source = region.view(torch.uint8), source.view(torch.uint8)
+        region.copy_(source)
+        self.buffer = self.view = None
+
+
+def _writable(t: torch.Tensor | None) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    assert t is not None
+    return memoryview((ctypes.c_ubyte * t.nbytes).from_address(t.data_ptr())).cast("B")
 
 
 def _assign_materialized(

@@ -104,6 +104,7 @@ class FsspecStore:
     fs: Any
     root: str
     location: str
+    mapped = False
     _sizes: dict[str, int] = field(default_factory=dict)
     _buffers: dict[str, tuple[bytearray, int, int]] = field(default_factory=dict)
     _heads: dict[str, bytes] = field(default_factory=dict)

@@ -10,7 +10,7 @@ import mmap
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +55,9 @@ class Store(Protocol):
     """A checkpoint's files, by path relative to the checkpoint root."""
 
     location: str
+    # True: ``file_map`` maps the file without reading it (local); False: every byte costs a
+    # request, so ``load`` streams the ranges it needs (``stream``) instead of mapping files.
+    mapped: bool
 
     def manifest_bytes(self) -> bytes: ...
 
@@ -76,9 +79,15 @@ class Store(Protocol):
         """The ``sha256:`` digest of each ``(file, start, end)`` byte range, in order."""
         ...
 
+    def stream(self, ranges: Sequence[tuple[str, int, int]]) -> Iterator[tuple[int, int, memoryview]]:
+        """The bytes of each ``(file, start, end)`` range as ``(range index, offset in it, piece)``."""
+        ...
+
 
 class MappedStore:
     """``file_size`` and ``read_range`` for stores whose files are memory-mapped (local ones)."""
+
+    mapped = True
 
     def file_map(self, name: str) -> tuple[mmap.mmap, int, int]:
         raise NotImplementedError
@@ -89,6 +98,13 @@ class MappedStore:
     def read_range(self, name: str, start: int, end: int) -> bytes:
         mapping, offset, size = self.file_map(name)
         return mapping[offset + min(start, size) : offset + min(end, size)]
+
+    def stream(self, ranges: Sequence[tuple[str, int, int]]) -> Iterator[tuple[int, int, memoryview]]:
+        """Each range whole, as a view of the mapping (no copy)."""
+        for index, (name, start, end) in enumerate(ranges):
+            mapping, offset, _ = self.file_map(name)
+            if end > start:
+                yield index, 0, memoryview(mapping)[offset + start : offset + end]
 
     def digest_ranges(
         self, ranges: Sequence[tuple[str, int, int]], *, progress: Callable[[int], None] | None = None
