@@ -23,7 +23,7 @@ from manifest_ckpt.comparison.compare import EXTRA_STATE, Comparison, StateSpec,
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.comparison.remap import Remap, apply_remap
 from manifest_ckpt.comparison.report import Problem, Report, sort_problems
-from manifest_ckpt.comparison.transforms import Node, Transforms, resolve_transforms, suggest_rule_set, transform_spec
+from manifest_ckpt.comparison.transforms import Node, Transforms, choose_rule_set, resolve_transforms, transform_spec
 from manifest_ckpt.errors import (
     DeviceUnavailableError,
     IntegrityError,
@@ -209,16 +209,23 @@ def _compare(
     comparison = against(spec)
     report = comparison.report
     if not rules and report.by_kind("missing") and report.by_kind("unexpected"):
-        # Per-expert keys against fused expert tensors: name the rule set that fits (simulated).
-        name = suggest_rule_set(
-            {k: (t.dtype, t.shape) for k, t in spec.tensors.items()},
-            {k: (t.dtype, t.shape) for k, t in live.spec().tensors.items()},
-        )
+        # Per-expert keys against fused expert tensors: name the rule set that fits (simulated),
+        # or say why the layout it recognises does not fit (an expert missing...).
+        name, hint = None, None
+        try:
+            name = choose_rule_set(
+                {k: (t.dtype, t.shape) for k, t in spec.tensors.items()},
+                {k: (t.dtype, t.shape) for k, t in live.spec().tensors.items()},
+                refuse_broken=True,
+            )
+        except TransformError as exc:
+            hint = f"the checkpoint holds per-expert keys for the module's fused expert tensors, but they do not fit: {exc}"
         if name is not None:
             hint = (
                 f"the checkpoint holds per-expert keys where the module has fused expert tensors: load with "
                 f"transforms={name!r} (CLI: --transforms {name})"
             )
+        if hint is not None:
             comparison = replace(
                 comparison, report=replace(report, hints=[hint, *report.hints], suggested_transforms=name)
             )

@@ -69,7 +69,7 @@ def test_save_pretrained_experts_convert_into_fused_modules_bit_identical(tmp_pa
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_a_missing_expert_is_refused_naming_the_fused_key(tmp_path: Path, family: str) -> None:
-    """An expert absent from one projection stops the conversion before anything is written."""
+    """An expert absent from one projection stops the conversion before anything is written; check's hint says why."""
     from safetensors.torch import load_file, save_file
 
     model = build(family, 0)
@@ -84,6 +84,9 @@ def test_a_missing_expert_is_refused_naming_the_fused_key(tmp_path: Path, family
         mc.convert(tmp_path / "hf", tmp_path / "ck", module=build(family, 1))
     assert info.value.key == fused
     assert not (tmp_path / "ck").exists()
+    mc.convert(tmp_path / "hf", tmp_path / "plain")  # no module: kept as stored
+    report = mc.check(build(family, 1), tmp_path / "plain")
+    assert report.suggested_transforms is None and fused in report.hints[0] and "do not fit" in report.hints[0]
 
 
 def test_without_a_module_the_experts_are_kept_as_stored(tmp_path: Path) -> None:

@@ -47,7 +47,6 @@ __all__ = [
     "resolve_transforms",
     "rule_from_dict",
     "simulate",
-    "suggest_rule_set",
     "transform_spec",
 ]
 
@@ -620,11 +619,6 @@ def choose_rule_set(specs: Mapping[str, Spec], module: Mapping[str, Spec], *, re
         if built and all(k in module and module[k][1] == n.shape for k, n in built.items()):
             return name
     return None
-
-
-def suggest_rule_set(specs: Mapping[str, Spec], module: Mapping[str, Spec]) -> str | None:
-    """:func:`choose_rule_set` for a hint: a set whose layout does not fit is skipped."""
-    return choose_rule_set(specs, module)
 
 
 def _wanted(rules: Sequence[Rule], specs: Mapping[str, Spec], module: Mapping[str, Spec]) -> bool:
