@@ -5,7 +5,7 @@ bounded smoke run that CI executes as an ordinary test (``tests/test_harness.py`
 Every harness prints one JSON line of figures (always ``harness`` and ``tried``) and exits 1 when
 it found a failure; the README's "Security" section records the latest ones.
 
-Modules: ``crash`` (kill -9 at instrumented and random points during save, pack and convert;
+Modules: ``crash`` (kill -9 at instrumented and random points during save, pack, convert, unpack;
 figures ``kills``, ``broken``, ``recovery_failures``), ``pickles`` (hostile pickles with a
 live-payload control; ``hostile`` holds the opcode builders the tests share), ``corrupt``
 (byte flips and truncations over every region of directories and archives); ``child`` runs one

@@ -1,7 +1,7 @@
 """kill -9 crash harness: a writer killed at any point leaves the old checkpoint, the new one, or none.
 
 A forked child runs one operation (``save`` over an existing checkpoint, ``save`` to a new path,
-``pack`` over an existing archive, ``convert`` to a new path) and is killed with SIGKILL either at
+``pack`` over an existing archive, ``convert`` or ``unpack`` to a new path) and is killed with SIGKILL either at
 an instrumented point (just before or after the k-th filesystem call that commits, renames,
 removes or syncs) or after a random delay. The parent then checks the invariant:
 
@@ -35,7 +35,7 @@ import manifest_ckpt as mc
 from manifest_ckpt.errors import ManifestCkptError
 from manifest_ckpt.storage.store import read_manifest
 
-OPERATIONS = ("overwrite", "new", "pack", "convert")
+OPERATIONS = ("overwrite", "new", "pack", "convert", "unpack")
 # Filesystem calls at which a kill is injected (module attribute, name).
 _POINTS: tuple[tuple[Any, str], ...] = (
     (os, "replace"),
@@ -111,6 +111,8 @@ def _run(operation: str, work: Path, version: int, target: Path) -> None:
         mc.save(state(version), target, record_code=False)
     elif operation == "pack":
         mc.pack(work / f"v{version}", target, overwrite=True)
+    elif operation == "unpack":
+        mc.unpack(work / f"v{version}.tar", target)
     else:
         mc.convert(work / f"v{version}.pth", target)
 
@@ -192,7 +194,7 @@ def trial(
     # Recovery: the next operation on the same target succeeds and leaves no leftovers.
     recovery = "ok"
     try:
-        if operation == "new" or operation == "convert":
+        if operation in ("new", "convert", "unpack"):
             if target.exists():
                 shutil.rmtree(target)
             _run(operation, work, new, target)
@@ -213,6 +215,7 @@ def _prepare(work: Path, versions: int) -> dict[str, int]:
         ref = work / f"v{version}"
         mc.save(state(version), ref, record_code=False)
         torch.save(state(version), work / f"v{version}.pth")
+        mc.pack(ref, work / f"v{version}.tar")
         digests[read_manifest(ref).tensors["w"].digest] = version
     mc.save(state(0), work / "ckpt", record_code=False)
     mc.pack(work / "v0", work / "ckpt.tar")

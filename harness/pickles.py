@@ -12,8 +12,9 @@ sentinel file when it runs.
 1. Convert: each file goes through ``mc.convert`` in a forked child with a timeout. The outcome
    must be a typed ``ManifestCkptError``, or a conversion identical (same digest) to saving the
    benign tensors the file carries; then no sentinel may exist.
-2. Control: each file is loaded unsafely (``torch.load(weights_only=False)``) in a forked child;
-   its sentinel must appear, proving the payload is live. A dead payload is a harness failure.
+2. Control: each file is loaded unsafely (``torch.load(weights_only=False)``, then a bare
+   ``pickle.load`` if that ran nothing) in a forked child; its sentinel must appear, proving the
+   payload is live. A dead payload is a harness failure.
 
 Run ``python -m harness.pickles [--quick] [--seed N]``; it prints one JSON line of figures
 (tried, live, refused, accepted, wrongly_accepted, executed, untyped, hangs, dead) and exits 1 when
@@ -283,13 +284,23 @@ def convert_outcome(case: Case, out: Path, expected_digest: str) -> str:
 
 
 def control_outcome(case: Case) -> str:
-    """Load ``case`` unsafely in a child; the caller then looks for its sentinel."""
+    """Load ``case`` unsafely in a child: ``torch.load`` first, a bare ``pickle.load`` if that ran nothing.
+
+    The caller then looks for the sentinel. Some polyglots are dead under ``torch.load`` (it takes
+    them for TorchScript zips and stops) but live under any plain unpickler, which reads the
+    pickle at their head; the line says which loader the control used last.
+    """
     path = case.path / "pytorch_model.bin" if case.container == "hf-bin" else case.path
 
     def work() -> str:
         with contextlib.suppress(Exception):  # the payload's result is rarely a valid checkpoint
             torch.load(path, weights_only=False)
-        return "loaded"
+        _wait_for([case.sentinel], 1.0)
+        if case.sentinel.exists():
+            return "torch.load"
+        with contextlib.suppress(Exception), open(path, "rb") as f:
+            pickle.load(f)  # the control: proving the payload live is its job
+        return "pickle.load"
 
     return in_child(work, _CASE_TIMEOUT, quiet=True)
 
@@ -324,12 +335,11 @@ def run(limit: int | None, seed: int) -> dict[str, Any]:
         converted = {case.index: convert_outcome(case, work / f"out{case.index}", expected) for case in cases}
         time.sleep(0.5)  # a payload that spawned a process would have created its sentinel by now
         executed = {case.index for case in cases if case.sentinel.exists()}
-        for case in cases:
-            control_outcome(case)
+        controls = {case.index: control_outcome(case) for case in cases}
         _wait_for([c.sentinel for c in cases], 5.0)
         for case in cases:  # under load a spawned command can lag: one more unsafe load, alone
             if not case.sentinel.exists():
-                control_outcome(case)
+                controls[case.index] += " / retried: " + control_outcome(case)
                 _wait_for([case.sentinel], 10.0)
         for case in cases:
             outcome = converted[case.index]
@@ -340,13 +350,15 @@ def run(limit: int | None, seed: int) -> dict[str, Any]:
                 kind = "dead"
             outcomes[kind] += 1
             if kind not in ("refused", "faithful"):
-                failures.append({"case": case.name, "kind": kind, "convert": outcome})
+                failures.append({"case": case.name, "kind": kind, "convert": outcome, "control": controls[case.index]})
         live = len(cases) - outcomes["dead"]
+        live_pickle_only = sum(1 for c in cases if controls[c.index].endswith("pickle.load") and c.sentinel.exists())
         shutil.rmtree(work / "files")
     return {
         "harness": "pickles",
         "tried": len(cases),
         "live": live,
+        "live_only_under_pickle_load": live_pickle_only,
         "refused": outcomes["refused"],
         "accepted": outcomes["faithful"],
         "wrongly_accepted": outcomes["accepted"],

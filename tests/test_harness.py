@@ -33,6 +33,8 @@ def test_crash_harness_quick_finds_no_broken_state() -> None:
     figures = _quick("crash")
     assert figures["broken"] == 0 and figures["recovery_failures"] == 0, figures
     assert isinstance(figures["kills"], int) and figures["kills"] >= 10, figures
+    operations = {key.split(":")[0] for key in figures["outcomes"]}  # type: ignore[union-attr]
+    assert operations == {"overwrite", "new", "pack", "convert", "unpack"}, figures
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs fork")
