@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 _LOCK = threading.RLock()
 
@@ -37,7 +38,7 @@ def init_empty() -> Iterator[None]:
 
         def parameter_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
             register_parameter(self, name, param)
-            if param is not None and not param.is_meta:
+            if param is not None and not param.is_meta and not is_lazy(param):  # lazy: no shape yet
                 kwargs: dict[str, Any] = dict(param.__dict__)
                 kwargs["requires_grad"] = param.requires_grad
                 self._parameters[name] = type(param)(param.to("meta"), **kwargs)

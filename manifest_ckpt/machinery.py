@@ -178,9 +178,11 @@ def _run(
             for name, t in table.items():
                 if t is None or is_lazy(t):
                     continue
-                twin: torch.Tensor = torch.empty(t.shape, dtype=t.dtype, device="meta")
-                if isinstance(t, nn.Parameter):
-                    twin = nn.Parameter(twin, requires_grad=t.requires_grad)
+                # Not an inference tensor even under inference mode: those have no version counter.
+                with torch.inference_mode(False):
+                    twin: torch.Tensor = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    if isinstance(t, nn.Parameter):
+                        twin = nn.Parameter(twin, requires_grad=t.requires_grad)
                 table[name] = twin
                 swapped.append((table, name, t, twin, twin._version))
     try:
