@@ -40,7 +40,7 @@ from manifest_ckpt.format.manifest import (
     compute_digest,
     required_version,
 )
-from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header
+from manifest_ckpt.format.safetensors_header import build_header, written_metadata
 from manifest_ckpt.storage import commit
 from manifest_ckpt.storage.store import is_url, read_manifest, require_parent_dir
 from manifest_ckpt.training.tree import Encoder, capture_app, is_app_state
@@ -419,7 +419,7 @@ def write_safetensors(
     Returns:
         The file name, its manifest entry, each tensor's digest and absolute byte range.
     """
-    placeholder = {"format": "pt", CONTENT_KEY: "sha256:" + "0" * 64}
+    placeholder = written_metadata("sha256:" + "0" * 64)
     header, ranges = build_header(layout, placeholder)
     fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=directory)
     digests: list[str] = []
@@ -458,7 +458,7 @@ def write_safetensors(
             if len(digests) != len(layout):
                 raise ValueError(f"write_safetensors: {len(layout)} tensors in the layout, {len(digests)} given")
             content = content_digest(zip([key for key, _, _ in layout], digests))
-            final_header, _ = build_header(layout, {"format": "pt", CONTENT_KEY: content})
+            final_header, _ = build_header(layout, written_metadata(content))
             assert len(final_header) == len(header)
             f.seek(0)
             f.write(final_header)

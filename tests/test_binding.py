@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
-from manifest_ckpt.format.binding import content_digest
+from manifest_ckpt.format.binding import Piece, content_digest, file_problems, is_written_header
 from manifest_ckpt.format.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry, compute_digest
-from manifest_ckpt.format.safetensors_header import CONTENT_KEY
+from manifest_ckpt.format.safetensors_header import CONTENT_KEY, parse_header
 from tests._models import TiedNet, snapshot
 
 
@@ -30,6 +30,7 @@ def forge(
     gap: int = 0,
     trailing: bytes = b"",
     header_extra: dict[str, Any] | None = None,
+    separators: tuple[str, str] = (",", ":"),
 ) -> Manifest:
     """A self-consistent checkpoint written by hand: header, data and manifest all agree.
 
@@ -46,7 +47,7 @@ def forge(
         offset += len(data) + gap
     pairs = [(key, _digest(data)) for key, _, _, data in tensors]
     doc["__metadata__"] = {"format": "pt", CONTENT_KEY: content_digest(pairs)}
-    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    body = json.dumps(doc, sort_keys=True, separators=separators).encode()
     body += b" " * (-(len(body) + 8) % 8)
     head = struct.pack("<Q", len(body)) + body
     blob = (b"\0" * gap).join(data for _, _, _, data in tensors) + trailing
@@ -226,4 +227,56 @@ def test_hand_forged_but_well_formed_checkpoint_loads(tmp_path: Path) -> None:
     module.register_buffer("a", torch.zeros(1, dtype=torch.uint8))
     module.register_buffer("b", torch.zeros(2))
     mc.load(module, tmp_path / "ck", expect_digest=mc.read_manifest(tmp_path / "ck").digest)
+    assert torch.equal(module.b, torch.tensor([1.5, -2.0])) and int(module.a) == 7
+
+
+def _file_pieces(path: Path) -> dict[str, list[Piece]]:
+    manifest = mc.read_manifest(path)
+    pieces: dict[str, list[Piece]] = {name: [] for name in manifest.files}
+    for key, t in manifest.tensors.items():
+        for c in t.pieces():
+            pieces[c.file].append(Piece(key, t.dtype, c.shape, c.byte_range, c.digest, f"$.tensors[{key!r}]"))
+    return pieces
+
+
+def test_headers_the_writer_makes_take_the_fast_path_and_pass_the_full_check(tmp_path: Path) -> None:
+    """The unparsed fast path of binding accepts exactly what the full rules accept for saved files."""
+    state = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "i64": torch.arange(3),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "bool": torch.tensor([True, False, True]),
+        "f4": torch.zeros(2, 3, dtype=torch.float4_e2m1fn_x2),
+    }
+    mc.save(state, tmp_path / "ck", record_code=False, max_file_size=64)
+    pieces = _file_pieces(tmp_path / "ck")
+    assert len(pieces) > 1
+    for name, file_pieces in pieces.items():
+        blob = (tmp_path / "ck" / name).read_bytes()
+        header = parse_header(blob, len(blob), file=name)
+        assert is_written_header(header.raw, len(blob), file_pieces)
+        assert list(file_problems(header, len(blob), file_pieces, field="$")) == []
+        # Any change to the header bytes, the size or the pieces leaves the fast path.
+        assert not is_written_header(header.raw[:-1] + b"!", len(blob), file_pieces)
+        assert not is_written_header(header.raw, len(blob) + 1, file_pieces)
+        assert not is_written_header(header.raw, len(blob), file_pieces[1:])
+
+
+def test_a_header_another_writer_formatted_is_checked_in_full_and_loads(tmp_path: Path) -> None:
+    """Same entries, other JSON spacing: not the writer's bytes, so binding parses it, and it is valid."""
+    manifest = forge(
+        tmp_path / "ck",
+        [("b", "float32", [2], struct.pack("<2f", 1.5, -2.0)), ("a", "uint8", [1], b"\x07")],
+        separators=(", ", ": "),
+    )
+    name = next(iter(manifest.files))
+    blob = (tmp_path / "ck" / name).read_bytes()
+    header = parse_header(blob, len(blob), file=name)
+    assert not is_written_header(header.raw, len(blob), _file_pieces(tmp_path / "ck")[name])
+    module = nn.Module()
+    module.register_buffer("a", torch.zeros(1, dtype=torch.uint8))
+    module.register_buffer("b", torch.zeros(2))
+    mc.load(module, tmp_path / "ck")
     assert torch.equal(module.b, torch.tensor([1.5, -2.0])) and int(module.a) == 7
