@@ -19,6 +19,7 @@ from benchmarks import run
 REPO = Path(__file__).resolve().parent.parent
 CONTENDERS = {
     "save": ["mc.save", "torch.save", "st.save_file"],
+    "async_save": ["mc.async_save", "st.save_file"],
     "load": ["mc.load", "torch.load", "torch.load.mmap", "st.load_model"],
     "load_verify": ["mc.load.verify", "sha256", "mc.verify"],
     "check": ["mc.check", "mc.read_manifest"],
@@ -74,7 +75,7 @@ def test_quick_run_rows_hold_five_timed_runs_and_consistent_figures(
         assert len(r["times_s"]) == 5, r
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["median_s"] == sorted(r["times_s"])[2]
-        if r["op"] in ("save", "load", "load_verify", "convert"):
+        if r["op"] in ("save", "async_save", "load", "load_verify", "convert"):
             assert r["gb_per_s"] == pytest.approx(sizes[r["case"]] / r["median_s"] / 1e9)
         else:
             assert r["gb_per_s"] is None
@@ -97,6 +98,16 @@ def test_quick_run_lists_every_target(quick_run: tuple[dict[str, Any], Path, str
     assert len(targets) == 4 * 5 + 1
     assert targets[-1]["case"] == "tiny" and targets[-1]["unit"] == "s"
     assert all(t["measured"] is not None and isinstance(t["met"], bool) for t in targets)
+    issue13 = document["issue13_targets"]
+    assert [t["case"] for t in issue13] == ["tiny"] * 5 + ["large"] * 3
+    assert all(t["measured"] is not None and isinstance(t["met"], bool) for t in issue13)
+
+
+def test_hashing_limit_is_hash_time_plus_write_time_per_core() -> None:
+    """H + W / cores: 1 GB at 2 GB/s is 0.5 s, plus a 0.4 s save_file shared by 2 cores."""
+    rows = [{"case": "large", "op": "save", "contender": "st.save_file", "median_s": 0.4}]
+    machine = {"reference": {"sha256_2_threads_gb_s": 2.0}, "digest_workers": 2, "usable_cores": 2}
+    assert run.hashing_limit(rows, {"name": "large", "bytes": 10**9}, machine) == pytest.approx(0.7)
 
 
 def test_quick_run_writes_markdown_and_png_and_prints_the_table(quick_run: tuple[dict[str, Any], Path, str]) -> None:

@@ -713,3 +713,18 @@ def test_a_grid_of_a_quarter_million_chunks_is_checked_for_overlap_in_linear_tim
     assert _overlapping_chunks(chunks) is None
     chunks[7] = (7, Chunk((0, 13), (2, 2), "f", (0, 16), "d"))  # moved onto chunk 6's columns
     assert _overlapping_chunks(chunks) == (6, 7)
+
+
+def test_entries_read_from_json_equal_constructed_ones_and_stay_frozen() -> None:
+    """The fast path that builds whole-tensor entries gives what the dataclass constructor gives."""
+    import dataclasses
+
+    from manifest_ckpt.format.manifest import _tensor_from_dict
+
+    fast = _tensor_from_dict({"dtype": "float32", "shape": [4, 4], "digest": "sha256:" + "1" * 64, "file": "w",
+                              "byte_range": [8, 72]})  # fmt: skip
+    slow = TensorEntry("float32", (4, 4), "sha256:" + "1" * 64, file="w", byte_range=(8, 72))
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert dataclasses.asdict(fast) == dataclasses.asdict(slow)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.dtype = "int8"  # type: ignore[misc]

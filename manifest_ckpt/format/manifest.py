@@ -286,10 +286,17 @@ class Manifest:
 
     def iter_consistency_problems(self) -> Iterator[tuple[str, str]]:
         """Yield ``(json_path, message)`` for every rule the schema cannot express."""
+        files = self.files
         for key, t in self.tensors.items():
             if t.chunks is None:
                 assert t.file is not None and t.byte_range is not None
-                yield from _check_range(self.files, ("tensors", key), t.file, t.byte_range, t.dtype, t.shape)
+                # The rules of _check_range, inline for the common valid case (no generator
+                # per tensor: this loop runs 100,000 times for a mixture-of-experts manifest).
+                start, end = t.byte_range
+                entry = files.get(t.file)
+                if entry is not None and start <= end <= entry.size and end - start == _dtypes.nbytes(t.dtype, t.shape):
+                    continue
+                yield from _check_range(files, ("tensors", key), t.file, t.byte_range, t.dtype, t.shape)
                 continue
             if t.digest != chunked_digest(t.chunks):
                 yield _path("tensors", key, "digest"), "does not match the digest of its chunks"
@@ -516,12 +523,29 @@ def _ints(values: Any) -> tuple[int, ...]:
 
 
 def _range(values: Any) -> tuple[int, int]:
+    start, end = values
+    if type(start) is int and type(end) is int:  # the usual case, without _ints' generator
+        return start, end
     start, end = _ints(values)
     return start, end
 
 
+_new_object = object.__new__
+
+
+def _whole_tensor(dtype: str, shape: tuple[int, ...], digest: str, file: str, byte_range: tuple[int, int]) -> TensorEntry:
+    """``TensorEntry(dtype, shape, digest, file, byte_range)`` without the frozen dataclass's
+    ``__init__``, which sets each field through ``object.__setattr__``: twice as fast, and a
+    manifest of a mixture-of-experts model has 100,000 entries (a test compares both)."""
+    entry: TensorEntry = _new_object(TensorEntry)
+    entry.__dict__.update(dtype=dtype, shape=shape, digest=digest, file=file, byte_range=byte_range, chunks=None)
+    return entry
+
+
 def _tensor_from_dict(t: Mapping[str, Any]) -> TensorEntry:
     chunks = t.get("chunks")
+    if chunks is None and "byte_range" in t and "file" in t:
+        return _whole_tensor(t["dtype"], _ints(t["shape"]), t["digest"], t["file"], _range(t["byte_range"]))
     return TensorEntry(
         dtype=t["dtype"],
         shape=_ints(t["shape"]),
