@@ -89,11 +89,12 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     store = open_store(args.path, storage_options=_storage_options(args))
     manifest = read_store_manifest(store)
     if args.json:
-        from manifest_ckpt.cli.render import dtype_totals
+        from manifest_ckpt.cli.render import dtype_totals, state_rows
 
         _emit_json(
             out,
             {"checkpoint": store.location, "digest": manifest.digest, "totals": dtype_totals(manifest),
+             "state": state_rows(manifest) if manifest.state is not None else None,
              "manifest": manifest.to_dict()},
         )
     else:

@@ -135,6 +135,20 @@ def _compact(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def state_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """The application-state entries of a training state (empty for a weights checkpoint)."""
+    from manifest_ckpt.comparison.state_view import entries
+
+    return [] if manifest.state is None else [e.to_dict() for e in entries(manifest.state, inside_objects=False)]
+
+
+def state_table(manifest: Manifest) -> str:
+    """Which entries of a training state are modules, optimizers, schedulers, Stateful objects, values."""
+    rows = [("entry", "kind", "class / value")]
+    rows += [(r["key"], r["kind"], r["text"] or "-") for r in state_rows(manifest)]
+    return render_table(rows)
+
+
 def inspect_text(manifest: Manifest, location: str, *, max_depth: int | None = None) -> str:
     """The full ``inspect`` view."""
     totals = dtype_totals(manifest)
@@ -145,7 +159,10 @@ def inspect_text(manifest: Manifest, location: str, *, max_depth: int | None = N
     return "\n\n".join(
         [
             summary(manifest, location),
-            "module tree\n" + module_tree(manifest, max_depth=max_depth),
+            *(["application state (training state)\n" + state_table(manifest)] if manifest.state is not None else []),
+            ("tensors" if manifest.state is not None else "module tree")
+            + "\n"
+            + module_tree(manifest, max_depth=max_depth),
             table,
             "lineage\n" + lineage_lines(manifest),
         ]

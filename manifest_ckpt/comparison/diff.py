@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from manifest_ckpt.cli.progress import Progress
 from manifest_ckpt.comparison.compare import StateSpec, compare
 from manifest_ckpt.comparison.report import Problem, render_table
+from manifest_ckpt.comparison.state_view import StateChange, differences
 from manifest_ckpt.format.dtypes import describe
 from manifest_ckpt.format.manifest import Chunk, Manifest, TensorEntry
 from manifest_ckpt.lineage import short_digest
@@ -131,6 +132,8 @@ class CheckpointDiff:
         compared: keys held by both with the same shape (their values were compared).
         lineage: parent differences.
         notes: remarks that are not differences.
+        state: application-state differences of training states (entries, classes and
+            plain values; tensor values are in ``values``).
     """
 
     a: str
@@ -144,10 +147,11 @@ class CheckpointDiff:
     compared: int
     lineage: LineageDiff
     notes: tuple[str, ...] = ()
+    state: tuple[StateChange, ...] = ()
 
     @property
     def identical(self) -> bool:
-        return not (self.structure or self.modules or self.values or self.lineage.differs)
+        return not (self.structure or self.modules or self.values or self.state or self.lineage.differs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,6 +162,7 @@ class CheckpointDiff:
             "suggested_remap": None if self.suggested_remap is None else dict(self.suggested_remap),
             "modules": list(self.modules),
             "values": {"compared": self.compared, "changed": [v.to_dict() for v in self.values]},
+            "state": [c.to_dict() for c in self.state],
             "lineage": self.lineage.to_dict(),
             "notes": list(self.notes),
         }
@@ -174,6 +179,10 @@ class CheckpointDiff:
         else:
             out.append("structure: same keys, shapes, dtypes, classes and ties")
         out += [f"module: {line}" for line in self.modules]
+        if self.state:
+            out.append(f"state: {_count(len(self.state), 'difference')}")
+            rows = [("kind", "entry", "A", "B")] + [(c.kind, c.key, c.a or "-", c.b or "-") for c in self.state]
+            out.append(render_table(rows))
         if self.values:
             out.append(f"values: {len(self.values)} of {_count(self.compared, 'compared key')} changed")
             rows = [("key", "changed", "max abs", "max rel")]
@@ -196,6 +205,7 @@ class CheckpointDiff:
             counts = [
                 (len(self.structure) + len(self.modules), "structure difference"),
                 (len(self.values), "changed key"),
+                (len(self.state), "state difference"),
                 (len(self.lineage.only_in_a) + len(self.lineage.only_in_b), "lineage difference"),
             ]
             out.append("DIFFERENT: " + ", ".join(_count(n, word) for n, word in counts if n))
@@ -283,8 +293,9 @@ def diff(
         values=tuple(changes),
         compared=len(common),
         lineage=_lineage_diff(ma, mb),
+        state=tuple(differences(ma.state, mb.state)),
     )
-    if ma.digest != mb.digest and not (result.structure or result.modules or result.values):
+    if ma.digest != mb.digest and not (result.structure or result.modules or result.values or result.state):
         # compute_digest covers how chunked tensors are split, which values do not show.
         note = "the digests differ only in how tensors are split into chunks; every value is bitwise equal"
         result = dataclasses.replace(result, notes=(note,))
