@@ -22,7 +22,7 @@ from manifest_ckpt.cli.progress import Progress
 from manifest_ckpt.comparison.compare import EXTRA_STATE, Comparison, StateSpec, TensorSpec, compare, owner_of
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.comparison.remap import Remap, apply_remap
-from manifest_ckpt.comparison.report import Problem, Report, sort_problems
+from manifest_ckpt.comparison.report import Allowance, Problem, Report, sort_problems
 from manifest_ckpt.comparison.transforms import Node, Transforms, choose_rule_set, resolve_transforms, transform_spec
 from manifest_ckpt.errors import (
     DeviceUnavailableError,
@@ -54,13 +54,18 @@ class LoadResult:
     """What ``load`` did.
 
     Attributes:
-        loaded: module keys that received checkpoint values.
+        loaded: module keys that received checkpoint values (tie-filled keys included).
         cast: module keys whose values were converted to the module's dtype (``cast=True``).
         retied: keys that share one tensor after loading (tied in both module and checkpoint).
         left_initial: module keys the checkpoint lacks, allowed by policy; left as they were.
         skipped: checkpoint keys the module lacks, allowed by policy; not loaded.
         materialized: keys that were on the meta device and now hold real tensors.
         manifest: the checkpoint's manifest.
+        tie_filled: ``{module key: partner}`` for keys the checkpoint lacks that were loaded
+            through their module tie (Hugging Face files omit ``lm_head.weight``).
+        untied: module keys loaded from a checkpoint tie the module does not have (``untie=True``).
+        discarded: checkpoint keys whose values were dropped for a module tie (``tie=True``).
+        allowed: every difference a policy or fact let through, with what let it (the report's list).
     """
 
     loaded: list[str]
@@ -70,6 +75,10 @@ class LoadResult:
     skipped: list[str]
     materialized: list[str]
     manifest: Manifest = field(repr=False)
+    tie_filled: dict[str, str] = field(default_factory=dict)
+    untied: list[str] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
+    allowed: list[Allowance] = field(default_factory=list)
 
 
 def check(
@@ -83,6 +92,8 @@ def check(
     cast: bool = False,
     check_classes: bool = True,
     transforms: Transforms | None = None,
+    untie: bool = False,
+    tie: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Report:
     """Compare a checkpoint with a live module; change nothing.
@@ -91,6 +102,8 @@ def check(
     means ``load`` with the same options would copy every value without error, unless
     tensor bytes were changed on disk (which only hashing finds: ``verify``, or ``load``
     with ``expect_digest`` or ``verify_digests``).
+
+    Options are ``load``'s; every difference an option lets through is in ``report.allowed``.
 
     Returns:
         A :class:`Report` listing every missing, unexpected, shape, dtype, class and alias
@@ -129,6 +142,7 @@ def check(
     comparison, _ = _compare(
         manifest, capture(module, extra_state=True), remap, allow_missing, allow_unexpected, strict, cast, check_classes, module,
         transforms,
+        untie=untie, tie=tie,
     )
     return comparison.report
 
@@ -166,6 +180,9 @@ def _compare(
     check_classes: bool,
     module: nn.Module | Mapping[str, torch.Tensor] | None = None,
     transforms: Transforms | None = None,
+    *,
+    untie: bool = False,
+    tie: bool = False,
 ) -> tuple[Comparison, _Plan]:
     """Compare after remapping, transforming (simulated: nothing is read) and the module's own
     load machinery; also say where each key comes from."""
@@ -204,6 +221,8 @@ def _compare(
             strict=strict,
             cast=cast,
             check_classes=check_classes,
+            untie=untie,
+            tie=tie,
         )
 
     comparison = against(spec)
@@ -323,7 +342,9 @@ def _rewritten(
         except UnsupportedTensorError as exc:
             problems.append(Problem("hook", owner_of(key), None, str(exc)))
             continue
-        tensors[key] = TensorSpec(dtype, tuple(value.shape), owner_of(key))
+        # A placeholder passed through unchanged still stands for its stored bytes (equal digests tie).
+        digest = manifest.entry(origin[id(value)]).digest if id(value) in origin else None
+        tensors[key] = TensorSpec(dtype, tuple(value.shape), owner_of(key), digest)
         lead = first.setdefault(id(value), key)
         if lead != key:
             aliases[key] = lead  # one tensor under two keys: tied, as in a state dict
@@ -331,7 +352,7 @@ def _rewritten(
             source[key] = origin[id(value)]
         else:
             derived.add(key)
-    rewritten_spec = StateSpec(tensors, aliases, spec.classes)
+    rewritten_spec = StateSpec(tensors, aliases, spec.classes, spec.versions)
     return rewritten_spec, _Plan(source, original, frozenset(derived), versions), problems
 
 
@@ -526,6 +547,8 @@ def load(
     allow_missing: Iterable[str] = (),
     allow_unexpected: Iterable[str] = (),
     check_classes: bool = True,
+    untie: bool = False,
+    tie: bool = False,
     device: str | torch.device | None = None,
     transforms: Transforms | None = None,
     storage_options: Mapping[str, Any] | None = None,
@@ -543,6 +566,12 @@ def load(
             to be loaded against them is what proves they are the pinned ones.
         allow_missing, allow_unexpected: ``re.fullmatch`` patterns of allowed differences.
         check_classes: compare layer classes (off for deliberate architecture swaps).
+        untie: load a checkpoint tie into module tensors that are separate: each gets a copy
+            of the stored value (torch does this silently; here it is refused without it).
+        tie: load separate checkpoint tensors holding different values into one tied module
+            tensor: the tie's first key (module order) in the checkpoint gives the value, the
+            others are discarded (listed in ``discarded``). Equal copies (equal digests) and a
+            tied key the checkpoint omits need no option.
         device: where tensors of a meta-device module are materialised (default CPU).
         transforms: key transforms applied after ``remap``: a rule set name (``"mixtral"``,
             ``"qwen2_moe"``...) or rules of :mod:`manifest_ckpt.comparison.transforms`
@@ -593,7 +622,8 @@ def load(
         )
     live = capture(module, extra_state=True)
     comparison, plan = _compare(
-        manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes, module, transforms
+        manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes, module, transforms,
+        untie=untie, tie=tie,
     )
     if not comparison.report.ok:
         raise ModelMismatchError(comparison.report, path=store.location)
@@ -720,7 +750,10 @@ def load(
         ) from exc
 
     fillable = source_key.keys() | derived | built.keys()
-    loaded = sorted([*(k for k in live.tensors if k in fillable and k not in skipped), *extra])
+    # A tie-filled key received the checkpoint's value too, through the tensor it shares.
+    loaded = sorted(
+        [*(k for k in live.tensors if (k in fillable and k not in skipped) or k in comparison.tie_filled), *extra]
+    )
     retied = sorted(k for k in live.aliases if k in fillable and k not in targets)
     return LoadResult(
         loaded=loaded,
@@ -730,6 +763,10 @@ def load(
         skipped=sorted(comparison.skipped),
         materialized=sorted(k for k in live.tensors if live.aliases.get(k, k) in materialize),
         manifest=manifest,
+        tie_filled=dict(sorted(comparison.tie_filled.items())),
+        untied=sorted(comparison.untied),
+        discarded=sorted(comparison.discarded),
+        allowed=list(comparison.report.allowed),
     )
 
 

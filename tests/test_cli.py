@@ -225,7 +225,9 @@ def test_check_wrong_model_exits_1_listing_every_kind(ckpt: Path) -> None:
     code, out, _ = run("check", str(ckpt), "--model", VARIANT)
     assert code == 1
     assert out.startswith(f"MISMATCH {ckpt} vs {VARIANT}\n")
-    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[3:-1]}
+    lines = out.splitlines()
+    count = next(i for i, line in enumerate(lines) if line.endswith(" alias)"))
+    rows = {line.split()[0]: line.split()[1] for line in lines[3:count]}
     assert rows == {
         "missing": "lm_head.bias",
         "unexpected": "ln_f.bias",
@@ -234,7 +236,16 @@ def test_check_wrong_model_exits_1_listing_every_kind(ckpt: Path) -> None:
         "class": "ln_f",
         "alias": "lm_head.weight",
     }
-    assert out.splitlines()[-1] == "8 problems (1 missing, 1 unexpected, 3 shape, 1 dtype, 1 class, 1 alias)"
+    assert lines[count] == "8 problems (1 missing, 1 unexpected, 3 shape, 1 dtype, 1 class, 1 alias)"
+    # One hint per kind, each naming the option (Python and CLI) that allows it, after the table.
+    hints = lines[count + 1 :]
+    assert [h.split(":")[0] for h in hints] == ["hint"] * 6
+    assert "allow_missing=['lm_head\\\\.bias'] (CLI: --allow-missing 'lm_head\\.bias')" in hints[0]
+    assert "allow_unexpected=['ln_f\\\\.bias'] (CLI: --allow-unexpected 'ln_f\\.bias')" in hints[1]
+    assert hints[2].startswith("hint: shapes differ for blocks.1.linear1.weight") and "no option" in hints[2]
+    assert "cast=True (CLI: --cast)" in hints[3] and "float32 -> bfloat16 lossy" in hints[3]
+    assert "check_classes=False (CLI: --no-check-classes)" in hints[4]
+    assert "untie=True (CLI: --untie)" in hints[5] and "lm_head.weight" in hints[5]
 
 
 def test_check_json_report(ckpt: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, compare, owner_of, suggest_remap
 from manifest_ckpt.comparison.remap import apply_remap
-from manifest_ckpt.comparison.report import Problem
+from manifest_ckpt.comparison.report import Problem, Report
 
 Shapes = Mapping[str, tuple[str, tuple[int, ...]]]
 
@@ -33,6 +33,16 @@ MLP: Shapes = {
     "out.weight": ("float32", (2, 4)),
     "out.bias": ("float32", (2,)),
 }
+
+
+def allow_hint_keys(report: Report) -> tuple[list[str], list[str]]:
+    """The keys named by the allow_missing and allow_unexpected hints (no remap was guessed)."""
+
+    def keys(start: str) -> list[str]:
+        found = [h for h in report.hints if h.startswith(start)]
+        return found[0].removeprefix(start).split(" (not in ")[0].split(", ") if found else []
+
+    return keys("to keep the initial values of "), keys("to leave out ")
 
 
 def prefixed(tensors: Shapes, prefix: str) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -268,7 +278,10 @@ def test_strict_false_allows_every_missing_and_unexpected_key_but_not_shapes() -
     assert result.report.problems == [Problem("shape", "fc.weight", "float32[4, 3]", "float32[4, 4]")]
     assert result.allowed_missing == ["out.weight", "out.bias"]
     assert result.skipped == ["extra"]
-    assert result.report.hints == []
+    assert result.report.hints == [
+        "shapes differ for fc.weight: no option loads a tensor of another shape; build the module with the "
+        "checkpoint's configuration, or remap the keys if they belong to other layers"
+    ]
 
 
 def test_cast_accepts_dtype_differences_and_lists_them() -> None:
@@ -364,7 +377,12 @@ def test_one_to_one_pairing_respects_classes() -> None:
     checkpoint = spec({"a.weight": ("float32", (3, 3))}, classes={"": "N", "a": CONV1D})
     module = spec({"b.weight": ("float32", (3, 3))}, classes={"": "N", "b": LINEAR})
     report = compare(checkpoint, module).report
-    assert report.suggested_remap is None and report.hints == []
+    assert report.suggested_remap is None
+    assert not any(h.startswith("load with remap") for h in report.hints)
+    assert allow_hint_keys(report) == (
+        [p.key for p in report.by_kind("missing")],
+        [p.key for p in report.by_kind("unexpected")],
+    )
 
 
 def test_ambiguous_pairs_give_no_guess() -> None:
@@ -372,7 +390,12 @@ def test_ambiguous_pairs_give_no_guess() -> None:
     checkpoint = spec({"x.weight": ("float32", (2, 2)), "y.weight": ("float32", (2, 2))})
     module = spec({"p.weight": ("float32", (2, 2)), "q.weight": ("float32", (2, 2))})
     report = compare(checkpoint, module).report
-    assert report.suggested_remap is None and report.hints == []
+    assert report.suggested_remap is None
+    assert not any(h.startswith("load with remap") for h in report.hints)
+    assert allow_hint_keys(report) == (
+        [p.key for p in report.by_kind("missing")],
+        [p.key for p in report.by_kind("unexpected")],
+    )
 
 
 def test_no_hint_when_nothing_pairs() -> None:
@@ -380,14 +403,24 @@ def test_no_hint_when_nothing_pairs() -> None:
     checkpoint = spec({"a.weight": ("float32", (3, 4)), "b.bias": ("float32", (4,))})
     module = spec({"c.weight": ("float32", (3, 5)), "d.scale": ("float32", (4,))})
     report = compare(checkpoint, module).report
-    assert report.suggested_remap is None and report.hints == []
+    assert report.suggested_remap is None
+    assert not any(h.startswith("load with remap") for h in report.hints)
+    assert allow_hint_keys(report) == (
+        [p.key for p in report.by_kind("missing")],
+        [p.key for p in report.by_kind("unexpected")],
+    )
     assert len(report.problems) == 4
 
 
 def test_no_suggestion_without_both_missing_and_unexpected_keys() -> None:
     """Only missing (or only unexpected) keys leave nothing to pair, so there is no hint."""
     report = compare(spec({"fc.weight": MLP["fc.weight"]}), spec(MLP)).report
-    assert report.hints == [] and report.suggested_remap is None
+    assert report.suggested_remap is None
+    assert report.hints == [
+        "to keep the initial values of fc.bias, out.weight, out.bias (not in the checkpoint), pass "
+        r"allow_missing=['fc\\.bias', 'out\\.bias', 'out\\.weight'] "
+        r"(CLI: --allow-missing 'fc\.bias' --allow-missing 'out\.bias' --allow-missing 'out\.weight')"
+    ]
 
 
 def test_prefix_with_one_key_left_unexplained() -> None:
@@ -396,7 +429,10 @@ def test_prefix_with_one_key_left_unexplained() -> None:
     module = spec(MLP)
     report = compare(checkpoint, module).report
     assert report.suggested_remap == {r"^module\.": ""}
-    assert report.hints[-1] == r"load with remap={'^module\\.': ''} (1 unexpected keys stay unexplained)"
+    assert report.hints[-2:] == [
+        r"load with remap={'^module\\.': ''} (1 unexpected keys stay unexplained)",
+        "to leave out step (not in the module), pass allow_unexpected=['step'] (CLI: --allow-unexpected 'step')",
+    ]
     after = compare(remapped(checkpoint, report.suggested_remap), module).report
     assert after.problems == [Problem("unexpected", "step", None, "int64[]")]
 

@@ -143,7 +143,11 @@ def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         transforms=parse_transforms_arg(args.transforms),
         allow_missing=args.allow_missing,
         allow_unexpected=args.allow_unexpected,
+        strict=args.strict,
         cast=args.cast,
+        check_classes=args.check_classes,
+        untie=args.untie,
+        tie=args.tie,
         storage_options=_storage_options(args),
     )
     if args.json:
@@ -278,6 +282,20 @@ def _cmd_lineage(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
+def add_policies(p: argparse.ArgumentParser) -> None:
+    """The key policies ``check`` and ``convert`` share with ``load`` (same names, same meaning)."""
+    p.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
+                   help="module keys (re.fullmatch) the checkpoint may lack (repeatable)")
+    p.add_argument("--allow-unexpected", action="append", default=[], metavar="REGEX",
+                   help="checkpoint keys (re.fullmatch) the module may lack; left out (repeatable)")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="allow every missing and unexpected key, as torch's strict=False")
+    p.add_argument("--untie", action="store_true",
+                   help="a checkpoint tie may load into tensors the module keeps separate (each gets the value)")
+    p.add_argument("--tie", action="store_true",
+                   help="different checkpoint values may load into one tied module tensor (the first is kept)")
+
+
 def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     parser = _Parser(
         prog="manifest-ckpt",
@@ -321,9 +339,10 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--transforms", metavar="NAME|RULES.json",
                    help="key transforms after --remap: a rule set (mixtral, qwen2_moe, qwen3_moe, deepseek_v2, "
                         "deepseek_v3) or a JSON list of rules (stack/unstack/concat/split/transpose/rename)")
-    p.add_argument("--allow-missing", action="append", default=[], metavar="REGEX")
-    p.add_argument("--allow-unexpected", action="append", default=[], metavar="REGEX")
+    add_policies(p)
     p.add_argument("--cast", action="store_true", help="accept dtype differences (load would cast)")
+    p.add_argument("--no-check-classes", dest="check_classes", action="store_false",
+                   help="accept different layer classes (a deliberate swap); names, shapes, dtypes still checked")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     add("schema", _cmd_schema, "print the manifest JSON Schema")

@@ -11,11 +11,13 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from manifest_ckpt.comparison.hints import cast_effect, problem_hints, uncastable
 from manifest_ckpt.comparison.remap import apply_remap
-from manifest_ckpt.comparison.report import Problem, Report, sort_problems
+from manifest_ckpt.comparison.report import Allowance, Problem, Report, sort_allowances, sort_problems
 from manifest_ckpt.errors import PatternError
-from manifest_ckpt.format.dtypes import PACKED, describe
+from manifest_ckpt.format.dtypes import describe
 from manifest_ckpt.format.manifest import Manifest
 
 # The "dtype" of a module's extra-state key (``get_extra_state``): compared by key only,
@@ -25,11 +27,16 @@ EXTRA_STATE = "extra_state"
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """What a key holds: dtype, shape, and the module path that owns it."""
+    """What a key holds: dtype, shape, the module path that owns it, and (if known) its digest.
+
+    The digest is known for a checkpoint's tensors; two keys with equal dtype and digest hold
+    equal bits, which is what lets separate copies load into one tied tensor.
+    """
 
     dtype: str
     shape: tuple[int, ...]
     owner: str
+    digest: str | None = None
 
     def describe(self) -> str:
         return "extra state" if self.dtype == EXTRA_STATE else describe(self.dtype, self.shape)
@@ -42,11 +49,12 @@ def owner_of(key: str) -> str:
 
 @dataclass(frozen=True)
 class StateSpec:
-    """A state dict's structure: every key (aliases included), ties and module classes."""
+    """A state dict's structure: every key (aliases included), ties, module classes and versions."""
 
     tensors: Mapping[str, TensorSpec]
     aliases: Mapping[str, str] = field(default_factory=dict)
     classes: Mapping[str, str | None] | None = None
+    versions: Mapping[str, int | None] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> StateSpec:
@@ -60,11 +68,14 @@ class StateSpec:
             if key in parts:
                 continue
             entry = manifest.entry(key)
-            tensors[key] = TensorSpec(entry.dtype, entry.shape, owner_of(key))
+            tensors[key] = TensorSpec(entry.dtype, entry.shape, owner_of(key), entry.digest)
         for key in manifest.extra_state:
             tensors[key] = TensorSpec(EXTRA_STATE, (), owner_of(key))
-        classes = None if manifest.modules is None else {p: m.cls for p, m in manifest.modules.items()}
-        return cls(tensors, dict(manifest.aliases), classes)
+        if manifest.modules is None:
+            return cls(tensors, dict(manifest.aliases))
+        classes = {p: m.cls for p, m in manifest.modules.items()}
+        versions = {p: m.version for p, m in manifest.modules.items()}
+        return cls(tensors, dict(manifest.aliases), classes, versions)
 
     def canonical(self, key: str) -> str:
         return self.aliases.get(key, key)
@@ -73,27 +84,55 @@ class StateSpec:
         """The same state with keys renamed by ``{old: new}``; aliases and owners' classes follow."""
         if all(old == new for old, new in names.items()):
             return self
-        tensors = {names[k]: TensorSpec(s.dtype, s.shape, owner_of(names[k])) for k, s in self.tensors.items()}
+        tensors = {
+            names[k]: TensorSpec(s.dtype, s.shape, owner_of(names[k]), s.digest) for k, s in self.tensors.items()
+        }
         aliases = {names[a]: names[t] for a, t in self.aliases.items()}
-        classes = None
-        if self.classes is not None:
-            # A renamed key's new owner is the module that owned it before: without this, the
-            # class check looks classes up under new paths and silently passes after a remap.
-            moved: dict[str, str | None] = {}
-            for old in self.tensors:
-                moved.setdefault(owner_of(names[old]), self.classes.get(owner_of(old)))
-            classes = {**self.classes, **moved}
-        return StateSpec(tensors, aliases, classes)
+        return StateSpec(tensors, aliases, self._moved(self.classes, names), self._moved(self.versions, names))
+
+    def _moved(self, by_path: Mapping[str, _T] | None, names: Mapping[str, str]) -> dict[str, _T] | None:
+        """A per-module mapping (class, version) extended to the renamed keys' new owners.
+
+        A renamed key's new owner is the module that owned it before: without this, the class
+        check looks classes up under new paths and silently passes after a remap.
+        """
+        if by_path is None:
+            return None
+        moved: dict[str, _T] = {}
+        for old in self.tensors:
+            if owner_of(old) in by_path:
+                moved.setdefault(owner_of(names[old]), by_path[owner_of(old)])
+        return {**by_path, **moved}
+
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The report plus what the policies decided, for ``load`` to act on."""
+    """The report plus what the policies decided, for ``load`` to act on.
+
+    Attributes:
+        allowed_missing: module keys the checkpoint lacks, allowed by policy (left as they are).
+        skipped: checkpoint keys the module lacks, allowed by policy (not loaded).
+        cast: keys whose values are converted to the module's dtype.
+        tie_filled: ``{module key: partner}`` for keys the checkpoint lacks whose tie partner
+            in the module is loaded (so they are loaded too, through the shared tensor).
+        untied: module keys loaded from a checkpoint tie the module does not have (``untie=True``).
+        discarded: checkpoint keys whose different values were dropped for a module tie (``tie=True``).
+    """
 
     report: Report
     allowed_missing: list[str]
     skipped: list[str]
     cast: list[str]
+    tie_filled: dict[str, str] = field(default_factory=dict)
+    untied: list[str] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
+
+
+def _pattern_list(patterns: Iterable[str] | str) -> list[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
 def compile_patterns(patterns: Iterable[str] | str, argument: str) -> re.Pattern[str] | None:
@@ -105,7 +144,7 @@ def compile_patterns(patterns: Iterable[str] | str, argument: str) -> re.Pattern
         PatternError: a pattern is not a string or not a valid regular expression, naming
             the argument and the pattern.
     """
-    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    pats = _pattern_list(patterns)
     for p in pats:
         if not isinstance(p, str):
             raise PatternError(
@@ -124,6 +163,11 @@ def compile_patterns(patterns: Iterable[str] | str, argument: str) -> re.Pattern
     return re.compile("|".join(f"(?:{p})" for p in pats)) if pats else None
 
 
+def _matching(patterns: list[str], key: str) -> str:
+    """The first of ``patterns`` that fullmatches ``key`` (for the report)."""
+    return next((p for p in patterns if re.fullmatch(p, key)), patterns[0])
+
+
 def compare(
     checkpoint: StateSpec,
     module: StateSpec,
@@ -133,25 +177,43 @@ def compare(
     strict: bool = True,
     cast: bool = False,
     check_classes: bool = True,
+    untie: bool = False,
+    tie: bool = False,
+    satisfy_ties: bool = True,
 ) -> Comparison:
     """List every difference between the (already remapped) checkpoint and the module.
+
+    Every difference a policy lets through is listed in ``report.allowed`` with the policy.
 
     Args:
         allow_missing: patterns (``re.fullmatch``) of module keys the checkpoint may lack.
         allow_unexpected: patterns of checkpoint keys the module may lack; they are skipped.
         strict: when False, every missing and unexpected key is allowed (as in torch).
         cast: when True, dtype differences are accepted and listed for casting.
-        check_classes: compare layer classes of modules owning matching keys.
+        check_classes: compare layer classes of modules owning matching keys (when False,
+            differences are still listed, as allowed).
+        untie: a checkpoint tie may load into module tensors that are separate (each gets
+            a copy of the stored value).
+        tie: separate checkpoint tensors with different values may load into one tied module
+            tensor: the tie's first key (module order) that the checkpoint holds gives the
+            value, the other keys' values are discarded.
+        satisfy_ties: module keys the checkpoint lacks are satisfied by a tie partner it has,
+            and separate checkpoint copies with equal digests satisfy a module tie. ``diff``
+            turns this off: there both sides are checkpoints and any difference counts.
     """
-    missing_ok = compile_patterns(allow_missing, "allow_missing")
-    unexpected_ok = compile_patterns(allow_unexpected, "allow_unexpected")
+    missing_pats = _pattern_list(allow_missing)
+    unexpected_pats = _pattern_list(allow_unexpected)
+    missing_ok = compile_patterns(missing_pats, "allow_missing")
+    unexpected_ok = compile_patterns(unexpected_pats, "allow_unexpected")
     problems: list[Problem] = []
+    allowed: list[Allowance] = []
     allowed_missing: list[str] = []
     skipped: list[str] = []
     to_cast: list[str] = []
 
     # One pass per side with plain dict lookups: check and load run this on 100,000 keys.
     wanted, stored = module.tensors, checkpoint.tensors
+    tie_filled = _tie_partners(module, stored) if satisfy_ties and module.aliases else {}
     missing = {}
     common = []
     mismatched = []
@@ -161,8 +223,14 @@ def compare(
             common.append(key)
             if want.shape != have.shape or want.dtype != have.dtype:
                 mismatched.append((key, want, have))
+        elif key in tie_filled:
+            allowed.append(
+                Allowance("missing", key, "tie partner", f"tied to {tie_filled[key]} in the module; loaded from it")
+            )
         elif not strict or (missing_ok and missing_ok.fullmatch(key)):
             allowed_missing.append(key)
+            by = "strict=False" if not strict else f"allow_missing {_matching(missing_pats, key)}"
+            allowed.append(Allowance("missing", key, by, "not in the checkpoint; keeps its current value"))
         else:
             missing[key] = want
             problems.append(Problem("missing", key, want.describe(), None))
@@ -173,47 +241,87 @@ def compare(
                 continue
             if not strict or (unexpected_ok and unexpected_ok.fullmatch(key)):
                 skipped.append(key)
+                by = "strict=False" if not strict else f"allow_unexpected {_matching(unexpected_pats, key)}"
+                allowed.append(Allowance("unexpected", key, by, "not in the module; not loaded"))
             else:
                 unexpected[key] = have
                 problems.append(Problem("unexpected", key, None, have.describe()))
 
+    dtype_pairs = {}
     for key, want, have in mismatched:
         if want.shape != have.shape:
             problems.append(Problem("shape", key, want.describe(), have.describe()))
-        elif cast and not _uncastable(have.dtype, want.dtype):
+        elif cast and uncastable(have.dtype, want.dtype) is None:
             to_cast.append(key)
+            effect = cast_effect(have.dtype, want.dtype)
+            allowed.append(Allowance("dtype", key, "cast=True", f"{have.describe()} -> {want.dtype}: {effect}"))
         else:
+            dtype_pairs[key] = (have.dtype, want.dtype)
             problems.append(Problem("dtype", key, want.describe(), have.describe()))
 
-    if check_classes and checkpoint.classes is not None and module.classes is not None:
+    if checkpoint.classes is not None and module.classes is not None:
         owners = sorted({owner_of(k) for k in common})
         for path in owners:
             want_cls, have_cls = module.classes.get(path), checkpoint.classes.get(path)
             if want_cls and have_cls and not same_class(want_cls, have_cls):
-                problems.append(Problem("class", path, want_cls, have_cls))
+                if check_classes:
+                    problems.append(Problem("class", path, want_cls, have_cls))
+                else:
+                    allowed.append(Allowance(
+                        "class", path, "check_classes=False", f"checkpoint from {have_cls}, loaded into {want_cls}"
+                    ))
+        allowed += _version_notes(checkpoint, module, owners)
 
     # Only a key that is an alias, or the target of one, on either side can be in a tie group
     # of more than one key; every other key is "not tied" on both sides and cannot differ.
-    tied = {k for spec in (checkpoint, module) for pair in spec.aliases.items() for k in pair}
-    if tied:
-        problems += _tie_problems(checkpoint, module, [k for k in common if k in tied])
+    ties = _Ties()
+    if checkpoint.aliases or module.aliases:
+        ties = _compare_ties(checkpoint, module, common, untie=untie, tie=tie, equal_digests=satisfy_ties)
+        problems += ties.problems
+        allowed += ties.allowed
     hints: list[str] = []
     remap = None
     if missing and unexpected:
         remap, hints = suggest_remap(checkpoint, module, unexpected, missing)
-    report = Report(sort_problems(problems), hints, remap, checked=len(common))
-    return Comparison(report, allowed_missing, skipped, to_cast)
+    explained = _remapped(remap, unexpected) if remap else {}
+    hints += problem_hints(
+        problems,
+        explained_missing=explained.values(),
+        explained_unexpected=explained,
+        dtype_pairs=dtype_pairs,
+        module_keys=wanted,
+        checkpoint_keys=stored,
+    )
+    report = Report(sort_problems(problems), hints, remap, checked=len(common), allowed=sort_allowances(allowed))
+    return Comparison(report, allowed_missing, skipped, to_cast, tie_filled, ties.untied, ties.discarded)
 
 
-def _uncastable(source: str, target: str) -> bool:
-    """Casts ``cast=True`` never makes.
+def _remapped(remap: Mapping[str, str], unexpected: Mapping[str, TensorSpec]) -> dict[str, str]:
+    """``{unexpected key: its new name}`` under a suggested remap (keys it renames only)."""
+    try:
+        names = apply_remap(list(unexpected), remap)
+    except Exception:  # noqa: BLE001 - a suggestion that cannot be applied explains nothing
+        return {}
+    return {k: new for k, new in names.items() if new != k}
 
-    A complex value cast to a real dtype loses its imaginary part; packed 4-bit floats
-    (``float4_e2m1fn_x2``) have no conversion kernel in torch, to or from anything.
+
+def _tie_partners(module: StateSpec, stored: Mapping[str, TensorSpec]) -> dict[str, str]:
+    """``{module key: partner}`` for each key the checkpoint lacks whose module tie has a key it holds.
+
+    The partner is the tie's first key (module order) in the checkpoint: the key ``load``
+    copies from, so the shared tensor (and with it the lacking key) receives its value.
     """
-    if source in PACKED or target in PACKED:
-        return True
-    return source.startswith("complex") and not target.startswith("complex")
+    tied = {k for pair in module.aliases.items() for k in pair}
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key in module.tensors:
+        if key in tied:
+            groups[module.canonical(key)].append(key)
+    out: dict[str, str] = {}
+    for members in groups.values():
+        present = [k for k in members if k in stored]
+        if present:
+            out.update((k, present[0]) for k in members if k not in stored)
+    return out
 
 
 def same_class(a: str, b: str) -> bool:
@@ -230,40 +338,117 @@ def same_class(a: str, b: str) -> bool:
     return False
 
 
-def _tie_problems(checkpoint: StateSpec, module: StateSpec, common: list[str]) -> list[Problem]:
-    """Keys whose tie group differs between the two sides (tied on one, separate on the other).
+def _version_notes(checkpoint: StateSpec, module: StateSpec, owners: Iterable[str]) -> list[Allowance]:
+    """Modules whose ``_version`` differs between the checkpoint and the module: reported, never silent.
 
-    A tie counted once: the group's lead (its stored key) is not reported, its partners are.
+    torch passes the stored version to the module's ``_load_from_state_dict``, whose
+    migrations (BatchNorm adding ``num_batches_tracked``) depend on it.
     """
-    common_set = set(common)
+    if checkpoint.versions is None or module.versions is None:
+        return []
+    notes = []
+    for path in owners:
+        have, want = checkpoint.versions.get(path), module.versions.get(path)
+        if have is not None and want is not None and have != want:
+            cls = module.classes.get(path) if module.classes else None
+            detail = f"saved at _version {have}, the module is at _version {want}: {version_migration(cls, have, want)}"
+            notes.append(Allowance("version", path, "module version", detail))
+    return notes
 
-    def groups(spec: StateSpec) -> tuple[dict[str, frozenset[str]], dict[str, str]]:
-        members: dict[str, set[str]] = defaultdict(set)
-        for key in common:
-            members[spec.canonical(key)].add(key)
-        group, lead = {}, {}
-        for canon, keys in members.items():
-            frozen = frozenset(keys)
-            head = canon if canon in common_set else min(keys)
-            for key in keys:
-                group[key], lead[key] = frozen, head
-        return group, lead
 
-    group_c, lead_c = groups(checkpoint)
-    group_m, lead_m = groups(module)
+def version_migration(cls: str | None, have: int, want: int) -> str:
+    """What changes between two ``_version`` values of a module class, as far as torch defines it."""
+    norm = cls is not None and cls.startswith(("torch.nn.modules.batchnorm.", "torch.nn.modules.instancenorm."))
+    if norm and have < 2 <= want:
+        return (
+            "torch's norm-layer migration (versions before 2, running stats tracked) sets num_batches_tracked to 0 "
+            "when the checkpoint lacks it; every other tensor is loaded as stored"
+        )
+    if have > want:
+        return "the checkpoint is newer than the module's code; tensors are loaded as stored, check the layout"
+    return f"no layout change is known for {cls or 'this module'}; tensors are loaded as stored"
 
-    def tie_text(group: frozenset[str], head: str, key: str) -> str:
-        if len(group) == 1:
-            return "not tied"
-        return f"tied to {head}" if head != key else "tied to " + ", ".join(sorted(group - {key}))
 
-    problems = []
-    for key in sorted(common):
-        if group_c[key] != group_m[key] and not (lead_c[key] == key and lead_m[key] == key):
-            problems.append(
-                Problem("alias", key, tie_text(group_m[key], lead_m[key], key), tie_text(group_c[key], lead_c[key], key))
+@dataclass
+class _Ties:
+    problems: list[Problem] = field(default_factory=list)
+    allowed: list[Allowance] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
+
+
+def _groups(spec: StateSpec, keys: list[str]) -> dict[str, list[str]]:
+    """``{key: its tie group among keys}``, each group in the order of ``keys``."""
+    members: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        members[spec.canonical(key)].append(key)
+    return {key: group for group in members.values() for key in group}
+
+
+def _tie_text(group: list[str], lead: str, key: str) -> str:
+    if len(group) == 1:
+        return "not tied"
+    return f"tied to {lead}" if lead != key else "tied to " + ", ".join(sorted(set(group) - {key}))
+
+
+def _compare_ties(
+    checkpoint: StateSpec, module: StateSpec, common: list[str], *, untie: bool, tie: bool, equal_digests: bool
+) -> _Ties:
+    """Keys whose tie group differs between the two sides, and the opt-ins that allow it.
+
+    Module ties: each tie group's first key (module order) in the checkpoint is its lead; a
+    partner whose checkpoint value is another stored tensor is a problem, unless the digests
+    are equal (same bits) or ``tie``. Checkpoint ties: the group's stored key (or first key)
+    is its lead; a partner the module keeps separate is a problem, unless ``untie``. A tie is
+    counted once: the lead is not reported, its partners are.
+    """
+    tied = {k for spec in (checkpoint, module) for pair in spec.aliases.items() for k in pair}
+    keys = [k for k in common if k in tied]
+    in_module, in_checkpoint = _groups(module, keys), _groups(checkpoint, keys)
+    keyset = set(keys)
+
+    def ckpt_lead(key: str) -> str:
+        canon = checkpoint.canonical(key)
+        return canon if canon in keyset else min(in_checkpoint[key])
+
+    out = _Ties()
+    reported: set[str] = set()
+    for key in keys:
+        group = in_module[key]
+        lead = group[0]
+        if key == lead or checkpoint.canonical(key) == checkpoint.canonical(lead):
+            continue
+        a, b = checkpoint.tensors[lead], checkpoint.tensors[key]
+        if equal_digests and a.digest is not None and a.digest == b.digest and a.dtype == b.dtype:
+            out.allowed.append(Allowance(
+                "alias", key, "equal digests",
+                f"stored apart from {lead} with the same bits; the module ties them, loaded once",
+            ))
+        elif tie:
+            out.discarded.append(key)
+            out.allowed.append(Allowance(
+                "alias", key, "tie=True", f"tied to {lead} in the module; {lead}'s stored value is loaded, this key's is discarded"
+            ))
+        else:
+            reported.add(key)
+            out.problems.append(
+                Problem("alias", key, f"tied to {lead}", _tie_text(in_checkpoint[key], ckpt_lead(key), key))
             )
-    return problems
+    for key in keys:
+        lead = ckpt_lead(key)
+        if key == lead or key in reported or module.canonical(key) == module.canonical(lead):
+            continue
+        if untie:
+            out.untied.append(key)
+            out.allowed.append(Allowance(
+                "alias", key, "untie=True",
+                f"tied to {lead} in the checkpoint, separate in the module: gets its own copy of the stored value",
+            ))
+        else:
+            out.problems.append(
+                Problem("alias", key, _tie_text(in_module[key], in_module[key][0], key), f"tied to {lead}")
+            )
+    return out
 
 
 _MAX_CANDIDATES = 16

@@ -268,7 +268,7 @@ def diff(
     store_b = open_store(b, storage_options=storage_options)
     ma, mb = read_store_manifest(store_a), read_store_manifest(store_b)
     spec_a, spec_b = StateSpec.from_manifest(ma), StateSpec.from_manifest(mb)
-    report = compare(spec_b, spec_a).report
+    report = compare(spec_b, spec_a, satisfy_ties=False).report
     structure = tuple(
         Problem(_KIND_NAMES.get(p.kind, p.kind), p.key, p.expected, p.found)  # type: ignore[arg-type]
         for p in report.problems

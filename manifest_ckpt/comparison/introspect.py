@@ -47,8 +47,10 @@ class LiveState:
             for k, t in self.tensors.items()
         }
         specs.update((k, TensorSpec(EXTRA_STATE, (), owner_of(k))) for k in self.extra)
-        classes = None if self.modules is None else {p: m.cls for p, m in self.modules.items()}
-        return StateSpec(specs, self.aliases, classes)
+        if self.modules is None:
+            return StateSpec(specs, self.aliases)
+        classes = {p: m.cls for p, m in self.modules.items()}
+        return StateSpec(specs, self.aliases, classes, {p: m.version for p, m in self.modules.items()})
 
 
 def dtype_name(tensor: torch.Tensor, key: str) -> str:
