@@ -11,22 +11,36 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from manifest_ckpt.comparison.report import Problem
 from manifest_ckpt.format.dtypes import PACKED
 
-# Floating dtypes: (exponent bits, mantissa bits, signed). float8_e8m0fnu is an unsigned
-# exponent (a power of two, no mantissa): it holds scales, not values.
-_FLOATS: dict[str, tuple[int, int, bool]] = {
-    "float64": (11, 52, True),
-    "float32": (8, 23, True),
-    "bfloat16": (8, 7, True),
-    "float16": (5, 10, True),
-    "float8_e4m3fn": (4, 3, True),
-    "float8_e4m3fnuz": (4, 3, True),
-    "float8_e5m2": (5, 2, True),
-    "float8_e5m2fnuz": (5, 2, True),
-    "float8_e8m0fnu": (8, 0, False),
+
+@dataclass(frozen=True)
+class _Float:
+    """What a floating dtype can represent: enough to say whether a cast keeps every value."""
+
+    mantissa: int  # explicit mantissa bits
+    largest: float  # largest finite value
+    smallest_exp: int  # log2 of the smallest positive value (subnormals included)
+    signed: bool = True
+    inf: bool = True  # has infinities
+    negative_zero: bool = True
+    zero: bool = True
+
+
+_FLOATS: dict[str, _Float] = {
+    "float64": _Float(52, 1.7976931348623157e308, -1074),
+    "float32": _Float(23, 3.4028234663852886e38, -149),
+    "bfloat16": _Float(7, 3.3895313892515355e38, -133),
+    "float16": _Float(10, 65504.0, -24),
+    "float8_e4m3fn": _Float(3, 448.0, -9, inf=False),
+    "float8_e4m3fnuz": _Float(3, 240.0, -10, inf=False, negative_zero=False),
+    "float8_e5m2": _Float(2, 57344.0, -16),
+    "float8_e5m2fnuz": _Float(2, 57344.0, -17, inf=False, negative_zero=False),
+    # A power-of-two scale: no mantissa, no sign, no zero.
+    "float8_e8m0fnu": _Float(0, 2.0**127, -127, signed=False, inf=False, negative_zero=False, zero=False),
 }
 # The real dtype of each component of a complex dtype.
 _COMPLEX = {"complex64": "float32"}
@@ -41,9 +55,6 @@ _INTS: dict[str, tuple[int, bool]] = {
     "int64": (63, True),
     "uint64": (64, False),
 }
-# fnuz float8 and e8m0 have no infinities and other NaN encodings: a cast between them and
-# the IEEE-like dtypes maps specials, even where every finite value fits.
-_NO_INF = {"float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
 
 
 def uncastable(source: str, target: str) -> str | None:
@@ -62,12 +73,13 @@ def uncastable(source: str, target: str) -> str | None:
 def cast_effect(source: str, target: str) -> str:
     """What ``cast=True`` does to the values of a ``source`` tensor loaded as ``target``.
 
-    ``"exact"`` when every value survives; otherwise what is lost, in a few words.
+    ``"exact"`` when every value survives (NaN stays NaN); otherwise what is lost, in a few
+    words. tests/test_hints.py checks each claim against torch's casts, value by value.
     """
     reason = uncastable(source, target)
     if reason is not None:
         return f"not castable: {reason}"
-    if source == target or source == "bool":
+    if source == target:
         return "exact"
     if target == "bool":
         return "lossy: every nonzero value becomes True"
@@ -75,6 +87,8 @@ def cast_effect(source: str, target: str) -> str:
         return "exact"
     if target in _COMPLEX:
         return cast_effect(source, _COMPLEX[target]) + " (imaginary parts 0)"
+    if source == "bool":
+        return "exact" if target in _INTS or _FLOATS[target].zero else f"lossy: {target} has no zero, False becomes a value"
     if source in _INTS:
         bits, signed = _INTS[source]
         if target in _INTS:
@@ -82,24 +96,28 @@ def cast_effect(source: str, target: str) -> str:
             if (signed <= t_signed) and bits <= t_bits:
                 return "exact"
             return f"lossy: values outside {target}'s range wrap around"
-        exponent, mantissa, t_signed = _FLOATS[target]
-        # Exact when the significand holds every bit and the exponent reaches 2**bits.
-        if mantissa + 1 >= bits and 2 ** (exponent - 1) - 1 >= bits and (t_signed or not signed):
+        t = _FLOATS[target]
+        if t.mantissa + 1 >= bits and t.largest >= 2.0**bits and t.zero and (t.signed or not signed):
             return "exact"
-        return f"lossy: integers beyond {target}'s {mantissa + 1} significant bits are rounded"
-    exponent, mantissa, signed = _FLOATS[source]
+        return f"lossy: integers beyond {target}'s {t.mantissa + 1} significant bits or range are rounded"
     if target in _INTS:
         return "lossy: fractions are truncated toward zero; NaN, infinities and out-of-range values are undefined"
-    t_exponent, t_mantissa, t_signed = _FLOATS[target]
+    s, t = _FLOATS[source], _FLOATS[target]
     losses = []
-    if t_mantissa < mantissa:
-        losses.append(f"rounds to {t_mantissa} mantissa bits (from {mantissa})")
-    if t_exponent < exponent:
-        losses.append("narrower exponent range: large values overflow, tiny ones flush to zero")
-    if signed and not t_signed:
-        losses.append("negative values and zero cannot be represented")
-    if not losses and (source in _NO_INF) != (target in _NO_INF):
-        losses.append("infinities and NaN are encoded differently (mapped to NaN or the largest value)")
+    if t.mantissa < s.mantissa:
+        losses.append(f"rounds to {t.mantissa} mantissa bits (from {s.mantissa})")
+    if t.largest < s.largest:
+        losses.append(f"values beyond {t.largest:g} overflow")
+    if t.smallest_exp > s.smallest_exp:
+        losses.append(f"values below 2**{t.smallest_exp} are rounded away")
+    if s.signed and not t.signed:
+        losses.append("negative values cannot be represented")
+    if s.zero and not t.zero:
+        losses.append("zero cannot be represented")
+    if s.inf and not t.inf:
+        losses.append("infinities become NaN or the largest value")
+    if s.negative_zero and not t.negative_zero:
+        losses.append("negative zero becomes zero")
     return "lossy: " + "; ".join(losses) if losses else "exact"
 
 

@@ -52,6 +52,10 @@ def test_each_mutation_is_reported_exactly_and_load_refuses(
         assert mutation.path is not None and mutation.new_path is not None
         expected = {("unexpected", k) for k in keys_under(keys, mutation.path)}
         expected |= {("missing", k) for k in keys_under(target_keys, mutation.new_path)}
+    if mutation.kind in ("add", "rename"):
+        # The checkpoint records no _version for a module path it lacks, so the norm layers'
+        # migration (as in torch's load_state_dict) supplies num_batches_tracked there.
+        expected = {(kind, k) for kind, k in expected if not (kind == "missing" and k.endswith("num_batches_tracked"))}
     elif mutation.kind in ("tie", "untie"):
         assert mutation.pair is not None
         order = target_keys if mutation.kind == "tie" else keys
@@ -59,7 +63,20 @@ def test_each_mutation_is_reported_exactly_and_load_refuses(
     elif mutation.kind == "cast":
         assert mutation.path is not None
         expected = {("dtype", k) for k in keys_under(keys, mutation.path) if source.state_dict()[k].is_floating_point()}
-    assert expected, mutation
+    if mutation.kind == "tie":
+        assert mutation.pair is not None
+        a, b = (source.state_dict()[k] for k in mutation.pair)
+        if a.dtype == b.dtype and tensor_bytes(a) == tensor_bytes(b):
+            # Equal stored bits satisfy the module's tie (issue 10, item 6): nothing to report.
+            expected = set()
+    if not expected:
+        with scratch(tmp_path_factory) as tmp:
+            mc.save(source, tmp / "ckpt", record_code=False)
+            report = mc.check(target, tmp / "ckpt")
+            assert report.ok and report.problems == []
+            if mutation.kind == "tie":
+                assert [(a.kind, a.by) for a in report.allowed] == [("alias", "equal digests")]
+        return
 
     with scratch(tmp_path_factory) as tmp:
         path = tmp / "ckpt"
@@ -90,7 +107,8 @@ def test_each_mutation_is_reported_exactly_and_load_refuses(
                 tied = f"tied to {lead}"
                 assert (p.expected, p.found) == ((tied, "not tied") if mutation.kind == "tie" else ("not tied", tied))
         if mutation.kind != "rename":
-            assert report.hints == [] and report.suggested_remap is None
+            assert report.suggested_remap is None
+            assert not any(h.startswith("load with remap") for h in report.hints)
 
         before = snapshot(target)
         with pytest.raises(mc.ModelMismatchError) as caught:
