@@ -281,8 +281,11 @@ def compare(
         allowed += ties.allowed
     hints: list[str] = []
     remap = None
-    if missing and unexpected:
-        remap, hints = suggest_remap(checkpoint, module, unexpected, missing)
+    # A tie-filled key may still be where a renamed checkpoint key belongs (a renamed tied
+    # head): offered to the remap search too, so the hint names the rename.
+    targets = {**missing, **{k: wanted[k] for k in tie_filled}}
+    if targets and unexpected:
+        remap, hints = suggest_remap(checkpoint, module, unexpected, targets)
     explained = _remapped(remap, unexpected) if remap else {}
     hints += problem_hints(
         problems,

@@ -30,8 +30,15 @@ def test_renamed_keys_get_a_hint_whose_remap_loads_bit_exact(
         path = tmp / "ckpt"
         mc.save(source, path, record_code=False)
         report = mc.check(target, path)
+        # A moved key tied in the module to a key the checkpoint still holds is filled through
+        # the tie (issue 10, item 6), so it is not missing.
+        shared: dict[int, set[str]] = {}
+        for key, t in target.state_dict(keep_vars=True).items():
+            shared.setdefault(id(t), set()).add(key)
+        group = {key: keys for keys in shared.values() for key in keys}
+        filled = {v for v in moved.values() if any(k in saved and k not in moved for k in group[v] - {v})}
         assert {(p.kind, p.key) for p in report.problems} == {("unexpected", k) for k in moved} | {
-            ("missing", v) for v in moved.values()
+            ("missing", v) for v in moved.values() if v not in filled
         }
         assert report.suggested_remap is not None, str(report)
         assert report.hints and f"remap={report.suggested_remap!r}" in report.hints[-1]
