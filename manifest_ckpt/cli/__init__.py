@@ -358,6 +358,7 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--key", metavar="NAME", help="where the tensor dict lies in the container (e.g. state_dict)")
     p.add_argument("--remap", action="append", default=[], metavar="REGEX=REPLACEMENT",
                    help="rename source keys first (repeatable, applied in order)")
+    add_policies(p)
     p.add_argument("--transforms", metavar="NAME|RULES.json",
                    help="key transforms after --remap: a rule set (mixtral, qwen2_moe, qwen3_moe, deepseek_v2, "
                         "deepseek_v3) or a JSON list of rules (stack/unstack/concat/split/transpose/rename)")

@@ -59,6 +59,12 @@ def conversion_text(manifest: Manifest, location: str) -> str:
             else " (shared storage in the source)"
         )
         rows.append(("alias", f"{alias} -> {target}{why}"))
+    allowed: dict[tuple[str, str], list[str]] = {}
+    for a in source.get("allowed", []):
+        allowed.setdefault((a["kind"], a["by"]), []).append(a["key"])
+    for (kind, by), keys in allowed.items():
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        rows.append(("allowed", f"{len(keys)} {kind} by {by}: {shown}"))
     if isinstance(manifest.metadata, Mapping) and manifest.metadata:
         rows.append(("kept", ", ".join(sorted(manifest.metadata)) + " (as JSON in metadata)"))
     for entry in source.get("left_out", []):
@@ -115,6 +121,11 @@ def cli_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             storage_options=parse_storage_options(getattr(args, "storage_option", None)),
+            strict=args.strict,
+            allow_missing=args.allow_missing,
+            allow_unexpected=args.allow_unexpected,
+            untie=args.untie,
+            tie=args.tie,
         )
     except ModelMismatchError as exc:
         if args.json:

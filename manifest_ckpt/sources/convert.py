@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from manifest_ckpt.assemble import build
 from manifest_ckpt.cli.progress import Progress
-from manifest_ckpt.comparison.compare import compare
+from manifest_ckpt.comparison.compare import Comparison, compare, compile_patterns
 from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases, module_tree
 from manifest_ckpt.comparison.remap import Remap, apply_remap
 from manifest_ckpt.comparison.transforms import (
@@ -36,7 +36,7 @@ from manifest_ckpt.comparison.transforms import (
 )
 from manifest_ckpt.errors import ConversionError, ModelMismatchError
 from manifest_ckpt.format.keys import check_keys
-from manifest_ckpt.format.manifest import Manifest
+from manifest_ckpt.format.manifest import Manifest, ModuleEntry
 from manifest_ckpt.sources.read import read_pending, read_source
 from manifest_ckpt.sources.source import Hashes, SourceCheckpoint, resolve
 from manifest_ckpt.storage.store import is_url
@@ -64,6 +64,11 @@ def convert(
     overwrite: bool = False,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    untie: bool = False,
+    tie: bool = False,
 ) -> Manifest:
     """Convert a ``.pth``/``.pt``/``.bin``/``.ckpt``, ``.safetensors`` file or sharded directory.
 
@@ -90,6 +95,12 @@ def convert(
         storage_options: fsspec options when ``src`` or ``dst`` is a URL: a remote source is
             downloaded to a temporary directory first; a remote destination is written locally
             and uploaded with its manifest last.
+        strict, allow_missing, allow_unexpected, untie, tie: with ``module``, the policies
+            of :func:`load`, with the same names and meaning. Source keys the module lacks
+            that they allow are left out of the checkpoint (listed in ``lineage.source.left_out``);
+            module keys the source lacks stay absent (``load`` then needs the same allowance);
+            ``untie`` stores a source tie as separate copies, ``tie`` stores the module tie's
+            first key once and drops the other values. ``lineage.source.allowed`` lists each.
 
     Returns:
         The manifest written; ``lineage["source"]`` says what the source was, which key
@@ -103,6 +114,7 @@ def convert(
         RemapError: a remap rule matches no key or makes two keys collide.
         TransformError: a transform matches no key, or the keys do not fit it (an expert
             missing, experts of different shapes), naming the key; nothing was written.
+        PatternError: an allow pattern is not a valid regular expression.
         UnsupportedTensorError: a tensor safetensors cannot store (complex128, sparse...).
         CheckpointExistsError: ``dst`` exists and ``overwrite`` is False.
     """
@@ -122,8 +134,17 @@ def convert(
         _check_destination(target, overwrite)
         hashes = Hashes()
         try:
+            policy = _Policy(strict, tuple(allow_missing), tuple(allow_unexpected), untie, tie)
+            if module is None and policy != _Policy():
+                raise ConversionError(
+                    f"{src}: strict, allow_missing, allow_unexpected, untie and tie compare the source with a "
+                    "module; pass module= (CLI: --model) or leave them out",
+                    file=str(src),
+                )
+            compile_patterns(policy.allow_missing, "allow_missing")
+            compile_patterns(policy.allow_unexpected, "allow_unexpected")
             return _convert(
-                Path(src), target, hashes, module, key, remap, transforms, lineage, parents, overwrite, progress
+                Path(src), target, hashes, module, key, remap, transforms, lineage, parents, overwrite, progress, policy
             )
         finally:
             hashes.close()
@@ -141,6 +162,7 @@ def _convert(
     parents: Sequence[Any],
     overwrite: bool,
     progress: bool,
+    policy: _Policy,
 ) -> Manifest:
     """``convert`` once the destination is known to be free; hashes finish while writing."""
     source = read_pending(src, key, hashes)
@@ -164,12 +186,16 @@ def _convert(
             view = simulate(_specs(state), rules)
             record["transforms"] = _transforms_record(name, rules, view)
             meta = {k: _meta(n, state) for k, n in view.items()}
-            _check_against(_complete_ties(meta, live.aliases, live.tensors)[0], live, str(src), remap)
+            _check_against(_complete_ties(meta, live.aliases, live.tensors)[0], live, str(src), remap, policy)
             state = _build(view, state)
         state, added, merged = _complete_ties(state, live.aliases, live.tensors)
-        _check_against(state, live, str(src), remap)
-        modules = module_tree(module)
+        comparison = _check_against(state, live, str(src), remap, policy)
+        state, left_out = _apply_policies(state, comparison, live)
+        modules = _without(module_tree(module), comparison.allowed_missing)
         record.update(module=class_name(module), ties_added=added, ties_merged=merged, key_prefix=None)
+        record["left_out"] = [*record.get("left_out", []), *left_out]
+        if comparison.report.allowed:
+            record["allowed"] = [a.to_dict() for a in comparison.report.allowed]
     else:
         if rules:
             view = simulate(_specs(state), rules)
@@ -329,16 +355,38 @@ def _complete_ties(
     return ordered, sorted(added), sorted(merged)
 
 
-def _check_against(state: Mapping[str, torch.Tensor], live: LiveState, where: str, remap: Remap | None) -> None:
+@dataclass(frozen=True)
+class _Policy:
+    """``load``'s key policies, as ``convert`` takes them."""
+
+    strict: bool = True
+    allow_missing: tuple[str, ...] = ()
+    allow_unexpected: tuple[str, ...] = ()
+    untie: bool = False
+    tie: bool = False
+
+
+def _check_against(
+    state: Mapping[str, torch.Tensor], live: LiveState, where: str, remap: Remap | None, policy: _Policy
+) -> Comparison:
     """Compare the converted state with the module (the same comparison ``load`` makes).
 
     Raises:
         ModelMismatchError: with every difference and, for a prefix, the remap that fixes it.
+        PatternError: an allow pattern is not a valid regular expression.
     """
-    comparison = compare(capture(state).spec(), live.spec())
+    comparison = compare(
+        capture(state).spec(),
+        live.spec(),
+        strict=policy.strict,
+        allow_missing=policy.allow_missing,
+        allow_unexpected=policy.allow_unexpected,
+        untie=policy.untie,
+        tie=policy.tie,
+    )
     report = comparison.report
     if report.ok:
-        return
+        return comparison
     if report.suggested_remap:
         combined = {**(remap or {}), **report.suggested_remap}
         flags = " ".join(f"--remap {shlex.quote(f'{p}={r}')}" for p, r in combined.items())
@@ -346,6 +394,54 @@ def _check_against(state: Mapping[str, torch.Tensor], live: LiveState, where: st
         hints.append(f"convert with remap={combined!r} (CLI: {flags})")
         report = replace(report, hints=hints, suggested_remap=combined)
     raise ModelMismatchError(report, path=where)
+
+
+def _apply_policies(
+    state: dict[str, torch.Tensor], comparison: Comparison, live: LiveState
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The state the checkpoint stores after what the policies allowed, and what was left out.
+
+    Allowed unexpected keys are dropped (one ``left_out`` entry per policy that allowed them); an untied key gets its
+    own copy, so the checkpoint has the module's (separate) layout; a discarded key (``tie``)
+    becomes its module tie's first key, stored once.
+    """
+    state = dict(state)
+    by = {a.key: a.by for a in comparison.report.allowed if a.kind == "unexpected"}
+    groups: dict[str, list[str]] = {}
+    for key in sorted(comparison.skipped):
+        groups.setdefault(by.get(key, "policy"), []).append(key)
+    left_out = []
+    for allowed_by, keys in groups.items():
+        size = sum(state[k].numel() * state[k].element_size() for k in keys)
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        what = f"source keys not in the module, allowed by {allowed_by}: {shown}"
+        left_out.append({"path": keys[0] if len(keys) == 1 else allowed_by, "what": what, "tensors": len(keys), "bytes": size})
+        for k in keys:
+            del state[k]
+    for key in comparison.untied:
+        state[key] = state[key].clone()
+    if comparison.discarded:
+        first: dict[str, str] = {}
+        for key in live.tensors:
+            if key in state:
+                first.setdefault(live.aliases.get(key, key), key)
+        for key in comparison.discarded:
+            state[key] = state[first[live.aliases.get(key, key)]]
+    return state, left_out
+
+
+def _without(tree: dict[str, ModuleEntry], keys: Iterable[str]) -> dict[str, ModuleEntry]:
+    """The module tree less the keys the checkpoint does not store (allowed missing)."""
+    tree = dict(tree)
+    for key in keys:
+        owner, _, name = key.rpartition(".")
+        entry = tree[owner]
+        tree[owner] = replace(
+            entry,
+            parameters=tuple(n for n in entry.parameters if n != name),
+            buffers=tuple(n for n in entry.buffers if n != name),
+        )
+    return tree
 
 
 def _common_prefix(state: Mapping[str, torch.Tensor]) -> str | None:
