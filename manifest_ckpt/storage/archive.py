@@ -135,6 +135,8 @@ def unpack(
     if is_url(archive) or is_url(dest):
         return _unpack_remote(archive, dest, verify=verify, progress=progress, storage_options=storage_options)
     source = Path(archive)
+    if not source.exists():
+        raise CheckpointNotFoundError(f"{source}: no such archive (file not found); check the path", file=str(source))
     store = open_archive_store(source) if source.is_file() else None
     if store is None:
         raise CheckpointNotFoundError(
