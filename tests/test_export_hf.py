@@ -14,6 +14,7 @@ import manifest_ckpt as mc
 from manifest_ckpt import cli
 from manifest_ckpt.errors import CheckpointExistsError, ExportError, IntegrityError
 from manifest_ckpt.exporters.hf import parse_shard_size, plan_shards
+from tests._hf import llama
 
 transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -25,20 +26,6 @@ def gpt2() -> Any:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
     return transformers.GPT2LMHeadModel(config).eval()
-
-
-def llama(tied: bool) -> Any:
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -76,7 +63,7 @@ def test_unsharded_gpt2_is_byte_identical_to_save_pretrained_and_reloads_tied(tm
 @pytest.mark.parametrize("tied", [False, True])
 def test_sharded_llama_index_matches_save_pretrained_and_reloads_bit_identical(tmp_path: Path, tied: bool) -> None:
     """Sharded Llama (tied and untied): names, index metadata and keys as save_pretrained; state bit-identical."""
-    model = llama(tied)
+    model = llama(1, tied=tied)
     result, reloaded, out = export_and_reload(model, tmp_path, max_shard_size="20KB")
     model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
     ours = json.loads((out / "model.safetensors.index.json").read_text())
@@ -104,7 +91,7 @@ def header(path: Path) -> tuple[int, dict[str, Any]]:
 
 def test_unsharded_export_records_the_digest_and_reloads_bit_identical(tmp_path: Path) -> None:
     """By default __metadata__ holds format=pt and the digest; only the header differs from save_pretrained's."""
-    model = llama(False)
+    model = llama(1, tied=False)
     result, reloaded, out = export_and_reload(model, tmp_path)
     model.save_pretrained(tmp_path / "hf")
     ours, theirs = (out / "model.safetensors").read_bytes(), (tmp_path / "hf" / "model.safetensors").read_bytes()
@@ -140,7 +127,7 @@ def test_writer_lays_out_every_dtype_as_the_safetensors_library(tmp_path: Path) 
 
 def test_export_is_deterministic(tmp_path: Path) -> None:
     """Two exports of one checkpoint are byte-identical, file by file."""
-    model = llama(False)
+    model = llama(1, tied=False)
     mc.save(model, tmp_path / "ck", record_code=False)
     for name in ("a", "b"):
         mc.export_hf(tmp_path / "ck", tmp_path / name, max_shard_size=30_000)
@@ -174,7 +161,7 @@ def test_shard_plan_is_huggingface_hubs() -> None:
 
 def test_existing_weights_are_refused_then_replaced_with_overwrite(tmp_path: Path) -> None:
     """Weights in DIR are kept unless overwrite; overwrite removes the stale shards of the old layout."""
-    model = llama(False)
+    model = llama(1, tied=False)
     mc.save(model, tmp_path / "ck", record_code=False)
     out = tmp_path / "out"
     first = mc.export_hf(tmp_path / "ck", out, max_shard_size="20KB")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -12,25 +11,12 @@ import torch
 import manifest_ckpt as mc
 from harness import hostile
 from manifest_ckpt.errors import ConversionError, UnsafeCheckpointError
+from tests._hf import llama
 from tests._models import assert_bitwise_equal, snapshot
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-def llama(seed: int, tied: bool = False) -> Any:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def bin_shards(state: dict[str, torch.Tensor], directory: Path, shards: int = 3) -> Path:

@@ -9,26 +9,21 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
+from tests._hf import llama, llama_config
 
 transformers = pytest.importorskip("transformers")
 
 
+# Linear RoPE scaling: its inv_freq buffer is computed at construction, not loaded.
+_ROPE = {"vocab_size": 96, "max_position_embeddings": 64, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+
+
 def _config() -> object:
-    return transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_scaling={"rope_type": "linear", "factor": 2.0},
-    )
+    return llama_config(**_ROPE)
 
 
 def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(_config()).eval()
+    return llama(0, **_ROPE)  # type: ignore[no-any-return]
 
 
 def test_a_llama_built_inside_init_empty_is_usable_after_load(tmp_path: Path) -> None:

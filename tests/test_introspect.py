@@ -14,6 +14,7 @@ from manifest_ckpt.comparison.compare import TensorSpec
 from manifest_ckpt.comparison.introspect import capture, class_name, dtype_name, find_aliases
 from manifest_ckpt.errors import InvalidKeyError, ManifestCkptError, UnsupportedTensorError
 from manifest_ckpt.format.manifest import ModuleEntry
+from tests.property.strategies import DTYPES
 
 LINEAR = "torch.nn.modules.linear.Linear"
 
@@ -298,26 +299,7 @@ def test_unsupported_dtype_is_refused_naming_the_key(dtype: torch.dtype) -> None
 
 def test_every_supported_dtype_is_named() -> None:
     """dtype_name gives the manifest name of every dtype safetensors stores."""
-    for name in (
-        "bool",
-        "uint8",
-        "int8",
-        "int16",
-        "uint16",
-        "int32",
-        "uint32",
-        "int64",
-        "uint64",
-        "float16",
-        "bfloat16",
-        "float32",
-        "float64",
-        "complex64",
-        "float8_e4m3fn",
-        "float8_e4m3fnuz",
-        "float8_e5m2",
-        "float8_e5m2fnuz",
-    ):
+    for name in DTYPES:
         assert dtype_name(torch.zeros(1, dtype=getattr(torch, name)), "k") == name
 
 
