@@ -1,11 +1,13 @@
-"""Run one case in a forked child with a timeout, so that a hang or a crash is an outcome, not a stall."""
+"""Bound one case in time (a forked child, or an alarm in this process), so that a hang is an outcome, not a stall."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def in_child(work: Callable[[], str], timeout: float, *, quiet: bool = False) -> str:
@@ -40,3 +42,26 @@ def in_child(work: Callable[[], str], timeout: float, *, quiet: bool = False) ->
     with os.fdopen(read_end, "rb") as pipe:
         line = pipe.read().decode()
     return line or "crash"
+
+
+class Hang(Exception):
+    """Raised inside :func:`time_limit` when its time runs out."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`Hang` in this (main) thread once ``seconds`` have passed (SIGALRM; no-op on Windows)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Hang(f"still running after {seconds} s")
+
+    if not hasattr(signal, "setitimer"):  # pragma: no cover - Windows: no interval timer
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import manifest_ckpt as mc
+from harness.child import Hang, time_limit
 from manifest_ckpt.errors import ManifestCkptError
 from manifest_ckpt.format.manifest import Manifest
 from manifest_ckpt.format.safetensors_header import parse_header
@@ -60,24 +59,6 @@ _TOKENS = [
     b"\x93",
     b"\x94h\x00",
 ]
-
-
-class _Hang(Exception):
-    pass
-
-
-@contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    def alarm(signum: int, frame: Any) -> None:
-        raise _Hang
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @st.composite
@@ -204,12 +185,12 @@ def fuzz(
     @given(strategy)
     def target(blob: bytes) -> None:
         try:
-            with _time_limit(_EXAMPLE_SECONDS):
+            with time_limit(_EXAMPLE_SECONDS):
                 call(blob)
             outcomes["accepted"] += 1
         except ManifestCkptError:
             outcomes["refused"] += 1
-        except _Hang:
+        except Hang:
             outcomes["hang"] += 1
             findings.append(f"hang on {blob[:80]!r}")
         except Exception as exc:  # noqa: BLE001 - an untyped error is the finding

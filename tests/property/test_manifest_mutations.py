@@ -6,14 +6,12 @@ watched), and a load that does succeed puts exactly the saved bytes in place.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import shutil
-import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +19,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import manifest_ckpt as mc
+from harness.child import time_limit
 from manifest_ckpt.format.manifest import (
     MANIFEST_NAME,
     Chunk,
@@ -47,27 +46,6 @@ CAUGHT = (mc.ManifestError, mc.IntegrityError)
 TIME_LIMIT_S = 20.0
 RSS_GROWTH_LIMIT_KIB = 256 * 1024
 T = TypeVar("T")
-
-
-class Hang(Exception):
-    """An operation on a mutated manifest ran past the time limit."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Hang(f"still running after {seconds} s")
-
-    if not hasattr(signal, "setitimer"):  # pragma: no cover - Windows: no interval timer
-        yield
-        return
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def attempt(
