@@ -713,13 +713,15 @@ import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict_loader import load
-state = {"a": torch.zeros(3), "b": torch.zeros(3), "nested": {"c": torch.zeros(2, dtype=torch.int64)}}
+state = {"a": torch.zeros(3), "b": torch.zeros(3), "nested": {"c": torch.zeros(2, dtype=torch.int64), "step": 0}}
+state["blob"] = None
 load(state, storage_reader=FileSystemReader(sys.argv[1]))
 dcp_to_torch_save(sys.argv[1], sys.argv[2])
-whole = torch.load(sys.argv[2])
-assert sorted(whole) == ["a", "b", "nested"], sorted(whole)
+whole = torch.load(sys.argv[2], weights_only=False)
+assert sorted(whole) == ["a", "b", "blob", "nested"], sorted(whole)
 assert torch.equal(whole["nested"]["c"], torch.arange(2)), whole
-print("ok", state["a"].tolist(), state["b"].tolist(), state["nested"]["c"].tolist())
+print("ok", state["a"].tolist(), state["b"].tolist(), state["nested"]["c"].tolist(), state["nested"]["step"],
+      state["blob"].getvalue())
 """
 
 
@@ -729,7 +731,8 @@ def test_our_save_planner_leaves_dcp_metadata_readable_without_the_library(tmp_p
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     shared = torch.arange(3, dtype=torch.float32)
-    state = {"a": shared, "b": shared, "nested": {"c": torch.arange(2)}}  # a tie: ManifestSavePlanner's aliases
+    # A tie (ManifestSavePlanner's aliases) and non-tensor values (its value tree) stay out of .metadata.
+    state = {"a": shared, "b": shared, "nested": {"c": torch.arange(2), "step": 3}, "blob": io.BytesIO(b"raw")}
     with pytest.warns(UserWarning, match="single process"):
         dcp_save(state, storage_writer=FileSystemWriter(tmp_path / "plain"), planner=mcd.ManifestSavePlanner())
     result = subprocess.run(
@@ -741,7 +744,7 @@ def test_our_save_planner_leaves_dcp_metadata_readable_without_the_library(tmp_p
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[-2] == "ok [0.0, 1.0, 2.0] [0.0, 1.0, 2.0] [0, 1]"
+    assert result.stdout.split("\n")[-2] == "ok [0.0, 1.0, 2.0] [0.0, 1.0, 2.0] [0, 1] 3 b'raw'"
 
 
 # -- application states: get_state_dict, Stateful objects, values --------------------------------

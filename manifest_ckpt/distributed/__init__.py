@@ -101,14 +101,18 @@ def save(
         UnsupportedTensorError: a value is not a tensor or cannot be stored faithfully.
     """
     writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync, storage_options)
-    with _library_errors(lambda: None), _single_process_quiet(no_dist):
-        result = dcp_save(
-            state_dict,
-            storage_writer=writer,
-            planner=ManifestSavePlanner(),
-            process_group=process_group,
-            no_dist=no_dist,
-        )
+    try:
+        with _library_errors(lambda: None), _single_process_quiet(no_dist):
+            result = dcp_save(
+                state_dict,
+                storage_writer=writer,
+                planner=ManifestSavePlanner(),
+                process_group=process_group,
+                no_dist=no_dist,
+            )
+    except BaseException:
+        writer.abandon()  # another rank failed: this one's staging directory goes too
+        raise
     return _manifest_of(result)
 
 

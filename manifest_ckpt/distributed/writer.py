@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
@@ -41,7 +42,9 @@ from manifest_ckpt.errors import (
     ManifestError,
     UnsupportedOptionError,
     UnsupportedTensorError,
+    UnsupportedValueError,
 )
+from manifest_ckpt.format import values as _values
 from manifest_ckpt.format.dtypes import itemsize, nbytes
 from manifest_ckpt.format.keys import check_keys
 from manifest_ckpt.format.manifest import (
@@ -57,6 +60,7 @@ from manifest_ckpt.format.manifest import (
 )
 from manifest_ckpt.storage import commit
 from manifest_ckpt.storage.store import is_url
+from manifest_ckpt.training.tree import Encoder
 from manifest_ckpt.writer import (
     _lineage,
     _require_json,
@@ -109,6 +113,18 @@ class StoredChunk:
     digest: str
     shape: tuple[int, ...]
     file_entry: FileEntry
+
+
+@dataclass(frozen=True)
+class StoredValue:
+    """A non-tensor value of DCP's default save planner (``WriteResult.storage_data``).
+
+    The value is stored as JSON (its node of docs/format.md §8), never pickled; the tensors and
+    byte strings inside it are written to the rank's files, each ``key -> (dtype, chunk)``.
+    """
+
+    node: Any
+    tensors: dict[str, tuple[str, StoredChunk]]
 
 
 class ManifestSavePlanner(DefaultSavePlanner):
@@ -200,15 +216,18 @@ class ManifestStorageWriter(FileSystemWriter):
         thread_count: write each rank's chunks as this many files, on as many threads
             (as ``FileSystemWriter`` does).
         single_file_per_rank: False writes one file per chunk (as ``FileSystemWriter`` does).
-        per_thread_copy_ahead, cache_staged_state_dict, serialization_format: accepted as
-            ``FileSystemWriter`` accepts them; every file is safetensors whatever the format.
+        per_thread_copy_ahead, cache_staged_state_dict: as for ``FileSystemWriter`` (a copy-ahead
+            budget of its writer threads, which change no byte written; staging kept between
+            ``async_save`` calls).
+        serialization_format: ``SerializationFormat.SAFETENSORS``, what every file is.
         storage_options: fsspec options when ``path`` is a URL (``s3://bucket/ck``), the same
             on every rank; each rank uploads its own files.
 
     Raises:
         UnsupportedOptionError: ``_extensions`` (stream transforms such as ``ZStandard``):
             compressed data could not be memory-mapped, digested per tensor or read by
-            ``manifest_ckpt.load``; or a ``thread_count`` below 1.
+            ``manifest_ckpt.load``; a ``thread_count`` below 1; or ``serialization_format=TORCH_SAVE``
+            (the files are safetensors).
     """
 
     def __init__(
@@ -235,6 +254,12 @@ class ManifestStorageWriter(FileSystemWriter):
                 f"ManifestStorageWriter: _extensions={names} is not supported: a manifest checkpoint stores raw "
                 "tensor bytes in safetensors files (memory-mapped on load, digested per tensor). Leave "
                 "_extensions out (compress finished checkpoints with an external tool if you must)."
+            )
+        form = kwargs.get("serialization_format")
+        if form is not None and form != SerializationFormat.SAFETENSORS:
+            raise UnsupportedOptionError(
+                f"ManifestStorageWriter: serialization_format={form} cannot be honoured: every file of a manifest "
+                "checkpoint is safetensors. Pass SerializationFormat.SAFETENSORS or leave it out."
             )
         if not isinstance(thread_count, int) or isinstance(thread_count, bool) or thread_count < 1:
             raise UnsupportedOptionError(f"ManifestStorageWriter: thread_count must be an int >= 1, got {thread_count!r}")
@@ -334,30 +359,46 @@ class ManifestStorageWriter(FileSystemWriter):
         if not isinstance(plan.storage_data, _RankFiles):
             raise ManifestCkptError("ManifestStorageWriter.write_data: the plan was not made by this storage writer")
         rank = plan.storage_data.index
-        files = _files_of(plan.items, self.thread_count if self.single_file_per_rank else None)
-        if self.url is not None:
-            results = self._upload(rank, files, planner)
-        else:
-            results = self._write(Path(self.path).parent / plan.storage_data.staging, rank, files, planner, self.sync_files)
+        try:
+            # A value DCP's default planner would pickle is encoded (or refused) before this rank writes.
+            values = _encode_values(plan.items, planner)
+            tensors = [item for item in plan.items if item.type != WriteItemType.BYTE_IO]
+            files = _files_of(tensors, self.thread_count if self.single_file_per_rank else None)
+            if self.url is not None:
+                results = self._upload(rank, files, values, planner)
+            else:
+                staging = Path(self.path).parent / plan.storage_data.staging
+                results = self._write(staging, rank, files, values, planner, self.sync_files)
+        except BaseException:
+            self.abandon()
+            raise
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
-    def _upload(self, rank: int, files: list[list[WriteItem]], planner: SavePlanner) -> list[WriteResult]:
+    def _upload(
+        self, rank: int, files: list[list[WriteItem]], values: _RankValues, planner: SavePlanner
+    ) -> list[WriteResult]:
         """Write this rank's files locally, then upload them; the manifest that lists them comes later."""
         from manifest_ckpt.storage import remote
 
         assert self.url is not None
         with tempfile.TemporaryDirectory(prefix=".manifest-ckpt-upload.") as tmp:
-            results = self._write(Path(tmp), rank, files, planner, False)
-            names = sorted({r.storage_data.file for r in results if isinstance(r.storage_data, StoredChunk)})
+            results = self._write(Path(tmp), rank, files, values, planner, False)
+            names = sorted({c.file for r in results for c in _result_chunks(r.storage_data)})
             remote.upload_files(self.url, Path(tmp), names, storage_options=self.storage_options)
         return results
 
     def _write(
-        self, directory: Path, rank: int, files: list[list[WriteItem]], planner: SavePlanner, fsync: bool
+        self,
+        directory: Path,
+        rank: int,
+        files: list[list[WriteItem]],
+        values: _RankValues,
+        planner: SavePlanner,
+        fsync: bool,
     ) -> list[WriteResult]:
-        results: list[WriteResult] = []
+        results: list[WriteResult] = _write_values(directory, rank, values, fsync)
         if self.thread_count > 1 and len(files) > 1:
             with ThreadPoolExecutor(min(self.thread_count, len(files))) as pool:
                 jobs = [pool.submit(_write_file, directory, rank, j, items, planner, fsync) for j, items in enumerate(files)]
@@ -368,12 +409,29 @@ class ManifestStorageWriter(FileSystemWriter):
                 results += _write_file(directory, rank, j, items, planner, fsync)
         return results
 
+    def abandon(self) -> None:
+        """Give up a save that failed: the staging directory goes, the checkpoint at the path stays as it was."""
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
+        self._destination = None
+
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         aliases = self._aliases
         lineage = self._lineage_doc
         if lineage is None:
             lineage = _lineage(self.user_lineage, self.parents, self.record_code, self.timestamp, None)
-        manifest = build_manifest(metadata, results, aliases, self.modules, lineage, self.user_metadata, self._tree)
+        tree = self._tree
+        if tree is None:
+            # Another planner (DCP's default): the nesting is rebuilt from its object paths.
+            tree = default_plan_tree(metadata, results)
+            if tree is not None and self.modules is not None:
+                raise ManifestError(
+                    "module= records one module's tree, but the state dict is an application state (nested, or "
+                    "holding values that are not tensors); leave module= out",
+                    field="modules",
+                )
+        manifest = build_manifest(metadata, results, aliases, self.modules, lineage, self.user_metadata, tree)
         if self.url is not None:
             from manifest_ckpt.storage import remote
 
@@ -419,9 +477,22 @@ def build_manifest(
     """
     pieces: dict[str, list[Chunk]] = defaultdict(list)
     files: dict[str, FileEntry] = {}
+    inner: dict[str, tuple[str, tuple[int, ...]]] = {}  # tensors inside values: key -> (dtype, shape)
     for rank_results in results:
         for result in rank_results:
             stored = result.storage_data
+            if isinstance(stored, StoredValue):
+                for key, (dtype, part) in stored.tensors.items():
+                    if key in pieces or isinstance(metadata.state_dict_metadata.get(key), TensorStorageMetadata):
+                        raise UnsupportedValueError(
+                            f"{key!r}: a value of {result.index.fqn!r} holds a tensor or byte string whose dotted key "
+                            "is also a key of the state dict; rename one of them",
+                            keys=(key,),
+                        )
+                    inner[key] = (dtype, part.shape)
+                    pieces[key].append(Chunk((0,) * len(part.shape), part.shape, part.file, part.byte_range, part.digest))
+                    files[part.file] = part.file_entry
+                continue
             if not isinstance(stored, StoredChunk):
                 raise ManifestError(f"write result for {result.index.fqn!r} was not produced by ManifestStorageWriter")
             offsets = tuple(result.index.offset or ())
@@ -429,9 +500,12 @@ def build_manifest(
             files[stored.file] = stored.file_entry
     tensors: dict[str, TensorEntry] = {}
     for key in sorted(pieces):
-        md = metadata.state_dict_metadata[key]
-        assert isinstance(md, TensorStorageMetadata)
-        dtype, shape = torch_dtype_name(md.properties.dtype), tuple(md.size)
+        if key in inner:
+            dtype, shape = inner[key]
+        else:
+            md = metadata.state_dict_metadata[key]
+            assert isinstance(md, TensorStorageMetadata)
+            dtype, shape = torch_dtype_name(md.properties.dtype), tuple(md.size)
         chunks = sorted(pieces[key], key=lambda c: c.offsets)
         if nbytes(dtype, shape) > 0:
             chunks = [c for c in chunks if nbytes(dtype, c.shape) > 0]
@@ -458,6 +532,114 @@ def build_manifest(
         listing = "\n".join(f"  {path}: {message}" for path, message in problems[:10])
         raise ManifestError(f"the distributed save produced an inconsistent manifest:\n{listing}", field=problems[0][0])
     return manifest
+
+
+def default_plan_tree(metadata: Metadata, results: list[list[WriteResult]]) -> Any | None:
+    """The value tree of a save planned by DCP's default planner, or None for a flat dict of tensors.
+
+    That planner flattens nested state to dotted keys and records each key's object path in
+    ``Metadata.planner_data``; the nesting is rebuilt from those paths with DCP's own
+    ``set_element``, so a template-free read gives what it gives for torch's own checkpoint
+    (what DCP's flattening drops, such as empty dicts, is dropped here too).
+    """
+    nodes = {
+        r.index.fqn: r.storage_data.node for rank in results for r in rank if isinstance(r.storage_data, StoredValue)
+    }
+    mappings = metadata.planner_data if isinstance(metadata.planner_data, Mapping) else {}
+    order = [k for k in mappings if k in metadata.state_dict_metadata]
+    order += [k for k in metadata.state_dict_metadata if k not in mappings]
+    paths = {key: tuple(mappings.get(key, (key,))) for key in order}
+    if not nodes and all(path == (key,) for key, path in paths.items()):
+        return None
+
+    nested: dict[str, Any] = {}
+    for key in order:
+        set_element(nested, paths[key], _Placed(nodes.get(key, {"tensor": key})))
+    return _placed_tree(nested)
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A leaf's node, put at its object path while the nesting is rebuilt."""
+
+    node: Any
+
+
+def _placed_tree(obj: Any) -> Any:
+    """The value tree of dicts and lists ``set_element`` built around :class:`_Placed` leaves."""
+    if isinstance(obj, _Placed):
+        return obj.node
+    if isinstance(obj, dict):
+        return {"dict": [[name, _placed_tree(child)] for name, child in obj.items()]}
+    if isinstance(obj, list):
+        return [_placed_tree(child) for child in obj]
+    return obj  # a list slot no path filled: None
+
+
+@dataclass(frozen=True)
+class _RankValues:
+    """A rank's non-tensor values (DCP's ``BYTE_IO`` items), encoded: each item's node, their tensors."""
+
+    nodes: list[tuple[WriteItem, Any]]
+    tensors: dict[str, torch.Tensor]
+
+
+def _encode_values(items: list[WriteItem], planner: SavePlanner) -> _RankValues:
+    """Encode the values DCP's default planner would pickle, from the objects themselves.
+
+    Raises:
+        UnsupportedValueError: a value that needs pickle (naming every one), or a planner
+            that hands the writer only pickled bytes.
+    """
+    wanted = [item for item in items if item.type == WriteItemType.BYTE_IO]
+    if not wanted:
+        return _RankValues([], {})
+    if not isinstance(planner, DefaultSavePlanner):
+        keys = tuple(item.index.fqn for item in wanted)
+        raise UnsupportedValueError(
+            f"{type(planner).__name__} hands the storage writer non-tensor values ({', '.join(map(repr, keys[:5]))}) "
+            "only pickled, and a manifest checkpoint never stores pickle; plan with torch's DefaultSavePlanner "
+            "(or a subclass) or with ManifestSavePlanner. Nothing was committed.",
+            keys=keys,
+        )
+    encoder = Encoder()
+    nodes = [(item, encoder.value(planner.lookup_object(item.index), item.index.fqn)) for item in wanted]
+    encoder.finish()
+    return _RankValues(nodes, encoder.tensors)
+
+
+def _write_values(directory: Path, rank: int, values: _RankValues, fsync: bool) -> list[WriteResult]:
+    """Write the tensors inside a rank's values (one file) and describe each value."""
+    chunks: dict[str, tuple[str, StoredChunk]] = {}
+    if values.tensors:
+        keys = sorted(values.tensors, key=lambda k: (-values.tensors[k].element_size(), k))
+        layout = [(k, torch_dtype_name(values.tensors[k].dtype), tuple(values.tensors[k].shape)) for k in keys]
+        name, entry, digests, ranges = write_safetensors(
+            directory,
+            layout,
+            (values.tensors[k] for k in keys),
+            fsync,
+            name=lambda header_sha256: content_file_name(header_sha256, f"-rank{rank}-values"),
+        )
+        for (key, dtype, shape), digest, rng in zip(layout, digests, ranges):
+            chunks[key] = (dtype, StoredChunk(name, rng, digest, shape, entry))
+    return [
+        WriteResult(
+            index=item.index,
+            size_in_bytes=0,
+            storage_data=StoredValue(node, {k: chunks[k] for _, k, _ in _values.iter_refs(node)}),
+        )
+        for item, node in values.nodes
+    ]
+
+
+def _result_chunks(stored: Any) -> list[StoredChunk]:
+    """The chunks a write result put in files."""
+    if isinstance(stored, StoredChunk):
+        return [stored]
+    if isinstance(stored, StoredValue):
+        return [c for _, c in stored.tensors.values()]
+    return []
 
 
 def _files_of(items: list[WriteItem], buckets: int | None) -> list[list[WriteItem]]:
