@@ -147,6 +147,18 @@ class CheckpointExistsError(ManifestCkptError, FileExistsError):
     """The destination exists and ``overwrite`` was not given."""
 
 
+class ConcurrentWriteError(CheckpointExistsError):
+    """Another writer committed a checkpoint at the URL after this save checked it; this one did not commit.
+
+    Attributes:
+        url: the checkpoint URL.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
 class UnsafeCheckpointError(ManifestCkptError, ValueError):
     """A pickled source references a global outside the allowlist; nothing of it ran.
 

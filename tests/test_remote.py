@@ -201,8 +201,9 @@ def test_overwrite_commits_the_manifest_last_and_deletes_replaced_objects(s3: S3
 def test_a_missing_bucket_gives_typed_errors_naming_the_url(s3: S3) -> None:
     """Reads from and writes to a bucket that does not exist raise typed errors that name the URL."""
     missing = "s3://no-such-bucket/ck"
-    with pytest.raises(mc.CheckpointNotFoundError, match="no-such-bucket"):
+    with pytest.raises(mc.CheckpointNotFoundError, match="bucket 'no-such-bucket' does not exist") as found:
         mc.read_manifest(missing, storage_options=s3.options)
+    assert found.value.file == f"{missing}/manifest.json"
     with pytest.raises(mc.StorageError, match="no-such-bucket") as info:
         mc.save(TiedNet(), missing, storage_options=s3.options, record_code=False)
     assert info.value.url == missing
@@ -556,3 +557,63 @@ def test_distributed_save_and_resharded_load_through_s3(
     single = Model()
     mc.load(single, url, storage_options=s3.options)
     assert_bitwise_equal(single.state_dict(), expected_values())
+
+
+def _race(monkeypatch: pytest.MonkeyPatch, rival: Any) -> None:
+    """Make the next save run ``rival()`` (another writer's whole save) after checking its destination."""
+    original = remote.upload_files
+    calls: list[int] = []
+
+    def upload(*args: Any, **kwargs: Any) -> None:
+        if not calls:
+            calls.append(1)
+            with monkeypatch.context() as inner:
+                inner.setattr(remote, "upload_files", original)
+                rival()
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(remote, "upload_files", upload)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-url", "overwrite"])
+def test_a_concurrent_writer_makes_the_second_commit_fail_typed(
+    s3: S3, url: str, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    """Two saves racing to one URL: the later commit raises ConcurrentWriteError; the first's checkpoint stays whole."""
+    if existing:
+        mc.save(TiedNet(), url, storage_options=s3.options, record_code=False)
+    torch.manual_seed(1)
+    winner, loser = TiedNet(), trained()
+    committed: list[mc.Manifest] = []
+    _race(monkeypatch, lambda: committed.append(
+        mc.save(winner, url, storage_options=s3.options, record_code=False, overwrite=existing)
+    ))
+    with pytest.raises(mc.ConcurrentWriteError, match="another writer") as info:
+        mc.save(loser, url, storage_options=s3.options, record_code=False, overwrite=existing)
+    assert info.value.url == url
+    assert isinstance(info.value, mc.CheckpointExistsError)
+    monkeypatch.undo()
+    # The winner's checkpoint is the one there, complete and bit for bit.
+    assert mc.verify(url, storage_options=s3.options) is None
+    target = TiedNet()
+    assert mc.load(target, url, storage_options=s3.options).manifest.digest == committed[0].digest
+    assert_bitwise_equal(target.state_dict(), winner.state_dict())
+    # The loser's uploaded weights are unreferenced leftovers; the next save removes them.
+    names = {p.rsplit("/", 1)[1] for p in s3.fs.ls(url[5:], detail=False)}
+    assert names > {"manifest.json", *committed[0].files}
+    again = mc.save(loser, url, storage_options=s3.options, record_code=False, overwrite=True)
+    names = {p.rsplit("/", 1)[1] for p in s3.fs.ls(url[5:], detail=False)}
+    assert names == {"manifest.json", *again.files}
+
+
+def test_a_concurrent_writer_to_a_new_memory_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores without S3's conditional writes still refuse a second create (fsspec's mode='create')."""
+    url = "memory://race/new"
+    torch.manual_seed(2)
+    winner = TiedNet()
+    _race(monkeypatch, lambda: mc.save(winner, url, record_code=False))
+    with pytest.raises(mc.ConcurrentWriteError, match="memory://race/new"):
+        mc.save(trained(), url, record_code=False)
+    target = TiedNet()
+    mc.load(target, url)
+    assert_bitwise_equal(target.state_dict(), winner.state_dict())

@@ -13,6 +13,11 @@ all at once), then the objects the previous manifest listed and the new one does
 deleted. A reader therefore sees the old checkpoint, or the new one, never a manifest whose
 files are not all there; an interrupted upload leaves at most unreferenced weights objects,
 which the next successful save to that URL removes.
+
+The manifest's PUT is conditional where the store can make it so (S3: ``If-None-Match: *``
+for a new checkpoint, ``If-Match: <ETag>`` of the manifest the writer checked for an
+overwrite), so of two writers racing to one URL the second to commit fails with
+:class:`ConcurrentWriteError` instead of silently replacing the first's checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 from manifest_ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ConcurrentWriteError,
     IntegrityError,
     ManifestError,
     StorageError,
@@ -156,8 +162,8 @@ class FsspecStore:
             size = self._size(MANIFEST_NAME, "reading the manifest")
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(
-                f"{self.location}: no {MANIFEST_NAME}; this is not a manifest-ckpt checkpoint (or its upload "
-                "did not finish: the manifest is written last)",
+                f"{self.location}: {self._missing_bucket() or f'no {MANIFEST_NAME}'}; this is not a manifest-ckpt "
+                "checkpoint (or its upload did not finish: the manifest is written last)",
                 file=where,
             ) from None
         if size > MAX_MANIFEST_BYTES:
@@ -166,6 +172,17 @@ class FsspecStore:
             data = bytes(self.fs.cat_file(path, start=0, end=size))
         self._count(len(data))
         return data
+
+    def _missing_bucket(self) -> str | None:
+        """``"bucket 'b' does not exist"`` when that is why nothing was found (S3; one more request)."""
+        if not _is_s3(self.fs):
+            return None
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.exists(bucket)
+        except Exception:  # noqa: BLE001 - only a better message is at stake
+            return None
+        return None if found else f"bucket {bucket!r} does not exist (or these credentials cannot see it)"
 
     def file_size(self, name: str) -> int:
         """The size of weights file ``name``, from the store's listing (no data read)."""
@@ -335,13 +352,17 @@ class Destination:
 
     Attributes:
         old: the files the manifest at the destination lists (replaced by the commit).
-        leftovers: weights objects without a manifest, left by interrupted uploads.
+        leftovers: weights objects no manifest lists, left by interrupted or losing uploads.
+        existed: a manifest was there when checked.
+        etag: that manifest's ETag (S3), which the commit's conditional PUT requires unchanged.
     """
 
     url: str
     storage_options: StorageOptions | None
     old: frozenset[str]
     leftovers: frozenset[str]
+    existed: bool = False
+    etag: str | None = None
 
     @property
     def location(self) -> str:
@@ -363,22 +384,79 @@ def check_destination(url: str, *, overwrite: bool, storage_options: StorageOpti
     location = url.rstrip("/")
     manifest_path = f"{root}/{MANIFEST_NAME}"
     with storage_errors(location, "checking the destination"):
-        exists = fs.exists(manifest_path)
-        others = [] if exists else _listing(fs, root)
+        # The ETag first, then the bytes: if another writer commits in between, the commit's
+        # If-Match fails (a conservative conflict), never the reverse (deleting by a stale list).
+        info = _manifest_info(fs, manifest_path)
+        exists = info is not None
+        others = _listing(fs, root)
     if exists and not overwrite:
         raise CheckpointExistsError(f"{location} already holds a checkpoint; pass overwrite=True to replace it")
-    # Weights objects without a manifest are what an interrupted upload leaves (the manifest
+    names = {posixpath.basename(p.rstrip("/")) for p in others}
+    # Weights objects no manifest lists are what an interrupted upload leaves (the manifest
     # goes last): replacing them loses nothing. Anything else is somebody's data.
-    foreign = [p for p in others if not _WEIGHTS_NAME.fullmatch(posixpath.basename(p.rstrip("/")))]
-    if foreign and not overwrite:
+    foreign = sorted(n for n in names if not _WEIGHTS_NAME.fullmatch(n) and n != MANIFEST_NAME)
+    if foreign and not overwrite and not exists:
         raise CheckpointExistsError(
-            f"{location} holds {len(foreign)} objects that are not weights files (e.g. "
-            f"{posixpath.basename(foreign[0].rstrip('/'))!r}) and no {MANIFEST_NAME}; refusing to write into what is "
-            "not a checkpoint. Choose another URL, or pass overwrite=True to write beside them."
+            f"{location} holds {len(foreign)} objects that are not weights files (e.g. {foreign[0]!r}) and no "
+            f"{MANIFEST_NAME}; refusing to write into what is not a checkpoint. Choose another URL, or pass "
+            "overwrite=True to write beside them."
         )
     old = _referenced_files(fs, manifest_path) if exists else set()
-    leftovers = {posixpath.basename(p.rstrip("/")) for p in others if p not in foreign}
-    return Destination(url, storage_options, frozenset(old), frozenset(leftovers))
+    leftovers = {n for n in names if _WEIGHTS_NAME.fullmatch(n)} - old
+    etag = None if info is None else info.get("ETag")
+    return Destination(
+        url, storage_options, frozenset(old), frozenset(leftovers), exists, etag if isinstance(etag, str) else None
+    )
+
+
+def _manifest_info(fs: Any, path: str) -> dict[str, Any] | None:
+    """The store's description of the manifest object (fresh, not from a listing cache), or None."""
+    try:
+        try:
+            info = fs.info(path, refresh=True)
+        except TypeError:  # drivers without the refresh keyword
+            info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return info if isinstance(info, dict) and info.get("type", "file") == "file" else None
+
+
+def _is_s3(fs: Any) -> bool:
+    protocol = fs.protocol
+    return bool({"s3", "s3a"} & ({protocol} if isinstance(protocol, str) else set(protocol)))
+
+
+def _put_manifest(fs: Any, destination: Destination, path: str, manifest: bytes) -> None:
+    """PUT the manifest on condition that the destination's manifest is still the one checked.
+
+    S3 (and servers that implement its conditional writes) enforce it: ``If-None-Match: *``
+    when there was none, ``If-Match`` its ETag when there was one. Other fsspec file systems
+    get ``mode="create"`` for a new checkpoint (an existence check, atomic where the driver
+    makes it so) and an unconditional PUT for an overwrite (see docs/storage.md).
+
+    Raises:
+        ConcurrentWriteError: another writer committed a manifest there since the check.
+    """
+    s3 = _is_s3(fs)
+    try:
+        if not destination.existed:
+            fs.pipe_file(path, manifest, mode="create")
+        elif s3 and destination.etag is not None:
+            fs.pipe_file(path, manifest, IfMatch=destination.etag)
+        else:
+            fs.pipe_file(path, manifest)
+    except (FileExistsError, OSError) as exc:
+        conflict = isinstance(exc, FileExistsError) or "precondition" in f"{exc} {exc.__cause__}".lower()
+        if not conflict:
+            raise
+        what = "created a checkpoint" if not destination.existed else "replaced the checkpoint"
+        raise ConcurrentWriteError(
+            f"{destination.location}: another writer {what} there after this save checked the destination, so "
+            f"this save's {MANIFEST_NAME} was not written (the other checkpoint stays, whole). Its weights objects "
+            "are left unreferenced; the next save to this URL removes them. Load the other checkpoint, or save "
+            "again with overwrite=True to replace it.",
+            url=destination.location,
+        ) from None
 
 
 def upload_files(
@@ -408,12 +486,16 @@ def commit_manifest(destination: Destination, manifest: bytes, names: Iterable[s
     ``names`` are the weights files the new manifest lists, all uploaded before this call.
     Deleted: the files of the manifest that was replaced and the leftovers of interrupted
     uploads, as :func:`check_destination` found them, except any the manifest on the store
-    lists now (another writer may have committed since).
+    lists now.
+
+    Raises:
+        ConcurrentWriteError: another writer committed to the URL since it was checked
+            (detected where the store supports conditional writes; nothing is deleted then).
     """
     fs, root = _filesystem(destination.url, destination.storage_options)
     manifest_path = f"{root}/{MANIFEST_NAME}"
     with storage_errors(destination.location, "committing the manifest", writing=True):
-        fs.pipe_file(manifest_path, manifest)
+        _put_manifest(fs, destination, manifest_path, manifest)
     stale = (destination.old | destination.leftovers) - set(names) - _referenced_files(fs, manifest_path)
     with storage_errors(destination.location, "removing replaced weights", writing=True):
         for name in sorted(stale - {MANIFEST_NAME}):
@@ -523,7 +605,13 @@ def upload_file(local: Path, url: str, *, overwrite: bool, storage_options: Stor
     if exists and not overwrite:
         raise CheckpointExistsError(f"{url} already exists; pass overwrite=True (--overwrite) to replace it")
     with storage_errors(url, "uploading", writing=True):
-        fs.put_file(str(local), root)
+        try:
+            fs.put_file(str(local), root, mode="overwrite" if overwrite else "create")
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"{url}: another writer created it while this archive was built; pass overwrite=True (--overwrite) "
+                "to replace it"
+            ) from None
 
 
 def object_size(url: str, storage_options: StorageOptions | None = None) -> int:
