@@ -375,6 +375,39 @@ def test_demo_runs_offline_and_succeeds(tmp_path: Path) -> None:
     assert (tmp_path / "tiny-gpt" / "manifest.json").is_file()
 
 
+def test_schema_json_prints_the_same_document() -> None:
+    """schema --json is accepted (every command takes --json) and prints the schema document itself."""
+    assert run("schema", "--json") == run("schema")
+
+
+def test_demo_json_reports_every_step(tmp_path: Path) -> None:
+    """demo --json prints one JSON document: each step's outcome, nothing of the narrative."""
+    code, out, err = run("demo", "--dir", str(tmp_path), "--json")
+    assert (code, err) == (0, "")
+    document = json.loads(out)
+    assert (document["ok"], document["failures"]) == (True, 0)
+    assert [s["step"] for s in document["steps"]] == [
+        "save", "inspect", "verify", "refuse_wrong_model", "refuse_prefixed_keys", "load_with_remap",
+    ]
+    assert all(s["ok"] for s in document["steps"])
+    by_name = {s["step"]: s for s in document["steps"]}
+    assert by_name["save"]["digest"] == mc.read_manifest(tmp_path / "tiny-gpt").digest
+    assert by_name["refuse_wrong_model"]["problems"] == 8
+    assert by_name["refuse_prefixed_keys"]["suggested_remap"] == {"^module\\.": ""}
+    assert by_name["load_with_remap"]["bit_exact"] is True
+
+
+def test_every_command_takes_json() -> None:
+    """Each subcommand's help lists --json (the brief: --json on every command)."""
+    parser = cli._parser(io.StringIO())
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert sorted(commands) == [
+        "check", "convert", "demo", "diff", "export-hf", "inspect", "lineage", "pack", "schema", "unpack", "verify",
+    ]
+    for name, sub in commands.items():
+        assert "--json" in sub._option_string_actions, name
+
+
 def test_demo_creates_its_directory(tmp_path: Path) -> None:
     """demo --dir with a directory that does not exist yet creates it (regression: exited 2)."""
     target = tmp_path / "new" / "demo"

@@ -160,7 +160,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from manifest_ckpt.format.schema import schema_text
 
-    out.write(schema_text())
+    out.write(schema_text())  # already the JSON document, with or without --json
     return EXIT_OK
 
 
@@ -169,9 +169,9 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     if args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
-        return run_demo(Path(args.dir), out)
+        return run_demo(Path(args.dir), out, as_json=args.json)
     with tempfile.TemporaryDirectory(prefix="manifest-ckpt-demo-") as tmp:
-        return run_demo(Path(tmp), out)
+        return run_demo(Path(tmp), out, as_json=args.json)
 
 
 def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -307,9 +307,15 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def add(name: str, handler: Command, help_text: str, *, storage: bool = False) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Command, help_text: str, *, storage: bool = False, progress: bool = False
+    ) -> argparse.ArgumentParser:
+        """A subcommand; every one takes ``--json``, long-running ones ``--quiet``, URL-reading ones storage options."""
         p = sub.add_parser(name, help=help_text, description=help_text, stream=stream, out=out)
         p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if progress:
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
         if storage:
             p.add_argument(
                 "--storage-option", action="append", default=[], metavar="KEY=VALUE",
@@ -321,14 +327,11 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p = add("inspect", _cmd_inspect, "show the module tree, dtypes, sizes, digest and lineage", storage=True)
     p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--depth", type=int, default=None, help="show the module tree to this depth")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = add("verify", _cmd_verify, "check schema, file binding, sizes, every digest, and parents found", storage=True)
+    p = add("verify", _cmd_verify, "check schema, file binding, sizes, every digest, and parents found", storage=True, progress=True)
     p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--search", action="append", default=[], metavar="DIR",
                    help="also verify parents found under DIR (repeatable)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("check", _cmd_check, "compare a checkpoint with a model built by a factory; load nothing", storage=True)
     p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
@@ -343,14 +346,13 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--cast", action="store_true", help="accept dtype differences (load would cast)")
     p.add_argument("--no-check-classes", dest="check_classes", action="store_false",
                    help="accept different layer classes (a deliberate swap); names, shapes, dtypes still checked")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     add("schema", _cmd_schema, "print the manifest JSON Schema")
 
     p = add("demo", _cmd_demo, "save, inspect, verify, refuse a wrong model, load through a suggested remap")
     p.add_argument("--dir", help="keep the demo's checkpoints in this directory")
 
-    p = add("convert", _cmd_convert, "convert a .pth/.ckpt/.bin, .safetensors or sharded HF checkpoint; runs no pickled code", storage=True)
+    p = add("convert", _cmd_convert, "convert a .pth/.ckpt/.bin, .safetensors or sharded HF checkpoint; runs no pickled code", storage=True, progress=True)
     p.add_argument("src", help="a torch.save file (.pt/.pth/.bin/.ckpt), a .safetensors file, a *.safetensors.index.json or "
                                "*.bin.index.json, or a directory with one index and its shards")
     p.add_argument("dst", help="the checkpoint directory to create")
@@ -363,8 +365,6 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
                    help="key transforms after --remap: a rule set (mixtral, qwen2_moe, qwen3_moe, deepseek_v2, "
                         "deepseek_v3) or a JSON list of rules (stack/unstack/concat/split/transpose/rename)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("export-hf", _cmd_export_hf, "write a checkpoint as a save_pretrained directory (from_pretrained loads it)",
             storage=True)
@@ -374,37 +374,28 @@ def _parser(stream: TextIO, out: TextIO | None = None) -> _Parser:
     p.add_argument("--overwrite", action="store_true", help="replace weight files already in DIR")
     p.add_argument("--no-digest", action="store_true",
                    help="leave the checkpoint's digest out of the files' metadata (exactly save_pretrained's bytes)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = add("pack", _cmd_pack, "write a checkpoint as one reproducible, page-aligned tar archive", storage=True)
+    p = add("pack", _cmd_pack, "write a checkpoint as one reproducible, page-aligned tar archive", storage=True, progress=True)
     p.add_argument("ckpt", help="checkpoint directory or manifest.json")
     p.add_argument("out", help="archive file to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip hashing every tensor before packing")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("unpack", _cmd_unpack, "extract an archive into a new directory; refuse unsafe entries", storage=True)
+    p = add("unpack", _cmd_unpack, "extract an archive into a new directory; refuse unsafe entries", storage=True, progress=True)
     p.add_argument("archive", help="archive file")
     p.add_argument("dir", help="directory to create (must not exist, or be empty)")
     p.add_argument("--no-verify", action="store_true", help="skip hashing every tensor before extracting")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("diff", _cmd_diff, "structure, value and lineage differences; exit 0 identical, 1 different", storage=True)
+    p = add("diff", _cmd_diff, "structure, value and lineage differences; exit 0 identical, 1 different", storage=True, progress=True)
     p.add_argument("a", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("b", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--no-values", action="store_true", help="list keys whose digests differ without reading them")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("lineage", _cmd_lineage, "print the ancestry, verifying every ancestor found by digest", storage=True)
+    p = add("lineage", _cmd_lineage, "print the ancestry, verifying every ancestor found by digest", storage=True, progress=True)
     p.add_argument("path", help="checkpoint directory, manifest.json, archive or URL")
     p.add_argument("--search", action="append", default=[], metavar="DIR",
                    help="look for ancestors under DIR (repeatable): checkpoint directories and archives")
     p.add_argument("--no-verify", action="store_true", help="find ancestors without hashing their tensors")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
