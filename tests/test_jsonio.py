@@ -162,3 +162,35 @@ def test_duplicate_key_in_hf_index_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConversionError, match='the key "w" appears twice'):
         mc.convert(directory, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ('"dtype": "float32"', '"dtype": "int8", "dtype": "float32"'),  # schema-valid once collapsed
+        ('"aliases": {}', '"aliases" : {}, "aliases": {}'),  # whitespace before the colon
+        ('"aliases": {}', '"aliases"\n:{"a": "weight", "a": "weight"}'),
+    ],
+)
+def test_duplicate_key_is_refused_on_the_fast_path_too(manifest_text: tuple[Path, str], old: str, new: str) -> None:
+    """A repeated key deep in a tensor entry, or spelled with a spaced colon, is still refused by name."""
+    ckpt, _ = manifest_text
+    rewrite(ckpt, old, new)
+    with pytest.raises(ManifestError, match=r"the key \"(dtype|aliases|a)\" appears twice in one JSON object"):
+        mc.read_manifest(ckpt)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b'{"a": NaN}', b'{"a": ' + HUGE_INT.encode() + b"}", b'"\\ud800"', b'{"a" : 1}', b"\xef\xbb\xbf{}", b"{", b'{"a": "\xff"}'],
+)
+def test_decode_fast_leaves_what_it_cannot_vouch_for_to_loads(text: bytes) -> None:
+    """NaN, huge integers, lone surrogates, spaced colons, a BOM and broken text get None: loads decides."""
+    assert jsonio.decode_fast(text) is None
+
+
+def test_decode_fast_bound_counts_every_key_written() -> None:
+    """The bound counts a repeated key that the parsed document has collapsed, so counting finds it."""
+    document, bound = jsonio.decode_fast(b'{"a": {"b": 1, "b": 2}, "c": [{"d": "x\\":"}]}') or (None, 0)
+    assert document == {"a": {"b": 2}, "c": [{"d": 'x":'}]}
+    assert (bound, jsonio.count_keys(document)) == (6, 4)  # 5 keys written + the string's '":'; 4 parsed

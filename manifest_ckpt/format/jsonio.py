@@ -5,6 +5,12 @@ take the first), raises a bare ``ValueError`` for integers over Python's 4,300-d
 returns strings holding lone UTF-16 surrogates that cannot be written back as UTF-8, and
 builds values nested so deeply that walking them later raises ``RecursionError``. Here each
 of those is refused when the document is parsed, with an error naming the file.
+
+:func:`decode_fast` is the quick way in for large documents (a manifest of 100,000 tensors is
+36 MB): msgspec's decoder, about twice as fast as ``json.loads`` with a duplicate-key hook,
+with an upper bound on the keys the text holds, so that the caller, who knows the shape of
+the document, can prove there was no duplicate key by counting the parsed ones. Whatever it
+cannot vouch for goes through :func:`loads`, whose errors and values are the reference.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
+import msgspec
+
 from manifest_ckpt.errors import ManifestCkptError
 
-__all__ = ["MAX_DEPTH", "check_value", "loads"]
+__all__ = ["MAX_DEPTH", "check_value", "count_keys", "decode_fast", "loads"]
 
 # Deepest nesting accepted inside a free-form value (lineage, metadata, extensions). Real
 # records are a handful of levels deep; this leaves the recursive walks that digest, validate
@@ -27,6 +35,10 @@ _MAX_INT_DIGITS: Final = getattr(sys, "get_int_max_str_digits", lambda: 4300)() 
 # A \\uD800-\\uDFFF escape: only then can the parsed document hold a lone surrogate (raw
 # UTF-8 cannot encode one, and invalid UTF-8 fails decoding).
 _SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+# A key followed by whitespace before its colon: the one spelling that count(b'":') misses.
+_SPACED_COLON: Final = re.compile(rb'"[ \t\n\r]+:')
+_decode: Final = msgspec.json.Decoder().decode
 
 ErrorFactory = Callable[[str], ManifestCkptError]
 
@@ -82,6 +94,45 @@ def loads(data: bytes | str, *, where: str, what: str, error: ErrorFactory) -> A
         if problem is not None:
             raise error(f"{where}: {problem}; expected {what} in valid Unicode")
     return document
+
+
+def decode_fast(data: bytes | str) -> tuple[Any, int] | None:
+    """Parse a JSON document quickly: ``(document, key_bound)``, or None where :func:`loads` must decide.
+
+    ``key_bound`` is at least the number of object keys in the text (every ``"`` directly
+    followed by ``:``; a string may add to it, never take away). The parsed document holds
+    one key fewer for each key repeated in an object, so a caller that counts the parsed
+    keys and finds ``key_bound`` proves that no object repeated a key. Otherwise (fewer keys,
+    a bound it cannot count) it must parse again with :func:`loads`.
+
+    None when msgspec refuses the text (not JSON, invalid UTF-8, a lone surrogate, NaN,
+    an integer msgspec cannot hold, nesting past its limit) or a key is followed by
+    whitespace before its colon (which the bound would miss): :func:`loads` then accepts or
+    refuses it exactly as before, with its own messages. What msgspec accepts it parses to
+    the values ``json.loads`` gives (integers of any size it holds, correctly rounded floats).
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if _SPACED_COLON.search(raw):
+        return None
+    try:
+        document = _decode(raw)
+    except (msgspec.MsgspecError, ValueError, RecursionError):
+        return None
+    return document, raw.count(b'":')
+
+
+def count_keys(value: Any) -> int:
+    """The number of object keys in a parsed JSON value, nested ones included (iteratively)."""
+    count = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, dict | list))
+    return count
 
 
 def check_value(value: Any, path: str, *, max_depth: int = MAX_DEPTH) -> str | None:

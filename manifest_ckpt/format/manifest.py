@@ -227,7 +227,14 @@ class Manifest:
             ManifestError: the bytes are not JSON, or the document is invalid.
             UnsupportedVersionError: the format's major version is not 1.
         """
-        with _gc_paused():
+        with _gc_paused():  # parsing and building 100,000 entries allocates no cycles
+            fast = _jsonio.decode_fast(data)
+            if fast is not None:
+                document, key_bound = fast
+                # The quick way holds only for a schema-valid document without a repeated key;
+                # anything else is parsed again strictly, so errors come as they always did.
+                if _schema_valid(document) and _count_manifest_keys(document) == key_bound:
+                    return cls._from_valid(document, file=file)
             document = _jsonio.loads(
                 data,
                 where=file or "manifest",
@@ -235,7 +242,6 @@ class Manifest:
                 "or restore the file)",
                 error=lambda message: ManifestError(message, file=file),
             )
-        with _gc_paused():  # building 100,000 entries allocates no cycles either
             return cls.from_dict(document, file=file)
 
     @classmethod
@@ -252,6 +258,20 @@ class Manifest:
         from manifest_ckpt.format.schema import validate
 
         validate(document, file=file)
+        return cls._build(document, file=file)
+
+    @classmethod
+    def _from_valid(cls, document: dict[str, Any], *, file: str | None) -> Manifest:
+        """:meth:`from_dict` of a document already known to follow the schema."""
+        where = file or "manifest"
+        _check_version(document, where, file)
+        _check_free_form(document, where, file)
+        return cls._build(document, file=file)
+
+    @classmethod
+    def _build(cls, document: dict[str, Any], *, file: str | None) -> Manifest:
+        """The manifest of a schema-valid document, after the rules the schema cannot express."""
+        where = file or "manifest"
         files = {name: FileEntry(int(f["size"]), f["header_sha256"]) for name, f in document["files"].items()}
         tensors = {key: _tensor_from_dict(t) for key, t in document["tensors"].items()}
         modules = modules_from_dict(document["modules"])
@@ -482,6 +502,31 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _schema_valid(document: Any) -> bool:
+    from manifest_ckpt.format.schema import is_valid
+
+    return is_valid(document)
+
+
+def _count_manifest_keys(document: dict[str, Any]) -> int:
+    """The object keys of a schema-valid manifest document, counted by its known shape.
+
+    The schema fixes where objects can be: file, tensor, chunk and module entries hold no
+    object but a tensor's chunks; only lineage, metadata and extensions are free-form.
+    """
+    count = len(document) + len(document["files"]) + len(document["tensors"]) + len(document["aliases"])
+    count += sum(map(len, document["files"].values()))
+    tensors = document["tensors"].values()
+    count += sum(map(len, tensors))
+    count += sum(sum(map(len, t["chunks"])) for t in tensors if "chunks" in t)
+    modules = document["modules"]
+    if modules is not None:
+        count += len(modules) + sum(map(len, modules.values()))
+    for name in ("lineage", "metadata", "extensions"):
+        count += _jsonio.count_keys(document.get(name))
+    return count
 
 
 def modules_from_dict(modules: Mapping[str, Any] | None) -> dict[str, ModuleEntry] | None:

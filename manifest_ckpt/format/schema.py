@@ -33,6 +33,7 @@ __all__ = [
     "MAX_ERRORS",
     "SCHEMA_NAME",
     "SchemaViolation",
+    "is_valid",
     "iter_errors",
     "load_schema",
     "schema_text",
@@ -210,6 +211,14 @@ def iter_errors(document: Any) -> Iterator[SchemaViolation]:
             for e in islice(_reference().iter_errors(document), MAX_ERRORS)
         ]
     return iter(found)
+
+
+def is_valid(document: Any) -> bool:
+    """Whether ``document`` follows the manifest schema (no error is built: the quick check)."""
+    try:
+        return bool(_validator().is_valid(document))
+    except ValueError:
+        return False  # a value JSON cannot hold: validate() explains it
 
 
 def validate(document: Any, *, file: str | None = None) -> None:
