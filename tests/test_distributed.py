@@ -16,13 +16,10 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,7 @@ from manifest_ckpt import distributed as mcd
 from manifest_ckpt.comparison.report import Problem, Report
 from manifest_ckpt.distributed.reader import merge_reports
 from manifest_ckpt.errors import UnsupportedValueError
+from tests import _ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,58 +256,20 @@ def _scenario_remote(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
 SCENARIOS = {"save": _scenario_save, "load": _scenario_load, "remote": _scenario_remote}
 
 
-def _rank_main(scenario: str, rank: int, world: int, port: int, directory: Path) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _with_mesh(scenario: Callable[[int, Any, Path], dict[str, Any]]) -> _ranks.Scenario:
+    """A scenario given a 1-D CPU mesh of all ranks."""
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        result = SCENARIOS[scenario](rank, mesh, directory)
-        (directory / f"{scenario}-{rank}.json").write_text(json.dumps(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    def run(rank: int, world: int, directory: Path) -> dict[str, Any]:
+        from torch.distributed.device_mesh import init_device_mesh
 
+        return scenario(rank, init_device_mesh("cpu", (world,)), directory)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return run
 
 
 def run_ranks(scenario: str, world: int, directory: Path, *, timeout: float = 150) -> list[dict[str, Any]]:
     """Start ``world`` processes of this file as one gloo group and collect each rank's JSON."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    port = _free_port()
-    logs = [directory / f"{scenario}-{rank}.log" for rank in range(world)]
-    procs = []
-    for rank in range(world):
-        with open(logs[rank], "wb") as log:
-            argv = [sys.executable, __file__, scenario, str(rank), str(world), str(port), str(directory)]
-            procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        text = "\n".join(f"--- rank {r} (exit {rc}) ---\n{logs[r].read_text()[-4000:]}" for r, rc in failed)
-        pytest.fail(f"{scenario} on {world} ranks failed:\n{text}")
-    return [json.loads((directory / f"{scenario}-{rank}.json").read_text()) for rank in range(world)]
+    return _ranks.run_ranks(Path(__file__).resolve(), scenario, world, directory, timeout=timeout)
 
 
 # -- multi-process runs ------------------------------------------------------------------------
@@ -926,7 +886,6 @@ def test_merged_report_names_the_ranks_that_differ() -> None:
 
 if __name__ == "__main__":
     # Through the package, so Model's class name is the one pytest sees (for class checks).
-    from tests.test_distributed import _rank_main as rank_main
+    from tests.test_distributed import SCENARIOS as scenarios
 
-    _scenario, _rank, _world, _port, _directory = sys.argv[1:6]
-    rank_main(_scenario, int(_rank), int(_world), int(_port), Path(_directory))
+    _ranks.rank_main({name: _with_mesh(run) for name, run in scenarios.items()}, sys.argv[1:])
