@@ -363,6 +363,8 @@ class _Weights:
         self.store = store
         self.manifest = manifest
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}
+        # Pieces fetched by ``prefetch`` from a store that is not mapped: (file, start, end) -> bytes.
+        self._pieces: dict[tuple[str, int, int], bytearray] = {}
         self._by_file: dict[str, list[Piece]] | None = None
 
     def bind(self, names: Iterable[str]) -> None:
@@ -440,8 +442,43 @@ class _Weights:
         for name in sorted(set(names)):
             self.store.file_map(name)
 
+    def prefetch(self, jobs: Iterable[tuple[str, Chunk]], *, verify: bool) -> None:
+        """Fetch exactly the bytes of these ``(key, piece)`` pairs from a store that is not mapped.
+
+        Each piece's range is read once (the store's concurrent ranged blocks) into memory of its
+        own size, hashed on the way when ``verify``; :meth:`raw` then serves it. So a load that
+        needs values before copying holds the tensors it reads, never whole files.
+
+        Raises:
+            IntegrityError: with ``verify``, pieces whose bytes do not match their digests (all named).
+        """
+        todo = {(c.file, *c.byte_range): (key, c) for key, c in jobs}
+        ranges = sorted(r for r in todo if r not in self._pieces)
+        buffers = [bytearray(end - start) for _, start, end in ranges]
+        hashers = [hashlib.sha256() for _ in ranges] if verify else []
+        for index, offset, piece in self.store.stream(ranges):
+            memoryview(buffers[index])[offset : offset + len(piece)] = piece
+            if verify:
+                hashers[index].update(piece)
+        if verify:
+            found = ("sha256:" + h.hexdigest() for h in hashers)
+            self.raise_mismatches([(*todo[r], d) for r, d in zip(ranges, found) if d != todo[r][1].digest])
+        self._pieces.update(zip(ranges, buffers))
+
     def raw(self, chunk: Chunk) -> torch.Tensor:
-        """The chunk's bytes as a uint8 tensor mapped from the file (no copy)."""
+        """The chunk's bytes as a uint8 tensor mapped from the file (no copy).
+
+        A store that is not mapped (object storage) serves a prefetched piece, else reads just
+        this piece's byte range (never the whole file).
+        """
+        if not self.store.mapped:
+            where = (chunk.file, *chunk.byte_range)
+            data = self._pieces.get(where)
+            if data is None:
+                data = bytearray(chunk.byte_range[1] - chunk.byte_range[0])
+                for _, offset, piece in self.store.stream([where]):
+                    memoryview(data)[offset : offset + len(piece)] = piece
+            return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         if chunk.file not in self._buffers:
             mapping, offset, _ = self.store.file_map(chunk.file)
             self._buffers[chunk.file] = (torch.frombuffer(mapping, dtype=torch.uint8), offset)
@@ -648,19 +685,27 @@ def load(
         if computed
         else {_stored(manifest, k) for t in targets for k in (built[t].sources() if t in built else [source_key[t]])}
     )
+    referenced: set[str] = set()  # what extra state references (read as values, before any copy)
     for key in extra:
         if key in source_key:
-            stored |= {ref for _, ref, _ in values.iter_refs(manifest.extra_state[source_key[key]])}
+            referenced |= {_stored(manifest, ref) for _, ref, _ in values.iter_refs(manifest.extra_state[source_key[key]])}
+    stored |= referenced
     weights = _Weights(store, manifest)
     files = {c.file for key in stored for c in manifest.tensors[key].pieces()}
     weights.bind(files)
     verifying = verify_digests or expect_digest is not None
     # Object storage: the needed ranges stream straight into the targets (bounded memory, each
     # byte fetched once, hashed on the way); a mismatch restores the module like any failure.
-    streamed = not store.mapped and not computed and not built and not extra
-    if verifying and not streamed:
-        # Map (remotely: fetch) each file before hashing, so the bytes hashed are the bytes
-        # copied and object storage is read once, not once to hash and again to copy.
+    # Transformed keys stream into their regions of the targets; machinery that computes
+    # values (derived keys) needs the stored values first.
+    streamed = not store.mapped and not computed and all(_streamable(built[k]) for k in targets if k in built)
+    if not store.mapped:
+        # Values needed before copying are fetched piece by piece (just their byte ranges, each
+        # once, verified on the way), never whole files.
+        early = referenced if streamed else stored
+        weights.prefetch(((k, c) for k in sorted(early) for c in manifest.tensors[k].pieces()), verify=verifying)
+    elif verifying:
+        # Map each file before hashing, so the bytes hashed are the bytes copied.
         weights.map_files(files)
         weights.verify(stored)
     given = _machinery_values(module, weights, manifest, plan, computed, strict) if computed else {}
@@ -709,7 +754,13 @@ def load(
     try:
         with torch.no_grad():
             if streamed:
-                jobs = [(fresh[k] if k in fresh else live.tensors[k], _stored(manifest, source_key[k])) for k in targets]
+                jobs: list[tuple[torch.Tensor, str]] = []
+                for k in targets:
+                    target = fresh[k] if k in fresh else live.tensors[k]
+                    if k in built:  # each source into its region of the target
+                        assemble.fill(target, built[k], lambda region, s: jobs.append((region, _stored(manifest, s))), _no_value)
+                    else:
+                        jobs.append((target, _stored(manifest, source_key[k])))
                 _stream_fill(weights, jobs, verify=verifying)
                 done = len(in_place)
             for key in in_place[done:]:
@@ -1027,6 +1078,7 @@ def _fill(target: torch.Tensor, weights: _Weights, manifest: Manifest, stored_ke
     start, end = entry.byte_range or (0, 0)
     if (
         entry.chunks is None
+        and weights.store.mapped
         and end - start <= _MEMMOVE_MAX
         and type(target) in (torch.Tensor, nn.Parameter)
         and target.is_cpu
@@ -1053,6 +1105,15 @@ def _fill(target: torch.Tensor, weights: _Weights, manifest: Manifest, stored_ke
                 # torch has no copy kernel for packed 4-bit floats; the bytes are the values.
                 region, source = region.view(torch.uint8), source.view(torch.uint8)
             region.copy_(source)
+
+
+def _streamable(node: Node) -> bool:
+    """True when every source of a transformed key lands in a region of the target (no select or narrow)."""
+    return node.op in ("source", "stack", "concat", "transpose") and all(_streamable(p) for p in node.parts)
+
+
+def _no_value(key: str) -> torch.Tensor:
+    raise AssertionError(f"{key!r}: a streamed transform read a value (_streamable admits no select or narrow)")
 
 
 def _stream_fill(weights: _Weights, jobs: list[tuple[torch.Tensor, str]], *, verify: bool) -> None:

@@ -250,6 +250,15 @@ def _scenario_remote(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     loaded = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
     out["load_digest"] = mcd.load(loaded, url, verify_digests=True, storage_options=options).digest
     out["exact"] = _bit_exact(loaded)
+    # Without verification each rank streams just the byte spans of the regions it reads.
+    stores: list[remote.FsspecStore] = []
+    opener = remote.open_remote_store
+    remote.open_remote_store = lambda u, o=None: stores.append(opener(u, o)) or stores[-1]  # type: ignore[assignment]
+    streamed = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
+    mcd.load(streamed, url, storage_options=options)
+    remote.open_remote_store = opener  # type: ignore[assignment]
+    out["exact_streamed"] = _bit_exact(streamed)
+    out["bytes_read"] = sum(store.bytes_read for store in stores)
     return out
 
 

@@ -208,10 +208,11 @@ class ManifestStorageReader(FileSystemReader):
             return
         files = {c.file for _, c in pieces}
         self.weights.bind(files)
-        if self.verify_digests:
-            # Map (remotely: fetch) the files first, so object storage is read once, not once
-            # to hash and again to copy.
-            self.weights.map_files(files)
+        if self.verify_digests and not self.weights.store.mapped:
+            # Object storage: just this rank's pieces, each byte fetched once and hashed on the
+            # way, then copied from memory by read_data (so no rank copies before all verified).
+            self.weights.prefetch(sorted(pieces, key=lambda p: (p[1].file, p[1].byte_range)), verify=True)
+        elif self.verify_digests:
             self.weights.verify_pieces(sorted(pieces, key=lambda p: (p[0], p[1].offsets)))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
@@ -230,29 +231,77 @@ class ManifestStorageReader(FileSystemReader):
                 continue
             stored, chunk = self.index.chunks[item.storage_index]
             per_file[chunk.file].append((item, stored, chunk))
+        reads = [r for name in sorted(per_file) for r in sorted(per_file[name], key=lambda r: r[2].byte_range)]
         with torch.no_grad():
-            for name in sorted(per_file):
-                for item, stored, chunk in sorted(per_file[name], key=lambda r: r[2].byte_range):
-                    entry = self.index.manifest.tensors[stored]
-                    source = self.weights.view(chunk, entry.dtype)
-                    region = source[tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
-                    target = planner.resolve_tensor(item).detach()
-                    if target.shape != region.shape:
-                        raise ManifestCkptError(
-                            f"{item.dest_index.fqn!r}: the plan reads {list(region.shape)} into {list(target.shape)}"
-                        )
-                    if target.dtype != region.dtype and not allow_cast:
-                        # Guard for planners that do not compare dtypes first (DCP's own casts silently).
-                        want = torch_dtype_name(target.dtype)
-                        problem = Problem("dtype", item.dest_index.fqn, f"{want}", f"{entry.dtype}")
-                        raise ModelMismatchError(
-                            Report([problem], ["load with cast=True to convert"]), path=self.index.location
-                        )
-                    target.copy_(region)
-                    planner.commit_tensor(item, target)
+            if self.weights.store.mapped or self.verify_digests:  # mapped, or prefetched and verified
+                for item, stored, chunk in reads:
+                    source = self.weights.view(chunk, self.index.manifest.tensors[stored].dtype)
+                    self._copy(item, stored, source[_region(item.storage_offsets, item.lengths)], planner, allow_cast)
+            else:
+                self._stream(reads, planner, allow_cast)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+    def _stream(self, reads: list[tuple[ReadItem, str, Chunk]], planner: LoadPlanner, allow_cast: bool) -> None:
+        """Copy each read from the store's stream (object storage): ranged, concurrent, bounded memory.
+
+        Per stored piece, only the bytes spanning the regions this rank reads are fetched (the
+        rows of a dim-0 shard exactly), each once, in the store's blocks; a piece's span is
+        gathered in a buffer of its size and copied into the targets once complete.
+        """
+        assert self.index is not None and self.weights is not None
+        groups: dict[tuple[str, int, int], list[tuple[ReadItem, str, Chunk]]] = defaultdict(list)
+        for read in reads:
+            groups[(read[2].file, read[2].byte_range[0], read[2].byte_range[1])].append(read)
+        spans: list[tuple[int, int, list[tuple[ReadItem, str, Chunk]]]] = []  # element span of the piece, reads
+        for group in groups.values():
+            chunk = group[0][2]
+            firsts = [_flat_index(chunk.shape, i.storage_offsets) for i, _, _ in group]
+            lasts = [_flat_index(chunk.shape, [o + n - 1 for o, n in zip(i.storage_offsets, i.lengths)]) + 1 for i, _, _ in group]
+            empty = [any(n == 0 for n in i.lengths) for i, _, _ in group]
+            for (item, stored, _), is_empty in zip(group, empty):
+                if is_empty:  # nothing to read, but the planner still takes the (empty) tensor
+                    self._copy(item, stored, torch.empty(tuple(item.lengths), dtype=_dtype(self, stored)), planner, allow_cast)
+            live = [(f, e) for f, e, is_empty in zip(firsts, lasts, empty) if not is_empty]
+            if live:
+                spans.append((min(f for f, _ in live), max(e for _, e in live), [r for r, x in zip(group, empty) if not x]))
+        ranges = []
+        for lo, hi, group in spans:
+            chunk = group[0][2]
+            size = _dtype(self, group[0][1]).itemsize
+            ranges.append((chunk.file, chunk.byte_range[0] + lo * size, chunk.byte_range[0] + hi * size))
+        buffers: dict[int, bytearray] = {}
+        received = [0] * len(ranges)
+        for index, offset, piece in self.weights.store.stream(ranges):
+            _, start, end = ranges[index]
+            buf = buffers.setdefault(index, bytearray(end - start))
+            memoryview(buf)[offset : offset + len(piece)] = piece
+            received[index] += len(piece)
+            if received[index] < end - start:
+                continue
+            lo, _, group = spans[index]
+            del buffers[index]
+            for item, stored, chunk in group:
+                flat = torch.frombuffer(buf, dtype=torch.uint8).view(_dtype(self, stored))
+                region = flat.as_strided(
+                    tuple(item.lengths), _strides(chunk.shape), _flat_index(chunk.shape, item.storage_offsets) - lo
+                )
+                self._copy(item, stored, region, planner, allow_cast)
+
+    def _copy(self, item: ReadItem, stored: str, region: torch.Tensor, planner: LoadPlanner, allow_cast: bool) -> None:
+        """Copy a read's stored region into the planner's tensor, refusing a shape or (uncast) dtype difference."""
+        assert self.index is not None
+        target = planner.resolve_tensor(item).detach()
+        if target.shape != region.shape:
+            raise ManifestCkptError(f"{item.dest_index.fqn!r}: the plan reads {list(region.shape)} into {list(target.shape)}")
+        if target.dtype != region.dtype and not allow_cast:
+            # Guard for planners that do not compare dtypes first (DCP's own casts silently).
+            want = torch_dtype_name(target.dtype)
+            problem = Problem("dtype", item.dest_index.fqn, f"{want}", f"{self.index.manifest.tensors[stored].dtype}")
+            raise ModelMismatchError(Report([problem], ["load with cast=True to convert"]), path=self.index.location)
+        target.copy_(region)
+        planner.commit_tensor(item, target)
 
     def _value_refs(self, key: str) -> list[str]:
         assert self.index is not None
@@ -282,6 +331,30 @@ class ManifestStorageReader(FileSystemReader):
     def _whole(self, key: str) -> torch.Tensor:
         assert self.index is not None and self.weights is not None
         return read_whole(self.weights, self.index.manifest, key)
+
+
+def _region(offsets: Iterable[int], lengths: Iterable[int]) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(offsets, lengths))
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides (in elements) of a contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _flat_index(shape: tuple[int, ...], index: Iterable[int]) -> int:
+    """The row-major position of element ``index`` in a contiguous tensor of ``shape``."""
+    return sum(i * s for i, s in zip(index, _strides(shape)))
+
+
+def _dtype(reader: ManifestStorageReader, stored: str) -> torch.dtype:
+    assert reader.index is not None
+    dtype: torch.dtype = getattr(torch, reader.index.manifest.tensors[stored].dtype)
+    return dtype
 
 
 class ManifestLoadPlanner(DefaultLoadPlanner):
