@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import functools
@@ -17,7 +18,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 from torch.nn.modules.module import _IncompatibleKeys
 
-from manifest_ckpt import assemble, machinery
+from manifest_ckpt import assemble, machinery, plain_copy
 from manifest_ckpt.cli.progress import Progress
 from manifest_ckpt.comparison.compare import EXTRA_STATE, Comparison, StateSpec, TensorSpec, compare, owner_of
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
@@ -486,6 +487,14 @@ class _Weights:
         start, end = chunk.byte_range
         return buf[offset + start : offset + end]
 
+    def address(self, file: str) -> int:
+        """The address of the first byte of a mapped file's data (the mapping is kept)."""
+        if file not in self._buffers:
+            mapping, offset, _ = self.store.file_map(file)
+            self._buffers[file] = (torch.frombuffer(mapping, dtype=torch.uint8), offset)
+        buf, offset = self._buffers[file]
+        return buf.data_ptr() + offset
+
     def view(self, chunk: Chunk, dtype: str) -> torch.Tensor:
         raw = self.raw(chunk)
         return raw.view(getattr(torch, dtype)).view(chunk.shape)
@@ -747,9 +756,16 @@ def load(
         if not streamed:
             fill(fresh[key], key)
     in_place = [k for k in targets if k not in materialize]
-    # Each target's bytes are kept until the last copy succeeds, so a failure (a copy error,
-    # an unreadable page, Ctrl-C) puts back what was overwritten: the module is never half-loaded.
-    undo = _Undo(live.tensors[k] for k in in_place)
+    # Plain copies (one memmove from the bound mapping, plain_copy.py) cannot fail; they run
+    # after every other copy, with Ctrl-C held, so only the others need their bytes saved,
+    # unless a step after the copy can fail (set_extra_state, a post-hook: everything is saved).
+    plain: list[tuple[torch.Tensor, int]] = []
+    sequential = in_place
+    if store.mapped and not streamed and not extra and not _has_post_hooks(live, module):
+        plain, sequential = _plain_jobs(in_place, live, weights, source_key, given, built)
+    # Each saved target's bytes are kept until the last copy succeeds, so a failure (a copy
+    # error, Ctrl-C) puts back what was overwritten: the module is never half-loaded.
+    undo = _Undo(live.tensors[k] for k in sequential)
     done = 0
     try:
         with torch.no_grad():
@@ -763,7 +779,7 @@ def load(
                         jobs.append((target, _stored(manifest, source_key[k])))
                 _stream_fill(weights, jobs, verify=verifying)
                 done = len(in_place)
-            for key in in_place[done:]:
+            for key in sequential[done:]:
                 fill(live.tensors[key], key)
                 done += 1
     except BaseException as exc:
@@ -771,14 +787,16 @@ def load(
         undo.restore(len(in_place) if streamed else done + 1)
         if isinstance(exc, (ManifestCkptError, KeyboardInterrupt)) or not isinstance(exc, Exception):
             raise
-        failed = None if streamed else in_place[done]
+        failed = None if streamed else sequential[done]
         raise LoadAbortedError(
             f"{store.location}: copying {'the weights' if failed is None else repr(failed)} into the module failed "
             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); every tensor already loaded was "
             "restored, so the module is as it was. Fix the cause and load again.",
             key=failed,
         ) from exc
-    revert = _assign_materialized(module, live, fresh)
+    with plain_copy.interrupts_held() if plain else contextlib.nullcontext():
+        plain_copy.copy_all(plain)
+        revert = _assign_materialized(module, live, fresh)
     set_done: list[str] = []
     what = "set_extra_state"
     try:
@@ -791,7 +809,7 @@ def load(
         for key in reversed(set_done):
             live.owners[owner_of(key)].set_extra_state(extra_before[key])
         revert()
-        undo.restore(len(in_place))
+        undo.restore(len(undo.tensors))
         if not isinstance(exc, Exception):
             raise
         raise LoadAbortedError(
@@ -968,17 +986,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _require_writable(live: LiveState, targets: Iterable[str]) -> None:
     """Refuse, before any copy, targets that copy_ cannot write (so a load stays all or nothing)."""
     expanded, frozen = [], []
+    tensors, lazy = live.tensors, live.lazy
+    inference_mode = torch.is_inference_mode_enabled()
     for key in targets:
-        t = live.tensors[key]
-        if key in live.lazy:
+        t = tensors[key]
+        if key in lazy:
             continue  # materialised into a fresh tensor
         # An expanded view (stride 0 along a dim of size > 1) maps several elements to one
         # memory location; torch refuses to copy into it, which would fail half-way through.
-        if not t.is_meta and any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
+        # (A contiguous tensor with elements has no such dim: the strides need not be read.)
+        if (
+            not (t.is_contiguous() and t.numel())
+            and not t.is_meta
+            and any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride()))
+        ):
             expanded.append(f"{key!r} (shape {list(t.shape)}, stride {list(t.stride())})")
         # torch allows in-place writes to inference tensors only inside inference mode; its
         # load_state_dict fails there after copying earlier keys. We refuse before the first.
-        if t.is_inference() and not torch.is_inference_mode_enabled():
+        if not inference_mode and t.is_inference():
             frozen.append(key)
     if expanded:
         raise UnsupportedTensorError(
@@ -1002,6 +1027,13 @@ def _require_materialised(module: nn.Module, live: LiveState, targets: Iterable[
     rotary embedding's ``inv_freq``) or a key the policies let be missing would stay on meta,
     and the module's first forward would fail far from the cause.
     """
+    # One pass over the modules' own tables finds whether anything is on meta at all (the
+    # usual answer is no; naming every tensor costs seconds at 100,000 tensors).
+    owners = live.owners.values() if live.owners else module.modules()
+    if not any(
+        t is not None and t.is_meta for sub in owners for table in (sub._parameters, sub._buffers) for t in table.values()
+    ):
+        return
     filled = {id(live.tensors[k]) for k in targets if live.tensors[k].is_meta}
     persistent = {id(t) for t in live.tensors.values()}
     left: list[tuple[bool, str]] = []
@@ -1023,6 +1055,59 @@ def _require_materialised(module: nn.Module, live: LiveState, targets: Iterable[
         "on meta, non-persistent buffers computed as usual), or initialise these tensors before loading; "
         "nothing was loaded."
     )
+
+
+def _has_post_hooks(live: LiveState, module: nn.Module) -> bool:
+    owners = live.owners.values() if live.owners else module.modules()
+    return any(sub._load_state_dict_post_hooks for sub in owners)
+
+
+def _plain_jobs(
+    in_place: list[str],
+    live: LiveState,
+    weights: _Weights,
+    source_key: Mapping[str, str],
+    given: Mapping[str, torch.Tensor],
+    built: Mapping[str, Node],
+) -> tuple[list[tuple[torch.Tensor, int]], list[str]]:
+    """Split the in-place targets into plain copies ``(target, source address)`` and the rest (in order).
+
+    When a plain target shares memory with one of the rest, running the rest first could
+    change which write lands last; then every copy stays in order (all saved, as before).
+    """
+    manifest = weights.manifest
+    tensors, aliases = manifest.tensors, manifest.aliases
+    dtypes: dict[str, torch.dtype] = {}
+    bases: dict[str, int] = {}
+    plain: list[tuple[torch.Tensor, int]] = []
+    rest: list[str] = []
+    for key in in_place:
+        target = live.tensors[key]
+        if key in given or key in built or not plain_copy.is_plain_target(target):
+            rest.append(key)
+            continue
+        stored = aliases.get(source_key[key], source_key[key])
+        entry = tensors[stored]
+        dtype = dtypes.get(entry.dtype)
+        if dtype is None:
+            dtype = dtypes[entry.dtype] = getattr(torch, entry.dtype)
+        if entry.chunks is not None or target.dtype is not dtype:
+            rest.append(key)
+            continue
+        assert entry.file is not None and entry.byte_range is not None
+        start, end = entry.byte_range
+        if target.nbytes != end - start:
+            rest.append(key)
+            continue
+        base = bases.get(entry.file)
+        if base is None:
+            base = bases[entry.file] = weights.address(entry.file)
+        plain.append((target, base + start))
+    if plain and rest:
+        others = {live.tensors[k].untyped_storage().data_ptr() for k in rest if not live.tensors[k].is_meta}
+        if any(t.untyped_storage().data_ptr() in others for t, _ in plain):
+            return [], in_place
+    return plain, rest
 
 
 class _Undo:

@@ -84,45 +84,149 @@ def _failing_fill(monkeypatch: pytest.MonkeyPatch, after: int, exc: BaseExceptio
 def test_a_failure_mid_copy_restores_every_tensor_bit_for_bit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: int
 ) -> None:
+    """A copy that can fail (here every one: a cast) fails mid-way: every tensor is put back bit for bit."""
     saved = _net()
     mc.save(saved, tmp_path / "ck")
     torch.manual_seed(1)
-    target = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    target = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)).double()
     # One non-contiguous target (the clone path), one NaN with a payload (bits, not values, are restored).
-    target[0].weight = nn.Parameter(torch.randn(4, 3).t())
+    target[0].weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64).t())
     with torch.no_grad():
-        target[2].bias.view(torch.int32)[0] = 0x7FC00123
+        target[2].bias.view(torch.int64)[0] = 0x7FF8000000000123
     before = _bits(target)
     _failing_fill(monkeypatch, after, OSError("simulated read error"))
     with pytest.raises(mc.LoadAbortedError, match="simulated read error") as info:
-        mc.load(target, tmp_path / "ck")
+        mc.load(target, tmp_path / "ck", cast=True)
     assert info.value.key == list(target.state_dict())[after - 1]
     assert _bits(target) == before
     assert not target[0].weight.is_contiguous()
 
 
 def test_the_failing_key_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LoadAbortedError names the key whose copy failed and the cause."""
     saved = _net()
     mc.save(saved, tmp_path / "ck")
-    target = _net()
+    target = _net().double()
     order = [k for k in target.state_dict()]
     _failing_fill(monkeypatch, 2, RuntimeError("boom"))
     with pytest.raises(mc.LoadAbortedError) as info:
-        mc.load(target, tmp_path / "ck")
+        mc.load(target, tmp_path / "ck", cast=True)
     assert info.value.key == order[1]
     assert f"copying {order[1]!r} into the module failed (RuntimeError: boom)" in str(info.value)
 
 
 def test_ctrl_c_mid_copy_restores_and_is_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the copies that can be undone: the module is put back and KeyboardInterrupt propagates."""
     saved = _net()
     mc.save(saved, tmp_path / "ck")
     torch.manual_seed(2)
-    target = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    target = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)).double()
     before = _bits(target)
     _failing_fill(monkeypatch, 4, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        mc.load(target, tmp_path / "ck")
+        mc.load(target, tmp_path / "ck", cast=True)
     assert _bits(target) == before
     monkeypatch.undo()
+    mc.load(target, tmp_path / "ck", cast=True)
+    assert _bits(target) == _bits(saved.double())
+
+
+def test_a_failing_copy_runs_before_any_plain_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies that can fail run first: when one fails, the plain targets (never saved) are still untouched."""
+    saved = _net()
+    mc.save(saved, tmp_path / "ck")
+    torch.manual_seed(3)
+    target = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    target[2].weight = nn.Parameter(torch.randn(3, 2).t())  # the last key: the only copy that can fail
+    before = _bits(target)
+    _failing_fill(monkeypatch, 1, OSError("simulated read error"))
+    with pytest.raises(mc.LoadAbortedError) as info:
+        mc.load(target, tmp_path / "ck")
+    assert info.value.key == "2.weight"
+    assert _bits(target) == before
+
+
+def test_plain_copies_save_no_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain copies (same dtype, contiguous CPU targets) keep no second copy of the model; others are saved."""
+    saved = _net()
+    mc.save(saved, tmp_path / "ck")
+    recorded: list[list[str]] = []
+    real = reader._Undo
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, tensors: Any) -> None:
+            super().__init__(tensors)
+            recorded.append([str(t.shape) for t in self.tensors])
+
+    monkeypatch.setattr(reader, "_Undo", Spy)
+    target = _net()
+    target[0].weight = nn.Parameter(torch.zeros(4, 3).t())
+    mc.load(target, tmp_path / "ck")
+    assert recorded == [["torch.Size([3, 4])"]]
+    assert _bits(target) == _bits(saved)
+
+
+def test_ctrl_c_during_plain_copies_is_delivered_once_the_module_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while plain copies run is held: every tensor is loaded, then KeyboardInterrupt is raised."""
+    import signal
+
+    from manifest_ckpt import plain_copy
+
+    saved = _net()
+    mc.save(saved, tmp_path / "ck")
+    real = plain_copy._memmove
+    calls = {"n": 0}
+
+    def memmove(dst: int, src: int, size: int) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(dst, src, size)
+
+    monkeypatch.setattr(plain_copy, "_memmove", memmove)
+    handler = signal.getsignal(signal.SIGINT)
+    target = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    with pytest.raises(KeyboardInterrupt):
+        mc.load(target, tmp_path / "ck")
+    assert calls["n"] == 6
+    assert _bits(target) == _bits(saved)
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_overlapping_targets_keep_torchs_copy_order(tmp_path: Path) -> None:
+    """A plain target sharing memory with one that is not: copies stay in state-dict order, as torch's."""
+
+    class Overlap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            base = torch.zeros(3, 3)
+            self.register_buffer("row", base[0])  # plain (contiguous), first in the state dict
+            self.register_buffer("col", base[:, 0])  # not contiguous; shares element [0, 0] with row
+
+    source = {"row": torch.tensor([1.0, 2.0, 3.0]), "col": torch.tensor([7.0, 8.0, 9.0])}
+    mc.save(source, tmp_path / "ck")
+    ours, theirs = Overlap(), Overlap()
+    theirs.load_state_dict(source)
+    mc.load(ours, tmp_path / "ck", check_classes=False)
+    assert ours.row.tolist() == theirs.row.tolist() == [7.0, 2.0, 3.0]
+    assert ours.col.tolist() == theirs.col.tolist() == [7.0, 8.0, 9.0]
+
+
+def test_large_plain_copies_split_across_threads_are_bit_identical(tmp_path: Path) -> None:
+    """Tensors above the split size (odd byte counts included) load bit for bit, ties kept."""
+    from manifest_ckpt import plain_copy
+
+    torch.manual_seed(4)
+    n = plain_copy._SPLIT_MIN // 4 + 3  # not a whole number of pages
+    saved = nn.ModuleDict({"a": nn.Embedding(1, n), "b": nn.Linear(n, 1, bias=True)})
+    saved["b"].weight = saved["a"].weight
+    mc.save(saved, tmp_path / "ck")
+    target = nn.ModuleDict({"a": nn.Embedding(1, n), "b": nn.Linear(n, 1, bias=True)})
+    target["b"].weight = target["a"].weight
+    version = target["a"].weight._version
     mc.load(target, tmp_path / "ck")
     assert _bits(target) == _bits(saved)
+    assert target["b"].weight is target["a"].weight
+    assert target["a"].weight._version > version
