@@ -9,7 +9,7 @@ import functools
 import hashlib
 import io
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -651,6 +651,7 @@ def load(
             check_classes=check_classes,
             verify_digests=verify_digests,
             expect_digest=expect_digest,
+            device=device,
             storage_options=storage_options,
         )
     if not isinstance(module, nn.Module):
@@ -666,6 +667,55 @@ def load(
             f"{store.location}: checkpoint digest is {manifest.digest}, expected {expect_digest}; "
             "this is not the checkpoint you pinned"
         )
+    steps = load_steps(
+        module, store, manifest, strict=strict, remap=remap, cast=cast, verifying=verify_digests or expect_digest is not None,
+        allow_missing=allow_missing, allow_unexpected=allow_unexpected, check_classes=check_classes, untie=untie,
+        tie=tie, target_device=target_device, transforms=transforms,
+    )
+    next(steps)  # checked: nothing has changed yet
+    return finish_steps(steps)
+
+
+def finish_steps(steps: Generator[Report, None, LoadResult]) -> LoadResult:
+    """Run a :func:`load_steps` generator, paused at its check point, to the end."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        result: LoadResult = done.value
+        return result
+    raise AssertionError("load_steps pauses once")
+
+
+def load_steps(
+    module: nn.Module,
+    store: Store,
+    manifest: Manifest,
+    *,
+    strict: bool,
+    remap: Remap | None,
+    cast: bool,
+    verifying: bool,
+    allow_missing: Iterable[str],
+    allow_unexpected: Iterable[str],
+    check_classes: bool,
+    untie: bool,
+    tie: bool,
+    target_device: torch.device,
+    transforms: Transforms | None,
+    weights: _Weights | None = None,
+) -> Generator[Report, None, LoadResult]:
+    """``load`` of a module in two steps: check, pause, then change the module.
+
+    The generator first compares, plans and checks everything that can refuse the load
+    (files bound, digests verified), then pauses, yielding the comparison's report: nothing
+    of the module has changed yet. A
+    training state pauses each module entry's load there until every entry is checked.
+    ``weights`` is an already bound reader of the whole checkpoint (a module entry's
+    ``manifest`` then lists its tensors only).
+
+    Raises:
+        As :func:`load`, before the pause; :class:`LoadAbortedError` after it.
+    """
     live = capture(module, extra_state=True)
     comparison, plan = _compare(
         manifest, live, remap, allow_missing, allow_unexpected, strict, cast, check_classes, module, transforms,
@@ -699,10 +749,10 @@ def load(
         if key in source_key:
             referenced |= {_stored(manifest, ref) for _, ref, _ in values.iter_refs(manifest.extra_state[source_key[key]])}
     stored |= referenced
-    weights = _Weights(store, manifest)
+    if weights is None:
+        weights = _Weights(store, manifest)
     files = {c.file for key in stored for c in manifest.tensors[key].pieces()}
     weights.bind(files)
-    verifying = verify_digests or expect_digest is not None
     # Object storage: the needed ranges stream straight into the targets (bounded memory, each
     # byte fetched once, hashed on the way); a mismatch restores the module like any failure.
     # Transformed keys stream into their regions of the targets; machinery that computes
@@ -717,6 +767,7 @@ def load(
         # Map each file before hashing, so the bytes hashed are the bytes copied.
         weights.map_files(files)
         weights.verify(stored)
+    yield comparison.report
     given = _machinery_values(module, weights, manifest, plan, computed, strict) if computed else {}
     read = _read_value(weights, manifest)
     extra_values = {k: given[k] if k in given else _extra_value(manifest, source_key[k], read) for k in extra}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
-from manifest_ckpt.errors import StateMismatchError, UnsupportedValueError
+from manifest_ckpt.errors import StateMismatchError, UnsupportedTensorError, UnsupportedValueError
 
 
 class Two(nn.Module):
@@ -309,3 +309,107 @@ def test_load_file_of_a_weights_checkpoint_is_its_state_dict(tmp_path: Path) -> 
     mc.save(model, tmp_path / "ck")
     state = mc.load_file(tmp_path / "ck", verify_digests=True)
     assert same(state, {k: v.detach() for k, v in model.state_dict().items()})
+
+
+# -- module entries load as load(module) loads a module ---------------------------------------------
+def test_a_module_built_with_init_empty_is_materialised_and_its_optimizer_follows(tmp_path: Path) -> None:
+    """A model built on meta (init_empty) with its optimizer over the meta parameters resumes as a built one does."""
+    saved = build("adam")
+    train(saved, 3, seed=1)
+    mc.save(saved, tmp_path / "ck")
+    with mc.init_empty():
+        model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.2), nn.ReLU(), nn.Linear(6, 2))
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(optim, step_size=2, gamma=0.5)
+    resumed = {"model": model, "optim": optim, "sched": sched, "progress": {"step": 0}}
+    result = mc.load(resumed, tmp_path / "ck")
+    assert result.materialized == ["model.0.bias", "model.0.weight", "model.3.bias", "model.3.weight"]
+    assert not any(p.is_meta for p in model.parameters())
+    assert [id(p) for p in optim.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+    reference = build("adam", seed=9)
+    mc.load(reference, tmp_path / "ck")
+    assert same(snapshot(resumed), snapshot(reference))
+    for app in (resumed, reference):
+        torch.manual_seed(11)  # the same dropout masks for both
+        train(app, 2, seed=7)
+    assert same(snapshot(resumed), snapshot(reference))
+
+
+class WithTable(nn.Module):
+    """A layer with a non-persistent buffer, which no checkpoint holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("table", torch.arange(3.0), persistent=False)
+
+
+def test_a_meta_module_the_checkpoint_cannot_fill_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    """Built under torch.device("meta"), a non-persistent buffer stays on meta: refused by name before any restore."""
+    mc.save({"model": WithTable(), "progress": {"step": 4}}, tmp_path / "ck")
+    with torch.device("meta"):
+        meta = WithTable()
+    progress = {"step": 0}
+    with pytest.raises(UnsupportedTensorError, match=r"model\.table"):
+        mc.load({"model": meta, "progress": progress}, tmp_path / "ck")
+    assert progress == {"step": 0} and meta.table.is_meta and meta.lin.weight.is_meta
+
+
+class Counted(nn.Linear):
+    """A layer with extra state (tensor, bytes and plain values) and a load post-hook that counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.extra: dict[str, Any] = {"n": 0, "t": torch.zeros(2), "raw": b""}
+        self.post_hook_calls = 0
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "post_hook_calls", module.post_hook_calls + 1))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.extra
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.extra = state
+
+
+def test_module_extra_state_and_load_hooks_inside_a_training_state(tmp_path: Path) -> None:
+    """get_extra_state is saved (format 1.2, extensions.extra_state) and handed to set_extra_state; post-hooks run once."""
+    model = nn.Sequential(Counted(), nn.ReLU())
+    model[0].extra = {"n": 3, "t": torch.tensor([1.5, -2.0]), "raw": b"\x00\x01"}
+    optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    manifest = mc.save({"model": model, "optim": optim, "progress": {"step": 1}}, tmp_path / "ck")
+    assert manifest.format_version == "1.2.0" and list(manifest.extra_state) == ["model.0._extra_state"]
+    mc.verify(tmp_path / "ck")
+    fresh = nn.Sequential(Counted(), nn.ReLU())
+    fresh_optim = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    result = mc.load({"model": fresh, "optim": fresh_optim, "progress": {"step": 0}}, tmp_path / "ck")
+    assert "model.0._extra_state" in result.loaded
+    assert same(fresh[0].extra, model[0].extra) and fresh[0].post_hook_calls == 1
+    assert same(dict(fresh.state_dict()), dict(model.state_dict()))  # torch's own view, extra state included
+    state = mc.load_file(tmp_path / "ck")
+    assert list(state["model"]) == ["0.weight", "0.bias", "0._extra_state"]
+    assert same(state["model"]["0._extra_state"], model[0].extra)
+
+
+def test_extra_state_that_needs_pickle_is_refused_by_key_before_writing(tmp_path: Path) -> None:
+    """Extra state holding an arbitrary object is UnsupportedValueError naming its key; nothing is written."""
+    model = nn.Sequential(Counted())
+    model[0].extra = {"n": object()}
+    with pytest.raises(UnsupportedValueError, match=r"model\.0\._extra_state\.n \(builtins\.object\)"):
+        mc.save({"model": model, "progress": {"step": 1}}, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_batch_norm_running_statistics_resume_exactly(tmp_path: Path) -> None:
+    """BatchNorm's running mean, variance and num_batches_tracked come back bit for bit in a training state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optim.zero_grad()
+        model(torch.randn(8, 3)).sum().backward()
+        optim.step()
+    mc.save({"model": model, "optim": optim}, tmp_path / "ck")
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    mc.load({"model": fresh, "optim": torch.optim.SGD(fresh.parameters(), lr=0.1)}, tmp_path / "ck")
+    assert int(fresh[1].num_batches_tracked) == 3
+    assert same(dict(fresh.state_dict()), dict(model.state_dict()))

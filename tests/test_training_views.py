@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from torch import nn
 
 import manifest_ckpt as mc
 from manifest_ckpt.cli import run
-from manifest_ckpt.errors import UnsupportedTensorError
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -120,18 +117,3 @@ def test_verify_covers_plain_values(tmp_path: Path) -> None:
     code, out, _ = cli("verify", str(ck), "--quiet", "--json")
     assert code == 1 and json.loads(out)["ok"] is False
     assert "$.digest" in json.loads(out)["error"]["message"]
-
-
-def test_a_meta_module_in_an_application_state_is_refused_and_nothing_changes(tmp_path: Path) -> None:
-    """Modules of an application state are restored in place, so meta tensors are refused before any restore."""
-    saved = app(1)
-    mc.save(saved, tmp_path / "ck")
-    with torch.device("meta"):
-        meta_model = nn.Sequential(nn.Linear(3, 2))
-    progress = {"step": 0, "tag": "new"}
-    before = copy.deepcopy(progress)
-    with pytest.raises(UnsupportedTensorError, match="meta device"):
-        mc.load(
-            {"model": meta_model, "progress": progress}, tmp_path / "ck", allow_unexpected=["optim", "sched", "blob"]
-        )
-    assert progress == before and all(p.is_meta for p in meta_model.parameters())

@@ -89,7 +89,7 @@ def dcp_view(manifest: Manifest) -> DcpView | None:
         placeholders[id(meta)] = (key, meta)  # the tensor stays alive in the tuple
         return meta
 
-    nested = decode_entry(state, resolve)
+    nested = decode_entry(state, resolve, manifest.extra_state)
     flat, mappings = flatten_state_dict(nested)
     tensors: dict[str, str] = {}
     leaves: dict[str, Any] = {}

@@ -390,10 +390,15 @@ class Manifest:
                 entry = self.entry(key)
                 if entry.dtype != "uint8" or len(entry.shape) != 1:
                     yield _path("tensors", key), f"holds {tag} and must be uint8[n], found {_dtypes.describe(entry.dtype, entry.shape)}"
-        for key in sorted(stored - set(seen)):
+        for key in sorted(stored - set(seen) - self.extra_state_refs()):
             yield _path("tensors", key) if key in self.tensors else _path("aliases", key), (
                 "is stored but no entry of the application state references it"
             )
+        # Module extra state of a training state belongs to a module entry, by its key.
+        owners = {body["prefix"] for _, tag, body in _values.iter_entries(state) if tag == "module"}
+        for key in self.extra_state:
+            if not any(key.startswith(prefix) for prefix in owners):
+                yield f'$.extensions.extra_state["{key}"]', "is under no module entry of the application state"
 
     @property
     def extra_state(self) -> Mapping[str, Any]:

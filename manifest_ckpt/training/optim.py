@@ -171,3 +171,11 @@ def problems(
             elif param.is_floating_point() and entry.dtype != dtype and not cast:
                 found.append(Problem("dtype", at, describe(dtype, entry.shape), have))
     return found
+
+
+def repoint(optimizer: torch.optim.Optimizer, replaced: Mapping[int, torch.Tensor]) -> None:
+    """Make ``optimizer`` hold the new parameters of ``{id(old): new}`` (meta ones materialised), state included."""
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    for old in [p for p in optimizer.state if id(p) in replaced]:
+        optimizer.state[replaced[id(old)]] = optimizer.state.pop(old)

@@ -53,7 +53,7 @@ def read_state(
         data = read_whole(weights, manifest, key).numpy().tobytes()
         return data if tag == "bytes" else io.BytesIO(data)
 
-    state = decode_entry(manifest.state, resolve)
+    state = decode_entry(manifest.state, resolve, manifest.extra_state)
     assert isinstance(state, dict)
     return state
 

@@ -15,22 +15,22 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Generator, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from manifest_ckpt.comparison.compare import StateSpec, TensorSpec, compare, compile_patterns, owner_of, same_class
-from manifest_ckpt.comparison.introspect import capture, class_name, dtype_name
+from manifest_ckpt.comparison.compare import compile_patterns, same_class
+from manifest_ckpt.comparison.introspect import class_name, dtype_name
 from manifest_ckpt.comparison.report import Problem, Report, sort_problems
-from manifest_ckpt.errors import IntegrityError, StateMismatchError, UnsupportedOptionError, UnsupportedTensorError
+from manifest_ckpt.errors import IntegrityError, ModelMismatchError, StateMismatchError, UnsupportedOptionError
 from manifest_ckpt.format import values
 from manifest_ckpt.format.dtypes import describe
-from manifest_ckpt.format.manifest import Manifest, TensorEntry, modules_from_dict
-from manifest_ckpt.reader import LoadResult, _fill, _require_writable, _Weights
-from manifest_ckpt.storage.store import open_store, read_store_manifest
+from manifest_ckpt.format.manifest import Manifest, modules_from_dict
+from manifest_ckpt.reader import LoadResult, _fill, _Weights, finish_steps, load_steps, resolve_device
+from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
 from manifest_ckpt.training import optim
 from manifest_ckpt.training.plain import read_whole
 from manifest_ckpt.training.tree import kind_of, module_entries
@@ -55,9 +55,12 @@ class _Policy:
 
 @dataclass
 class _ModuleJob:
+    """A module entry's load, checked and paused before it changes the module (``load_steps``)."""
+
+    key: str
     module: nn.Module
-    copies: list[tuple[torch.Tensor, str]]  # (live tensor, stored key)
-    keys: list[str]
+    steps: Generator[Report, None, LoadResult]
+    stored: set[str]  # the stored keys it reads
 
 
 @dataclass
@@ -65,12 +68,13 @@ class _Plan:
     """What a walk found: the problems, and what to restore when there are none."""
 
     manifest: Manifest
+    live_modules: dict[str, nn.Module]
     problems: list[Problem] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)
     checked: int = 0
     modules: list[_ModuleJob] = field(default_factory=list)
-    # (key, object, kind, saved state node, optimizer names or None)
-    statefuls: list[tuple[str, Any, str, Any, dict[int, str] | None]] = field(default_factory=list)
+    # (key, object, kind, saved state node, optimizer's module entry or None)
+    statefuls: list[tuple[str, Any, str, Any, str | None]] = field(default_factory=list)
     tensors: list[tuple[str, torch.Tensor, str]] = field(default_factory=list)  # (key, live, stored key)
     values: list[tuple[str, MutableMapping[Any, Any], Any, Any]] = field(default_factory=list)  # key, dict, name, node
     left_initial: list[str] = field(default_factory=list)
@@ -82,7 +86,7 @@ class _Plan:
 
     def needed(self) -> set[str]:
         """The stored keys a restore reads."""
-        keys = {stored for job in self.modules for _, stored in job.copies}
+        keys = {k for job in self.modules for k in job.stored}
         keys |= {stored for _, _, stored in self.tensors}
         for _, _, _, node, _ in self.statefuls:
             keys |= {k for _, k, _ in values.iter_refs(node)}
@@ -90,15 +94,25 @@ class _Plan:
             keys |= {k for _, k, _ in values.iter_refs(node)}
         return {self.manifest.aliases.get(k, k) for k in keys}
 
+    def close(self) -> None:
+        """Drop the paused module loads (nothing of them has run past their checks)."""
+        for job in self.modules:
+            job.steps.close()
+
 
 class _Walk:
     """Compares a saved entry tree with a live application state, collecting a :class:`_Plan`."""
 
-    def __init__(self, manifest: Manifest, app: Mapping[str, Any], policy: _Policy) -> None:
+    def __init__(
+        self, store: Store, manifest: Manifest, app: Mapping[str, Any], policy: _Policy, device: torch.device
+    ) -> None:
+        self.store = store
         self.manifest = manifest
+        self.weights = _Weights(store, manifest)
         self.policy = policy
+        self.device = device
         self.live_modules = module_entries(app)
-        self.plan = _Plan(manifest)
+        self.plan = _Plan(manifest, self.live_modules)
 
     def problem(self, kind: Any, key: str, expected: str | None, found: str | None) -> None:
         self.plan.problems.append(Problem(kind, key, expected, found))
@@ -160,60 +174,40 @@ class _Walk:
             self.plan.tensors.append((key, live, node["tensor"]))
 
     def module(self, node: Any, module: nn.Module, key: str) -> None:
+        """Check a module entry as ``load(module)`` checks a module: its machinery, extra state, meta tensors."""
         if not values.is_tagged(node, "module"):
             self.problem("class", key, _live_kind(module), _saved_kind(node))
             return
         body = node["module"]
-        prefix, tree = body["prefix"], modules_from_dict(body["modules"]) or {}
-        stored: dict[str, str] = {}  # key under the entry's dotted key -> stored key
-        for path, m in tree.items():
-            for name in m.persistent_names():
-                local = f"{path}.{name}" if path else name
-                stored[f"{key}.{local}"] = prefix + local
-        tensors = {k: _spec(self.manifest.entry(s), k) for k, s in stored.items()}
-        back = {s: k for k, s in stored.items()}
-        aliases = {back[s]: back[t] for s, t in self.manifest.aliases.items() if s in back and t in back}
-        classes = {_join(key, p): m.cls for p, m in tree.items()}
-        live = capture(module)
-        assert live.modules is not None
-        mine = StateSpec(
-            {f"{key}.{k}": TensorSpec(s.dtype, s.shape, owner_of(f"{key}.{k}")) for k, s in live.spec().tensors.items()},
-            {f"{key}.{a}": f"{key}.{t}" for a, t in live.aliases.items()},
-            {_join(key, p): m.cls for p, m in live.modules.items()},
-        )
+        part = _entry_manifest(self.manifest, body)
         policy = self.policy
-        comparison = compare(
-            StateSpec(tensors, aliases, classes),
-            mine,
+        steps = load_steps(
+            _wrapped(body["prefix"], module),
+            self.store,
+            part,
+            strict=policy.strict,
+            remap=None,
+            cast=policy.cast,
+            verifying=False,  # the whole state's bytes are verified at once
             allow_missing=policy.allow_missing,
             allow_unexpected=policy.allow_unexpected,
-            strict=policy.strict,
-            cast=policy.cast,
             check_classes=policy.check_classes,
+            untie=False,
+            tie=False,
+            target_device=self.device,
+            transforms=None,
+            weights=self.weights,
         )
-        self.plan.problems += comparison.report.problems
-        self.plan.hints += [h for h in comparison.report.hints if h not in self.plan.hints]
-        self.plan.checked += comparison.report.checked
-        self.plan.left_initial += comparison.allowed_missing
-        self.plan.skipped += comparison.skipped
-        self.plan.cast += comparison.cast
-        meta = [k for k, t in live.tensors.items() if t.is_meta]
-        if meta:
-            raise UnsupportedTensorError(
-                f"{key}: {len(meta)} tensors of the module are on the meta device ({', '.join(meta[:5])}); in an "
-                "application state modules are loaded in place: materialise it first (to_empty), or load it "
-                "alone with manifest_ckpt.load. Nothing was loaded."
-            )
-        chosen: dict[str, str] = {}
-        skipped = set(comparison.skipped)
-        for local in live.tensors:
-            full = f"{key}.{local}"
-            if full in stored and full not in skipped:
-                chosen.setdefault(live.aliases.get(local, local), local)
-        _require_writable(live, chosen.values())
-        copies = [(live.tensors[local], stored[f"{key}.{local}"]) for local in chosen.values()]
-        keys = [f"{key}.{k}" for k in live.tensors if f"{key}.{k}" in stored and f"{key}.{k}" not in skipped]
-        self.plan.modules.append(_ModuleJob(module, copies, keys))
+        try:
+            report = next(steps)
+        except ModelMismatchError as exc:
+            report = exc.report
+            self.plan.problems += report.problems
+        else:
+            stored = {part.aliases.get(k, k) for k in part.tensors} | set(part.aliases)
+            self.plan.modules.append(_ModuleJob(key, module, steps, stored))
+        self.plan.hints += [h for h in report.hints if h not in self.plan.hints]
+        self.plan.checked += report.checked
 
     def stateful(self, node: Any, obj: Any, key: str, kind: str) -> None:
         want = f"{kind} {class_name(obj)}"
@@ -226,7 +220,7 @@ class _Walk:
             return
         self.plan.checked += 1
         specs = values.decode_value(body["state"], lambda tag, k: self.manifest.entry(k))
-        names: dict[int, str] | None = None
+        root: str | None = None
         if kind == "optimizer":
             root = body.get("module", "")
             if root and root not in self.live_modules:
@@ -252,15 +246,55 @@ class _Walk:
                     here = values.child_key(key, name)
                     if name not in live_state and not self.policy.allowed("unexpected", here):
                         self.problem("unexpected", here, None, "state entry")
-        self.plan.statefuls.append((key, obj, kind, body["state"], names))
+        self.plan.statefuls.append((key, obj, kind, body["state"], root))
+
+
+def _wrapped(prefix: str, module: nn.Module) -> nn.Module:
+    """``module`` inside plain containers named by the dotted ``prefix``: its keys are then its stored keys.
+
+    The containers are set in ``_modules`` directly, as any name (``train``, a number) is a
+    valid dict key but not always a valid attribute; the module itself is not changed.
+    """
+    names = prefix.removesuffix(".").split(".")
+    root = here = nn.Module()
+    for name in names[:-1]:
+        child = nn.Module()
+        here._modules[name] = child
+        here = child
+    here._modules[names[-1]] = module
+    return root
+
+
+def _entry_manifest(manifest: Manifest, body: Mapping[str, Any]) -> Manifest:
+    """One module entry of a training state as a weights checkpoint of its stored keys.
+
+    Its module tree under the entry's path, its tensors and ties, and its module extra state;
+    ``load_steps`` then checks and loads it as it loads a module (its files are bound with
+    the whole checkpoint's manifest, so the other entries' tensors in them stay accounted for).
+    """
+    prefix = body["prefix"]
+    base = prefix.removesuffix(".")
+    tree = modules_from_dict(body["modules"]) or {}
+    declared = {prefix + (f"{path}.{name}" if path else name) for path, m in tree.items() for name in m.persistent_names()}
+    extra = {k: n for k, n in manifest.extra_state.items() if k.startswith(prefix)}
+    keys = declared | {ref for n in extra.values() for _, ref, _ in values.iter_refs(n)}
+    aliases = {k: manifest.aliases[k] for k in keys if manifest.aliases.get(k) in keys}
+    # A tie to a tensor of another entry: this entry reads the shared bytes as its own tensor.
+    tensors = {k: manifest.entry(k) for k in sorted(keys) if k not in aliases}
+    return Manifest(
+        digest=manifest.digest,
+        files=manifest.files,
+        tensors=tensors,
+        aliases=aliases,
+        modules={f"{base}.{path}" if path else base: m for path, m in tree.items()},
+        lineage=manifest.lineage,
+        format_version=manifest.format_version,
+        extensions={"extra_state": extra} if extra else None,
+    )
 
 
 def _join(key: str, path: str) -> str:
     return f"{key}.{path}" if key and path else key or path
-
-
-def _spec(entry: TensorEntry, key: str) -> TensorSpec:
-    return TensorSpec(entry.dtype, entry.shape, owner_of(key))
 
 
 def _live_kind(obj: Any) -> str:
@@ -289,6 +323,7 @@ def _saved_kind(node: Any) -> str:
 
 def _plan(
     app: Mapping[str, Any],
+    store: Store,
     manifest: Manifest,
     *,
     remap: Any,
@@ -297,8 +332,8 @@ def _plan(
     strict: bool,
     cast: bool,
     check_classes: bool,
-    location: str,
-) -> _Plan:
+    device: torch.device,
+) -> tuple[_Plan, _Weights]:
     if remap:
         raise UnsupportedOptionError(
             "remap= applies to the keys of a module; for an application state, name the entries as they were "
@@ -314,17 +349,21 @@ def _plan(
         compile_patterns(missing, "allow_missing"),
         compile_patterns(unexpected, "allow_unexpected"),
     )
+    walk = _Walk(store, manifest, app, policy, device)
     if manifest.state is None:
-        plan = _Plan(manifest)
+        plan = walk.plan
         plan.problems = [Problem("missing", str(k), _live_kind(v), None) for k, v in app.items()]
         plan.hints.append(
-            f"{location} is a weights checkpoint, not a training state: load a module from it with "
+            f"{store.location} is a weights checkpoint, not a training state: load a module from it with "
             "manifest_ckpt.load(model, path)"
         )
-        return plan
-    walk = _Walk(manifest, app, policy)
-    walk.entries(manifest.state, app, "")
-    return walk.plan
+        return plan, walk.weights
+    try:
+        walk.entries(manifest.state, app, "")
+    except BaseException:
+        walk.plan.close()
+        raise
+    return walk.plan, walk.weights
 
 
 def check_state(
@@ -343,8 +382,9 @@ def check_state(
     store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)
     _Weights(store, manifest).bind(manifest.files)
-    plan = _plan(
+    plan, _ = _plan(
         app,
+        store,
         manifest,
         remap=remap,
         allow_missing=allow_missing,
@@ -352,8 +392,9 @@ def check_state(
         strict=strict,
         cast=cast,
         check_classes=check_classes,
-        location=store.location,
+        device=resolve_device(None),
     )
+    plan.close()
     return plan.report()
 
 
@@ -369,17 +410,22 @@ def load_state(
     check_classes: bool = True,
     verify_digests: bool = False,
     expect_digest: str | None = None,
+    device: str | torch.device | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> LoadResult:
     """``manifest_ckpt.load`` for an application state: check everything, then restore in place.
 
     Everything is compared and every stored value read before the first live object is
-    changed. User-defined Stateful objects are restored first (their ``load_state_dict`` is
-    the one step that may still raise), then modules, optimizers, schedulers, tensors and values.
+    changed. Each module entry is checked and loaded as ``load(module)`` loads a module (its
+    load machinery, extra state, and meta-device tensors materialised on ``device``, with the
+    optimizers of the application state pointed at the new parameters). User-defined
+    Stateful objects are restored first, then modules, tensors, optimizers, schedulers and values.
 
     Raises:
         StateMismatchError: the application state and the checkpoint differ (``.report``).
         IntegrityError: missing or corrupt files, or ``expect_digest`` does not match.
+        LoadAbortedError: a module's copy or post-hook failed after the checks (that module
+            is put back as it was; entries restored before it stay restored).
     """
     store = open_store(path, storage_options=storage_options)
     manifest = read_store_manifest(store)
@@ -388,8 +434,9 @@ def load_state(
             f"{store.location}: checkpoint digest is {manifest.digest}, expected {expect_digest}; "
             "this is not the checkpoint you pinned"
         )
-    plan = _plan(
+    plan, weights = _plan(
         app,
+        store,
         manifest,
         remap=remap,
         allow_missing=allow_missing,
@@ -397,30 +444,35 @@ def load_state(
         strict=strict,
         cast=cast,
         check_classes=check_classes,
-        location=store.location,
+        device=resolve_device(device),
     )
-    if plan.problems:
-        raise StateMismatchError(plan.report(), path=store.location)
-    weights = _Weights(store, manifest)
-    needed = plan.needed()
-    weights.bind({c.file for key in needed for c in manifest.tensors[key].pieces()})
-    if verify_digests or expect_digest is not None:
-        weights.verify(needed)
-    _restore(plan, weights)
-    loaded = [k for job in plan.modules for k in job.keys]
+    try:
+        if plan.problems:
+            raise StateMismatchError(plan.report(), path=store.location)
+        needed = plan.needed()
+        weights.bind({c.file for key in needed for c in manifest.tensors[key].pieces()})
+        if verify_digests or expect_digest is not None:
+            weights.verify(needed)
+        modules = _restore(plan, weights)
+    except BaseException:
+        plan.close()
+        raise
+    loaded = [k for r in modules for k in r.loaded]
     loaded += [k for k, *_ in plan.statefuls] + [k for k, *_ in plan.tensors] + [k for k, *_ in plan.values]
     return LoadResult(
         loaded=sorted(loaded),
-        cast=sorted(plan.cast),
-        retied=[],
-        left_initial=sorted(plan.left_initial),
-        skipped=sorted(plan.skipped),
-        materialized=[],
+        cast=sorted(plan.cast + [k for r in modules for k in r.cast]),
+        retied=sorted(k for r in modules for k in r.retied),
+        left_initial=sorted(plan.left_initial + [k for r in modules for k in r.left_initial]),
+        skipped=sorted(plan.skipped + [k for r in modules for k in r.skipped]),
+        materialized=sorted(k for r in modules for k in r.materialized),
         manifest=manifest,
+        tie_filled=dict(sorted((k, v) for r in modules for k, v in r.tie_filled.items())),
+        allowed=[a for r in modules for a in r.allowed],
     )
 
 
-def _restore(plan: _Plan, weights: _Weights) -> None:
+def _restore(plan: _Plan, weights: _Weights) -> list[LoadResult]:
     manifest = plan.manifest
 
     def resolve(tag: str, key: str) -> Any:
@@ -431,23 +483,30 @@ def _restore(plan: _Plan, weights: _Weights) -> None:
         return data if tag == "bytes" else io.BytesIO(data)
 
     # Every stored value is read into new memory before anything changes.
-    states = [(key, obj, kind, values.decode_value(node, resolve), names) for key, obj, kind, node, names in plan.statefuls]
+    states = [(key, obj, kind, values.decode_value(node, resolve), root) for key, obj, kind, node, root in plan.statefuls]
     plain = [(parent, name, values.decode_value(node, resolve)) for _, parent, name, node in plan.values]
     for _, obj, kind, state, _ in states:
         if kind == "stateful":
             obj.load_state_dict(state)
+    results: list[LoadResult] = []
+    replaced: dict[int, torch.Tensor] = {}
+    for job in plan.modules:
+        before = dict(job.module.named_parameters(remove_duplicate=False))
+        results.append(finish_steps(job.steps))
+        # A materialised meta parameter is a new object: optimizers must hold the new one.
+        after = dict(job.module.named_parameters(remove_duplicate=False))
+        replaced.update({id(p): after[name] for name, p in before.items() if after.get(name) is not p})
     with torch.no_grad():
-        for job in plan.modules:
-            for tensor, stored in job.copies:
-                _fill(tensor, weights, manifest, manifest.aliases.get(stored, stored))
         for _, live, stored in plan.tensors:
             _fill(live, weights, manifest, manifest.aliases.get(stored, stored))
-    for _, obj, kind, state, names in states:
+    for _, obj, kind, state, root in states:
         if kind == "optimizer":
-            assert names is not None
-            obj.load_state_dict(optim.indexed_state_dict(state, obj, names))
+            assert root is not None
+            if replaced:
+                optim.repoint(obj, replaced)
+            obj.load_state_dict(optim.indexed_state_dict(state, obj, optim.param_names(plan.live_modules, root)))
         elif kind == "scheduler":
             obj.load_state_dict(state)
     for parent, name, value in plain:
         parent[name] = value
-
+    return results

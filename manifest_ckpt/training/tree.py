@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from manifest_ckpt.comparison.introspect import LiveState, capture, class_name, find_aliases
 from manifest_ckpt.errors import UnsupportedValueError
 from manifest_ckpt.format import values
+from manifest_ckpt.format.manifest import EXTRA_STATE_NAME
 from manifest_ckpt.training import optim
 
 
@@ -105,7 +107,7 @@ class Encoder:
         )
 
 
-def encode_app(app: Mapping[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+def encode_app(app: Mapping[str, Any]) -> AppState:
     """The entry tree of a live application state and its tensors by stored key.
 
     Modules are recorded with their module tree, optimizers keyed by parameter name (the
@@ -123,10 +125,12 @@ def encode_app(app: Mapping[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
     def entry(obj: Any, key: str) -> Any:
         kind = kind_of(obj)
         if kind == "module":
-            live = capture(obj)
+            live = capture(obj, extra_state=True)
             assert live.modules is not None
             for local, tensor in live.tensors.items():
                 enc.add(f"{key}.{local}", tensor)
+            for local, value in live.extra.items():
+                extra[f"{key}.{local}"] = extra_enc.value(value, f"{key}.{local}")
             tree = {path: m.to_dict() for path, m in live.modules.items()}
             return {"module": {"prefix": f"{key}.", "modules": tree}}
         if kind == "optimizer":
@@ -140,34 +144,61 @@ def encode_app(app: Mapping[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
             return {"dict": values.encode_pairs(obj, key, entry, enc.refused)}
         return enc.value(obj, key)
 
+    # Module extra state (``get_extra_state``) by its full key, as ``save(module)`` stores it
+    # (``$.extensions.extra_state``); its tensors are stored apart, never as ties.
+    extra: dict[str, Any] = {}
+    extra_enc = Encoder()
     tree = entry(dict(app), "")
+    enc.refused += extra_enc.refused
+    for key in extra_enc.tensors:
+        if key in enc.tensors:
+            enc.refused.append(f"{key} (module extra state stored under a key the state uses; rename the tensor)")
     enc.finish()
-    return tree, enc.tensors
+    return AppState(tree, enc.tensors, extra, extra_enc.tensors)
+
+
+@dataclass(frozen=True)
+class AppState:
+    """An application state encoded: the entry tree, its tensors, module extra state and its tensors."""
+
+    tree: Any
+    tensors: dict[str, torch.Tensor]
+    extra_state: dict[str, Any]
+    extra_tensors: dict[str, torch.Tensor]
 
 
 def capture_app(app: Mapping[str, Any]) -> tuple[LiveState, dict[str, Any]]:
     """What ``save`` writes for an application state: its tensors (with ties) and extensions."""
-    tree, tensors = encode_app(app)
-    return LiveState(tensors, find_aliases(tensors), None, {}), {"state": tree}
+    encoded = encode_app(app)
+    tensors = {**encoded.tensors, **encoded.extra_tensors}
+    extensions: dict[str, Any] = {"state": encoded.tree}
+    if encoded.extra_state:
+        extensions["extra_state"] = encoded.extra_state
+    return LiveState(tensors, find_aliases(encoded.tensors), None, {}), extensions
 
 
-def decode_entry(node: Any, resolve: Callable[[str, str], Any]) -> Any:
+def decode_entry(node: Any, resolve: Callable[[str, str], Any], extra: Mapping[str, Any] | None = None) -> Any:
     """An entry tree as the plain state it stands for (object entries as their state dicts).
 
-    Module entries become their flat state dicts, Stateful entries their saved state (an
-    optimizer's keyed by parameter name); ``resolve(tag, key)`` supplies each referenced
-    tensor or byte string.
+    Module entries become their flat state dicts (with each module's extra state under its
+    ``_extra_state`` key, as torch's ``state_dict`` gives it, from ``extra``: the manifest's
+    ``extensions.extra_state``), Stateful entries their saved state (an optimizer's keyed by
+    parameter name); ``resolve(tag, key)`` supplies each referenced tensor or byte string.
     """
+    extra = extra or {}
     if values.is_tagged(node, "module"):
         body = node["module"]
         out: dict[str, Any] = {}
         for path, module in body["modules"].items():
-            for name in (*module["parameters"], *module["buffers"]):
+            for name in (*module["parameters"], *module["buffers"], EXTRA_STATE_NAME):
                 local = f"{path}.{name}" if path else name
-                out[local] = resolve("tensor", body["prefix"] + local)
+                if name != EXTRA_STATE_NAME:
+                    out[local] = resolve("tensor", body["prefix"] + local)
+                elif body["prefix"] + local in extra:
+                    out[local] = values.decode_value(extra[body["prefix"] + local], resolve)
         return out
     if values.is_tagged(node, "stateful"):
         return values.decode_value(node["stateful"]["state"], resolve)
     if values.is_tagged(node, "dict"):
-        return {name: decode_entry(child, resolve) for name, child in node["dict"]}
+        return {name: decode_entry(child, resolve, extra) for name, child in node["dict"]}
     return values.decode_value(node, resolve)
