@@ -148,13 +148,26 @@ def rich_document() -> dict[str, Any]:
 
 
 def rejected(doc: Any, *, field: str) -> ManifestError:
-    """Parse ``doc`` expecting a ManifestError at ``field`` whose message names the file."""
+    """Parse ``doc`` expecting a ManifestError at ``field`` whose message names the file.
+
+    Both ways in are checked: ``from_dict`` (entries built at once) and, for a document JSON
+    can hold, ``from_json`` of its text (entries read from the parsed JSON, built on demand),
+    which must give the very same message.
+    """
     with pytest.raises(ManifestError) as info:
         Manifest.from_dict(doc, file=WHERE)
     exc = info.value
     assert exc.field == field, str(exc)
     assert exc.file == WHERE
     assert WHERE in str(exc)
+    try:
+        text = json.dumps(doc, allow_nan=False).encode()
+    except (TypeError, ValueError):
+        return exc  # not a JSON document: only from_dict can be given it
+    if json.loads(text) == doc:
+        with pytest.raises(ManifestError) as again:
+            Manifest.from_json(text, file=WHERE)
+        assert (again.value.field, str(again.value)) == (exc.field, str(exc))
     return exc
 
 
@@ -728,3 +741,39 @@ def test_entries_read_from_json_equal_constructed_ones_and_stay_frozen() -> None
     assert dataclasses.asdict(fast) == dataclasses.asdict(slow)
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.dtype = "int8"  # type: ignore[misc]
+
+
+# -- manifests read from JSON: entries built on demand -------------------------------------
+
+
+def test_from_json_gives_the_entries_from_dict_builds() -> None:
+    """Read from JSON, every tensor and module entry (chunks, aliases, integral floats as ints) equals the built one."""
+    doc = rich_document()
+    doc["tensors"]["emb.weight"]["shape"] = [4.0, 2]  # JSON Schema integers may be written as 8.0
+    doc["tensors"]["bn.num_batches_tracked"]["byte_range"] = [96.0, 104]
+    doc["modules"]["bn"]["version"] = 2.0
+    text = json.dumps(doc).encode()
+    eager, lazy = Manifest.from_dict(json.loads(text)), Manifest.from_json(text)
+    assert dict(lazy.tensors) == dict(eager.tensors)
+    assert lazy.modules is not None and eager.modules is not None
+    assert dict(lazy.modules) == dict(eager.modules)
+    assert lazy == eager and lazy.to_json() == eager.to_json()
+    assert lazy.tensors["emb.weight"].shape == (4, 2) and type(lazy.tensors["emb.weight"].shape[0]) is int
+    assert lazy.modules["bn"].version == 2 and type(lazy.modules["bn"].version) is int
+    assert lazy.entry("head.weight") is lazy.tensors["emb.weight"]  # built once, then the same object
+    assert list(lazy.tensors) == list(eager.tensors) and len(lazy.tensors) == 3
+    assert "fc.weight" in lazy.tensors and "nope" not in lazy.tensors
+    with pytest.raises(KeyError):
+        lazy.tensors["nope"]
+
+
+def test_consistency_of_a_replaced_manifest_checks_every_tensor_again() -> None:
+    """The ranges a manifest read from JSON checked hold for its files: with other file sizes, all are checked."""
+    import dataclasses
+
+    manifest = Manifest.from_json(json.dumps(document()).encode())
+    assert list(manifest.iter_consistency_problems()) == []
+    shrunk = dataclasses.replace(manifest, files={FILE: FileEntry(125, "a" * 64)})
+    assert list(shrunk.iter_consistency_problems()) == [
+        ('$.tensors["fc.bias"].byte_range', f"[120, 128) lies outside {FILE!r} of 125 bytes")
+    ]

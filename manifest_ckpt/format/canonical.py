@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["dumps"]
+import msgspec
+
+__all__ = ["compact", "dumps"]
+
+_sorted_encode: Final = msgspec.json.Encoder(order="sorted").encode
 
 _int = int.__repr__
 
@@ -27,6 +31,27 @@ def dumps(value: Any) -> str:
         TypeError, ValueError: as ``json.dumps`` does for values JSON cannot hold.
     """
     return _encode(value, 0)
+
+
+def compact(value: Any) -> bytes:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()``, faster.
+
+    For the digests over a manifest's tensors, aliases and modules (100,000 entries): msgspec
+    writes the text in C. Its bytes are json's whenever they hold no backslash and only
+    printable ASCII: then no string needed an escape (where the two encoders differ), and
+    keys sort alike. Anything else is written by ``json.dumps`` itself.
+
+    Args:
+        value: str-keyed dicts, lists, tuples, str, int, bool and None only. Floats are not
+            allowed (the two encoders spell some differently, which the bytes cannot reveal).
+    """
+    try:
+        blob = _sorted_encode(value)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        blob = b"\\"  # something msgspec cannot write (an int past 64 bits, a mappingproxy)
+    if b"\\" in blob or b"\x7f" in blob or not blob.isascii():
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return blob
 
 
 def _encode(value: Any, level: int) -> str:

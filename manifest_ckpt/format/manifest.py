@@ -16,7 +16,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -146,6 +146,133 @@ class ModuleEntry:
         return self.parameters + self.buffers
 
 
+class _TensorTable(Mapping[str, "TensorEntry"]):
+    """The tensors of a manifest read from JSON: its validated entries, each built into a
+    :class:`TensorEntry` when first looked up.
+
+    A mixture-of-experts manifest has 100,000 tensors; reading one builds no entry, and
+    check, load and the digest read the JSON entries directly (:func:`json_entries`). As it
+    is built, the table checks every whole tensor's byte range against ``files`` (the
+    common case, in one tight loop) and rewrites the entries that hold integral floats with
+    Python ints, so the JSON entries read like ``TensorEntry.to_dict()``. ``irregular`` lists
+    the keys the manifest's full rules must still look at: chunked tensors and any whose
+    range did not check out.
+    """
+
+    __slots__ = ("_built", "_entries", "checked_sizes", "irregular")
+
+    def __init__(self, entries: dict[str, dict[str, Any]], files: Mapping[str, FileEntry]) -> None:
+        self._entries = entries
+        self._built: dict[str, TensorEntry] = {}
+        self.checked_sizes = {name: f.size for name, f in files.items()}
+        self.irregular = _irregular(entries, self.checked_sizes)
+        for key in self.irregular:  # integral floats (8.0) become ints, as in TensorEntry
+            entries[key] = _tensor_from_dict(entries[key]).to_dict()
+
+    def __getitem__(self, key: str) -> TensorEntry:
+        entry = self._built.get(key)
+        if entry is None:
+            entry = self._built[key] = _tensor_from_dict(self._entries[key])
+        return entry
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} tensors)"
+
+
+class _ModuleTable(Mapping[str, "ModuleEntry"]):
+    """The module tree of a manifest read from JSON: entries built when first looked up.
+
+    Versions written as integral floats become ints as the table is built, so the JSON
+    entries read like ``ModuleEntry.to_dict()`` (:func:`json_modules`).
+    """
+
+    __slots__ = ("_built", "_entries")
+
+    def __init__(self, entries: dict[str, dict[str, Any]]) -> None:
+        for entry in entries.values():
+            if type(entry["version"]) is float:
+                entry["version"] = int(entry["version"])
+        self._entries = entries
+        self._built: dict[str, ModuleEntry] = {}
+
+    def __getitem__(self, path: str) -> ModuleEntry:
+        entry = self._built.get(path)
+        if entry is None:
+            entry = self._built[path] = _module_from_dict(self._entries[path])
+        return entry
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} modules)"
+
+
+def json_entries(tensors: Mapping[str, TensorEntry]) -> Mapping[str, Mapping[str, Any]] | None:
+    """The JSON entries behind a manifest's tensors, when it was read from JSON, else None.
+
+    Each is what ``TensorEntry.to_dict()`` gives (shapes and byte ranges as lists of ints):
+    hot paths read these instead of building 100,000 entries. Read-only by contract.
+    """
+    return tensors._entries if isinstance(tensors, _TensorTable) else None
+
+
+def json_modules(modules: Mapping[str, ModuleEntry] | None) -> Mapping[str, Mapping[str, Any]] | None:
+    """The JSON entries behind a manifest's module tree (as ``ModuleEntry.to_dict()``), or None."""
+    return modules._entries if isinstance(modules, _ModuleTable) else None
+
+
+def declared_keys(modules: Mapping[str, ModuleEntry]) -> set[str]:
+    """Every state-dict key the module tree declares (parameters and persistent buffers)."""
+    entries = json_modules(modules)
+    if entries is None:
+        return {f"{path}.{name}" if path else name for path, m in modules.items() for name in m.persistent_names()}
+    declared: set[str] = set()
+    for path, m in entries.items():
+        if path:
+            prefix = path + "."
+            declared.update([prefix + name for name in m["parameters"]])
+            declared.update([prefix + name for name in m["buffers"]])
+        else:
+            declared.update(m["parameters"], m["buffers"])
+    return declared
+
+
+def _irregular(entries: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int]) -> list[str]:
+    """The keys of entries that are not a whole tensor of Python ints whose byte range fits its
+    dtype, shape and file: chunked tensors, integral floats, and every rule broken."""
+    itemsize = {name: size for name, (_, size) in _dtypes.DTYPES.items()}
+    prod = math.prod
+    irregular = []
+    for key, t in entries.items():
+        if len(t) != 5:  # dtype, shape, digest, file, byte_range: a whole tensor
+            irregular.append(key)
+            continue
+        start, end = t["byte_range"]
+        size = sizes.get(t["file"])
+        count = end - start
+        n = itemsize[t["dtype"]] * prod(t["shape"])
+        # type() is int only when every operand was: an integral float (8.0) makes it float.
+        if size is None or count != n or not start <= end <= size or type(count) is not int or type(n) is not int:
+            irregular.append(key)
+    return irregular
+
+
 def required_version(extensions: Any) -> str:
     """The format version a manifest with these ``extensions`` must declare (the oldest that has them)."""
     if isinstance(extensions, Mapping) and "extra_state" in extensions:
@@ -168,17 +295,33 @@ def compute_digest(
     content extensions (the application-state tree of a training state) are covered: two
     training states that differ only in a step count are different checkpoints.
     """
-    content: dict[str, Any] = {
-        "format": f"{FORMAT_NAME}/1",
-        "tensors": {k: [t.dtype, list(t.shape), t.digest] for k, t in tensors.items()},
-        "aliases": dict(aliases),
-        "modules": None if modules is None else {p: m.to_dict() for p, m in modules.items()},
+    entries = json_entries(tensors)
+    module_entries = json_modules(modules)
+    # Tensors, aliases and modules hold strings, ints and None only: canonical.compact writes
+    # them (the same bytes as json.dumps, several times faster). Extensions may hold floats:
+    # json.dumps writes those, and the parts are joined in sorted key order, as json would.
+    parts: dict[str, bytes] = {
+        "format": json.dumps(f"{FORMAT_NAME}/1").encode(),
+        "tensors": canonical.compact(
+            {k: [t.dtype, list(t.shape), t.digest] for k, t in tensors.items()}
+            if entries is None
+            else {k: [t["dtype"], t["shape"], t["digest"]] for k, t in entries.items()}
+        ),
+        "aliases": canonical.compact(dict(aliases)),
+        "modules": canonical.compact(
+            None
+            if modules is None
+            else module_entries
+            if module_entries is not None
+            else {p: m.to_dict() for p, m in modules.items()}
+        ),
     }
     if isinstance(extensions, Mapping):
         for name in CONTENT_EXTENSIONS:
             if name in extensions:
-                content[name] = _plain(extensions[name])
-    blob = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+                text = json.dumps(_plain(extensions[name]), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+                parts[name] = text.encode()
+    blob = b"{" + b",".join(b'"' + name.encode() + b'":' + parts[name] for name in sorted(parts)) + b"}"
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
@@ -266,21 +409,32 @@ class Manifest:
         where = file or "manifest"
         _check_version(document, where, file)
         _check_free_form(document, where, file)
-        return cls._build(document, file=file)
+        return cls._build(document, file=file, owned=True)
 
     @classmethod
-    def _build(cls, document: dict[str, Any], *, file: str | None) -> Manifest:
-        """The manifest of a schema-valid document, after the rules the schema cannot express."""
+    def _build(cls, document: dict[str, Any], *, file: str | None, owned: bool = False) -> Manifest:
+        """The manifest of a schema-valid document, after the rules the schema cannot express.
+
+        ``owned``: the document was parsed here and nobody else holds it, so its tensor and
+        module entries can back the manifest as they are (built into entries when looked up).
+        """
         where = file or "manifest"
         files = {name: FileEntry(int(f["size"]), f["header_sha256"]) for name, f in document["files"].items()}
-        tensors = {key: _tensor_from_dict(t) for key, t in document["tensors"].items()}
-        modules = modules_from_dict(document["modules"])
+        tensors: Mapping[str, TensorEntry]
+        modules: Mapping[str, ModuleEntry] | None
+        if owned:
+            tensors = _TensorTable(document["tensors"], files)
+            modules = None if document["modules"] is None else _ModuleTable(document["modules"])
+        else:
+            tensors = MappingProxyType({key: _tensor_from_dict(t) for key, t in document["tensors"].items()})
+            built = modules_from_dict(document["modules"])
+            modules = None if built is None else MappingProxyType(built)
         manifest = cls(
             digest=document["digest"],
             files=MappingProxyType(files),
-            tensors=MappingProxyType(tensors),
+            tensors=tensors,
             aliases=MappingProxyType(dict(document["aliases"])),
-            modules=None if modules is None else MappingProxyType(modules),
+            modules=modules,
             lineage=document["lineage"],
             metadata=document.get("metadata"),
             format_version=document["format_version"],
@@ -307,7 +461,15 @@ class Manifest:
     def iter_consistency_problems(self) -> Iterator[tuple[str, str]]:
         """Yield ``(json_path, message)`` for every rule the schema cannot express."""
         files = self.files
-        for key, t in self.tensors.items():
+        tensors = self.tensors
+        # A table read from JSON has checked its whole tensors' byte ranges as it was built,
+        # against these very file sizes: only the others need the full rules here.
+        if isinstance(tensors, _TensorTable) and tensors.checked_sizes == {n: f.size for n, f in files.items()}:
+            keys: Iterable[str] = tensors.irregular
+        else:
+            keys = tensors
+        for key in keys:
+            t = tensors[key]
             if t.chunks is None:
                 assert t.file is not None and t.byte_range is not None
                 # The rules of _check_range, inline for the common valid case (no generator
@@ -352,9 +514,7 @@ class Manifest:
             if target not in self.tensors:
                 yield _path("aliases", alias), f"points at {target!r}, which is not a stored tensor"
         if self.modules is not None:
-            declared = {
-                f"{path}.{name}" if path else name for path, m in self.modules.items() for name in m.persistent_names()
-            }
+            declared = declared_keys(self.modules)
             stored = set(self.tensors) | set(self.aliases)
             for key in sorted(declared - stored):
                 yield _path("modules"), f"declares {key!r}, which is neither stored nor an alias"
@@ -538,16 +698,17 @@ def modules_from_dict(modules: Mapping[str, Any] | None) -> dict[str, ModuleEntr
     """The module tree from its JSON form (``None`` stays ``None``: saved from a state dict)."""
     if modules is None:
         return None
-    return {
-        path: ModuleEntry(
-            m["class"],
-            None if m["version"] is None else int(m["version"]),
-            tuple(m["parameters"]),
-            tuple(m["buffers"]),
-            tuple(m["non_persistent_buffers"]),
-        )
-        for path, m in modules.items()
-    }
+    return {path: _module_from_dict(m) for path, m in modules.items()}
+
+
+def _module_from_dict(m: Mapping[str, Any]) -> ModuleEntry:
+    return ModuleEntry(
+        m["class"],
+        None if m["version"] is None else int(m["version"]),
+        tuple(m["parameters"]),
+        tuple(m["buffers"]),
+        tuple(m["non_persistent_buffers"]),
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -58,3 +58,17 @@ def test_dumps_of_manifest_shaped_document() -> None:
         "lineage": {"user": {"1": 1.5, "x": [True, None, "\u2028\n\""]}},
     }
     assert canonical.dumps(document) == json.dumps(document, sort_keys=True, indent=1, ensure_ascii=False)
+
+
+_float_free = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.tuples(children) | st.dictionaries(st.text(), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(value=_float_free)
+def test_compact_matches_json_dumps(value: Any) -> None:
+    """compact gives json.dumps(sort_keys, compact separators, ensure_ascii) bytes: escapes, non-ASCII, big ints."""
+    assert canonical.compact(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    record_example()
