@@ -954,10 +954,20 @@ def issue13_targets(
     """The targets of issue 13 (per-tensor cost, save on the hashing limit, async save), where their case ran."""
     out: list[dict[str, Any]] = []
 
-    def add(target: str, case: str, measured: float | None, limit: float, unit: str) -> None:
+    def add(
+        target: str, case: str, measured: float | None, limit: float, unit: str, ours: str, peer: str | None = None
+    ) -> None:
+        """``ours``/``peer``: ``op:contender`` of the rows compared, kept with their figures for the README."""
         met = None if measured is None else measured <= limit
+
+        def figures(ref: str | None) -> dict[str, Any] | None:
+            row = None if ref is None else _row(rows, case, *ref.split(":", 1))
+            if row is None:
+                return None
+            return {k: row[k] for k in ("label", "median_s", "min_s", "max_s", "rss_anon_extra_bytes")}
+
         out.append({"target": target, "case": case, "measured": measured, "limit": limit, "sense": "<=",
-                    "unit": unit, "met": met})  # fmt: skip
+                    "unit": unit, "met": met, "ours": figures(ours), "peer": figures(peer)})  # fmt: skip
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
@@ -965,25 +975,32 @@ def issue13_targets(
     infos = {i["name"]: i for i in case_infos}
     if "tiny" in infos:
         n = f"{infos['tiny']['tensors']:,} tensors"
-        add(f"{n}: check <= 0.5 s", "tiny", _median(rows, "tiny", "check", "mc.check"), 0.5, "s")
-        add(f"{n}: read_manifest <= 0.3 s", "tiny", _median(rows, "tiny", "check", "mc.read_manifest"), 0.3, "s")
+        add(f"{n}: check <= 0.5 s", "tiny", _median(rows, "tiny", "check", "mc.check"), 0.5, "s", "check:mc.check")
+        add(f"{n}: read_manifest <= 0.3 s", "tiny", _median(rows, "tiny", "check", "mc.read_manifest"), 0.3, "s",
+            "check:mc.read_manifest")
         add(f"{n}: load <= 1.0x load_model", "tiny",
-            ratio(_median(rows, "tiny", "load", "mc.load"), _median(rows, "tiny", "load", "st.load_model")), 1.0, "x")  # fmt: skip
+            ratio(_median(rows, "tiny", "load", "mc.load"), _median(rows, "tiny", "load", "st.load_model")), 1.0, "x",
+            "load:mc.load", "load:st.load_model")  # fmt: skip
         add(f"{n}: save with digests <= 1.0x save_file", "tiny",
-            ratio(_median(rows, "tiny", "save", "mc.save"), _median(rows, "tiny", "save", "st.save_file")), 1.0, "x")  # fmt: skip
+            ratio(_median(rows, "tiny", "save", "mc.save"), _median(rows, "tiny", "save", "st.save_file")), 1.0, "x",
+            "save:mc.save", "save:st.save_file")  # fmt: skip
         ours, peer = _row(rows, "tiny", "load", "mc.load"), _row(rows, "tiny", "load", "st.load_model")
         add(f"{n}: peak extra memory of load <= 1.5x load_model's", "tiny",
             None if ours is None or peer is None else ratio(ours["rss_anon_extra_bytes"], peer["rss_anon_extra_bytes"]),
-            1.5, "x")  # fmt: skip
+            1.5, "x", "load:mc.load", "load:st.load_model")  # fmt: skip
     if "large" in infos:
         large = infos["large"]
         add("1 GB in 32 tensors: load <= 1.0x load_model", "large",
-            ratio(_median(rows, "large", "load", "mc.load"), _median(rows, "large", "load", "st.load_model")), 1.0, "x")  # fmt: skip
+            ratio(_median(rows, "large", "load", "mc.load"), _median(rows, "large", "load", "st.load_model")), 1.0, "x",
+            "load:mc.load", "load:st.load_model")  # fmt: skip
+        limit_s = hashing_limit(rows, large, machine_info)
         add("1 GB in 32 tensors: save with digests <= 1.1x (H + W / cores)", "large",
-            ratio(_median(rows, "large", "save", "mc.save"), hashing_limit(rows, large, machine_info)), 1.1, "x")  # fmt: skip
+            ratio(_median(rows, "large", "save", "mc.save"), limit_s), 1.1, "x",
+            "save:mc.save", "save:st.save_file")  # fmt: skip
+        out[-1]["reference_s"] = limit_s
         add("1 GB: async_save blocks <= 0.3x save_file", "large",
             ratio(_median(rows, "large", "async_save", "mc.async_save"), _median(rows, "large", "async_save", "st.save_file")),
-            0.3, "x")  # fmt: skip
+            0.3, "x", "async_save:mc.async_save", "async_save:st.save_file")  # fmt: skip
     return out
 
 
@@ -1103,13 +1120,60 @@ _README_START: Final = "<!-- results:start -->"
 _README_END: Final = "<!-- results:end -->"
 
 
-def update_readme(table: str, png_name: str) -> None:
-    """Replace the results section of ``benchmarks/README.md`` with the latest run."""
-    text = README.read_text()
-    head, _, rest = text.partition(_README_START)
-    _, _, tail = rest.partition(_README_END)
-    body = f"{_README_START}\n{table}\n![ratios to the best peer](results/{png_name})\n{_README_END}"
-    README.write_text(head + body + tail)
+_TARGETS_START: Final = "<!-- targets:start -->"
+_TARGETS_END: Final = "<!-- targets:end -->"
+
+
+def _figure(f: dict[str, Any] | None, memory: bool) -> str:
+    if f is None:
+        return "—"
+    if memory:
+        return "—" if f["rss_anon_extra_bytes"] is None else f"{f['rss_anon_extra_bytes'] / 1e6:,.0f} MB"
+    return f"{_unit(f['median_s'])} ({_unit(f['min_s'])} - {_unit(f['max_s'])})"
+
+
+def _unit(seconds: float | None) -> str:
+    text = _seconds(seconds)
+    return text if text.endswith(("ms", "—")) else f"{text} s"
+
+
+def targets_markdown(document: dict[str, Any]) -> str:
+    """Issue 13's targets as the top-level README shows them: the run, then one row per target."""
+    m = document["machine"]
+    lines = [
+        f"Full run of {document['started'][:10]}: {m['cpu']}, {m['usable_cores']} cores, working files on "
+        f"{m['workdir_filesystem']}, Python {m['python']}, torch {m['torch']}, load average at start "
+        f"{_loads(m.get('load_average_start'))}; median of {document['method']['repeats']} runs (min - max):",
+        "",
+        "| target | manifest-ckpt | peer | measured | met |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for t in document.get("issue13_targets", []):
+        memory = "memory" in t["target"]
+        measured = "—" if t["measured"] is None else f"{t['measured']:.3g}{t['unit']}"
+        met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        peer = _figure(t.get("peer"), memory)
+        if t.get("peer") is not None and not memory:
+            peer = f"{t['peer']['label']}: {peer}"
+        if t.get("reference_s") is not None:
+            peer = f"H + W/cores = {_unit(t['reference_s'])}; {peer}"
+        lines.append(f"| {t['target']} | {_figure(t.get('ours'), memory)} | {peer} | {measured} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _replace_between(path: Path, start: str, end: str, body: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    head, found, rest = text.partition(start)
+    if not found or end not in rest:
+        raise SystemExit(f"{path}: markers {start} ... {end} not found; add them where the table goes")
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n{body}{end}{tail}", encoding="utf-8")
+
+
+def update_readme(document: dict[str, Any], table: str, png_name: str) -> None:
+    """Replace the results section of ``benchmarks/README.md`` and the targets table of the README with this run."""
+    _replace_between(README, _README_START, _README_END, f"{table}\n![ratios to the best peer](results/{png_name})\n")
+    _replace_between(REPO / "README.md", _TARGETS_START, _TARGETS_END, targets_markdown(document))
 
 
 # --------------------------------------------------------------------------- command line
@@ -1124,7 +1188,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the .md, .json and .png go")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORK, help="scratch space for checkpoints")
     parser.add_argument("--no-memory", action="store_true", help="skip the RssAnon probes")
-    parser.add_argument("--update-readme", action="store_true", help="put the table in benchmarks/README.md")
+    parser.add_argument("--update-readme", action="store_true", help="put the table in benchmarks/README.md and the targets in README.md")
     parser.add_argument("--_probe-server", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -1211,7 +1275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(table)
     drew = chart(document, args.out / f"{stem}.png")
     if args.update_readme:
-        update_readme(table, f"{stem}.png")
+        update_readme(document, table, f"{stem}.png")
     log(f"wrote {args.out / stem}.md, .json{', .png' if drew else ' (no matplotlib: no chart)'}")
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,16 +187,46 @@ def test_rss_anon_reads_this_process(tmp_path: Path) -> None:
     del block
 
 
-def test_update_readme_replaces_only_the_marked_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Text outside the result markers survives; the old table is replaced by the new one."""
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\noutro\n")
-    monkeypatch.setattr(run, "README", readme)
-    run.update_readme("| new |\n", "results.png")
-    assert readme.read_text() == (
+def test_update_readme_replaces_only_the_marked_sections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quick_run: tuple[dict[str, Any], Path, str]
+) -> None:
+    """Text outside the markers survives; the results table and the README's targets table are the new run's."""
+    document, _, _ = quick_run
+    (tmp_path / "benchmarks").mkdir()
+    bench_readme, readme = tmp_path / "benchmarks" / "README.md", tmp_path / "README.md"
+    bench_readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\noutro\n")
+    readme.write_text("top\n<!-- targets:start -->\nold targets\n<!-- targets:end -->\nbottom\n")
+    monkeypatch.setattr(run, "README", bench_readme)
+    monkeypatch.setattr(run, "REPO", tmp_path)
+    run.update_readme(document, "| new |\n", "results.png")
+    assert bench_readme.read_text() == (
         "intro\n<!-- results:start -->\n| new |\n\n![ratios to the best peer](results/results.png)\n"
         "<!-- results:end -->\noutro\n"
     )
+    assert readme.read_text() == f"top\n<!-- targets:start -->\n{run.targets_markdown(document)}<!-- targets:end -->\nbottom\n"
+
+
+def test_targets_table_has_a_row_per_target_with_both_sides(quick_run: tuple[dict[str, Any], Path, str]) -> None:
+    """One row per issue-13 target: our median (min - max), the peer's where there is one, the ratio, met or not."""
+    document, _, _ = quick_run
+    rows = [line for line in run.targets_markdown(document).splitlines() if line.startswith("| ") and "target |" not in line]
+    assert len(rows) == len(document["issue13_targets"]) == 8
+    for line, t in zip(rows, document["issue13_targets"]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == t["target"]
+        assert cells[1] == run._figure(t["ours"], "memory" in t["target"]) != "—"
+        assert cells[3] == f"{t['measured']:.3g}{t['unit']}"
+        assert cells[4] == ("yes" if t["met"] else "**no**")
+    assert rows[2].split("|")[3].strip().startswith("safetensors")  # the load target names its peer
+
+
+def test_missing_markers_stop_the_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A README without the markers is not silently left stale: the update stops with the markers named."""
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    monkeypatch.setattr(run, "README", readme)
+    with pytest.raises(SystemExit, match=re.escape("markers <!-- results:start --> ... <!-- results:end --> not found")):
+        run.update_readme({}, "| new |\n", "results.png")
 
 
 def test_unknown_case_is_refused_before_anything_runs() -> None:
