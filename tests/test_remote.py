@@ -611,6 +611,31 @@ def test_a_concurrent_writer_makes_the_second_commit_fail_typed(
     assert names == {"manifest.json", *again.files}
 
 
+def test_an_overwrite_race_is_caught_for_a_manifest_s3fs_would_upload_in_parts(
+    s3: S3, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If-Match holds only on a single PUT: a manifest past 2 x s3fs's chunk size must not go multipart.
+
+    S3 ignores If-Match on CreateMultipartUpload, so a big manifest's overwrite would replace a
+    rival's commit silently. s3fs's chunk size is lowered here so a small manifest stands in for one
+    of over 100 MiB (its default threshold).
+    """
+    import s3fs
+
+    mc.save(TiedNet(), url, storage_options=s3.options, record_code=False)
+    monkeypatch.setattr(s3fs.S3FileSystem._pipe_file, "__defaults__", (1024, None, "overwrite"))
+    torch.manual_seed(1)
+    winner = TiedNet()
+    committed: list[mc.Manifest] = []
+    _race(monkeypatch, lambda: committed.append(
+        mc.save(winner, url, storage_options=s3.options, record_code=False, overwrite=True)
+    ))
+    with pytest.raises(mc.ConcurrentWriteError, match="another writer replaced the checkpoint"):
+        mc.save(trained(), url, storage_options=s3.options, record_code=False, overwrite=True)
+    monkeypatch.undo()
+    assert mc.read_manifest(url, storage_options=s3.options).digest == committed[0].digest
+
+
 def test_a_concurrent_writer_to_a_new_memory_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stores without S3's conditional writes still refuse a second create (fsspec's mode='create')."""
     url = "memory://race/new"

@@ -442,7 +442,9 @@ def _put_manifest(fs: Any, destination: Destination, path: str, manifest: bytes)
         if not destination.existed:
             fs.pipe_file(path, manifest, mode="create")
         elif s3 and destination.etag is not None:
-            fs.pipe_file(path, manifest, IfMatch=destination.etag)
+            # One PUT whatever the size (s3fs goes multipart past 2 chunks, where S3 would take
+            # If-Match on CreateMultipartUpload and ignore it): manifests stay under S3's 5 GB PUT.
+            fs.pipe_file(path, manifest, chunksize=len(manifest) + 1, IfMatch=destination.etag)
         else:
             fs.pipe_file(path, manifest)
     except (FileExistsError, OSError) as exc:
