@@ -324,6 +324,19 @@ def test_a_value_that_needs_pickle_is_refused_by_key_and_nothing_is_left(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_tensor_under_dcps_default_planner_is_refused_by_key(tmp_path: Path, layout: str) -> None:
+    """Deliberate refusal: a sparse tensor gives UnsupportedTensorError naming it, before this rank writes."""
+    dense = torch.eye(3)
+    value = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    with pytest.raises(CheckpointException) as info:
+        dcp.save({"w": dense, "opt": {"s": value}}, storage_writer=mcd.ManifestStorageWriter(tmp_path / "ck"), no_dist=True)
+    ((error, _),) = info.value.failures.values()
+    assert isinstance(error, mc.UnsupportedTensorError) and f"'opt.s' has layout torch.sparse_{layout}" in str(error)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_writer_options_it_cannot_honour_are_refused(tmp_path: Path) -> None:
     """serialization_format=TORCH_SAVE is refused (the files are safetensors); SAFETENSORS is what it writes."""
     from torch.distributed.checkpoint.filesystem import SerializationFormat

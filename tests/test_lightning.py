@@ -207,3 +207,33 @@ def test_importing_the_library_does_not_import_lightning() -> None:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+def test_top_k_and_last_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """ModelCheckpoint(top-1, last) for 2 epochs, fit(ckpt_path="last") to 4: weights, Adam and scheduler as 4 straight."""
+    straight_model = _fresh()
+    straight = _trainer(tmp_path / "straight", max_epochs=4, enable_checkpointing=False)
+    _quiet_fit(straight, straight_model)
+
+    def callback() -> Any:
+        return ModelCheckpoint(dirpath=tmp_path / "ck", monitor="train_loss", save_top_k=1, save_last=True)
+
+    first = _trainer(tmp_path / "run", max_epochs=2, callbacks=[callback()])
+    _quiet_fit(first, _fresh())
+    names = sorted(os.listdir(tmp_path / "ck"))
+    assert len(names) == 2 and "last.ckpt" in names  # the worse epoch was removed through remove_checkpoint
+    for name in names:
+        mc.verify(tmp_path / "ck" / name)
+
+    resumed_model = _fresh()
+    with torch.no_grad():
+        for p in resumed_model.parameters():
+            p.zero_()
+    resumed = _trainer(tmp_path / "run", max_epochs=4, callbacks=[callback()])
+    _quiet_fit(resumed, resumed_model, ckpt_path="last")
+    assert resumed.global_step == straight.global_step == 16
+    assert _bits(resumed_model.state_dict()) == _bits(straight_model.state_dict())
+    assert _bits(resumed.optimizers[0].state_dict()) == _bits(straight.optimizers[0].state_dict())
+    sched = [c.scheduler.state_dict() for c in (resumed.lr_scheduler_configs[0], straight.lr_scheduler_configs[0])]
+    assert sched[0] == sched[1] and sched[0]["last_epoch"] == 4
+    assert len(os.listdir(tmp_path / "ck")) == 2  # still top-1 and last

@@ -363,6 +363,9 @@ class ManifestStorageWriter(FileSystemWriter):
             # A value DCP's default planner would pickle is encoded (or refused) before this rank writes.
             values = _encode_values(plan.items, planner)
             tensors = [item for item in plan.items if item.type != WriteItemType.BYTE_IO]
+            if isinstance(planner, DefaultSavePlanner) and not isinstance(planner, ManifestSavePlanner):
+                # DCP's own planner checks nothing: a sparse tensor is refused by name here, not mid-write.
+                require_tensors({item.index.fqn: planner.lookup_object(item.index) for item in tensors})
             files = _files_of(tensors, self.thread_count if self.single_file_per_rank else None)
             if self.url is not None:
                 results = self._upload(rank, files, values, planner)

@@ -3,15 +3,20 @@
 Training N+M steps straight equals training N steps, saving the application state with
 ``mc.save``, building fresh objects (other initial values, another global RNG state),
 ``mc.load`` and training M more: model, optimizer, scheduler, progress and the global random
-generators, every byte. Architectures, optimizers (SGD with momentum, Adam, AdamW, RMSprop,
-Adagrad, with random hyper-parameters and parameter groups) and LR schedulers are drawn at
-random; dropout and the data draw from the global torch RNG, and Python's ``random`` scales
-the loss, so only a faithful :class:`~manifest_ckpt.RNGState` resumes exactly.
+generators, every byte. Architectures are drawn at random: MLPs, 1-D and 2-D convolutions,
+embeddings with a head tied to them, with LayerNorm, BatchNorm (running statistics and
+``num_batches_tracked``) or GroupNorm, and dropout; so are optimizers (SGD with momentum,
+Adam, AdamW, RMSprop, Adagrad, with random hyper-parameters and parameter groups) and LR
+schedulers. Dropout and the data draw from the global torch RNG, and Python's ``random``
+scales the loss, so only a faithful :class:`~manifest_ckpt.RNGState` resumes exactly. The
+resumed program is sometimes built inside ``mc.init_empty()`` (its optimizer over the meta
+parameters), as a big model would be.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,51 +40,120 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 SCHEDULERS = ("none", "step", "multistep", "exponential", "cosine", "linear", "onecycle")
 
 
+ARCHITECTURES = ("mlp", "conv1d", "conv2d", "embedding")
+
+
 @dataclass(frozen=True)
 class Setup:
     """A pure description of one training program (built again for the resumed run)."""
 
-    widths: tuple[int, ...]  # input, hidden..., output
+    architecture: str
+    widths: tuple[int, ...]  # input (channels, vocabulary), hidden..., output
     activation: str
     dropout: float
-    norm: str  # "none", "layer", "batch"
+    norm: str  # "none", "layer", "batch", "group"
     optimizer: str
     flags: tuple[bool, bool]  # nesterov / amsgrad / centered, weight decay on
     lr: float
     groups: int  # 1 or 2 parameter groups
     scheduler: str
+    empty: bool  # the resumed program is built inside mc.init_empty()
 
 
 @st.composite
 def setups(draw: st.DrawFn) -> Setup:
+    architecture = draw(st.sampled_from(ARCHITECTURES))
     widths = tuple(draw(st.lists(st.integers(1, 5), min_size=2, max_size=4)))
+    if architecture == "embedding":
+        widths = (widths[0] + 2, *widths[1:])  # a vocabulary of at least 3
     return Setup(
+        architecture=architecture,
         widths=widths,
         activation=draw(st.sampled_from(("relu", "tanh", "gelu"))),
         dropout=draw(st.sampled_from((0.0, 0.25, 0.5))),
-        norm=draw(st.sampled_from(("none", "layer", "batch"))),
+        norm=draw(st.sampled_from(("none", "layer", "batch", "group"))),
         optimizer=draw(st.sampled_from(OPTIMIZERS)),
         flags=(draw(st.booleans()), draw(st.booleans())),
         lr=draw(st.sampled_from((0.3, 0.05, 1e-3))),
         groups=draw(st.integers(1, 2)),
         scheduler=draw(st.sampled_from(SCHEDULERS)),
+        empty=draw(st.booleans()),
     )
 
 
+def _norm(setup: Setup, width: int, spatial: int) -> nn.Module | None:
+    """The normalisation layer for ``width`` features over ``spatial`` dimensions (0: none)."""
+    if setup.norm == "layer":
+        return nn.LayerNorm(width)
+    if setup.norm == "group":
+        return nn.GroupNorm(1, width)
+    if setup.norm == "batch":
+        return (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d)[spatial](width)
+    return None
+
+
+class _Channels(nn.Module):
+    """LayerNorm over the channels of a (batch, channels, ...) activation."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class _Embedded(nn.Module):
+    """An embedding, a stack of layers over its mean, and a head tied to the embedding."""
+
+    def __init__(self, vocabulary: int, width: int, body: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.body = body
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(x).mean(1)))
+
+
 def _model(setup: Setup) -> nn.Module:
-    layers: list[nn.Module] = []
     act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[setup.activation]
-    for i, (a, b) in enumerate(zip(setup.widths, setup.widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(setup.widths) - 2:
-            if setup.norm == "layer":
-                layers.append(nn.LayerNorm(b))
-            elif setup.norm == "batch":
-                layers.append(nn.BatchNorm1d(b))
+    spatial = {"mlp": 0, "embedding": 0, "conv1d": 1, "conv2d": 2}[setup.architecture]
+    widths = setup.widths
+    if setup.architecture == "embedding":
+        widths = (widths[1], *widths[2:], widths[1])  # the body maps the embedding width to itself
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        last = i == len(widths) - 2
+        if spatial and not last:
+            layers.append((nn.Conv1d, nn.Conv2d)[spatial - 1](a, b, kernel_size=2, padding=1))
+        else:
+            if spatial and last:
+                layers.append(nn.Flatten(1))
+                a *= 4**spatial  # spatial size after len(widths) - 2 convolutions
+            layers.append(nn.Linear(a, b))
+        if not last:
+            norm = _norm(setup, b, spatial)
+            if norm is not None:
+                layers.append(_Channels(norm) if spatial and setup.norm == "layer" else norm)
             layers.append(act())
             if setup.dropout:
                 layers.append(nn.Dropout(setup.dropout))
-    return nn.Sequential(*layers)
+    body = nn.Sequential(*layers)
+    if setup.architecture == "embedding":
+        return _Embedded(setup.widths[0], setup.widths[1], body)
+    return body
+
+
+def _inputs(setup: Setup) -> torch.Tensor:
+    """A batch from the global generator, as a shuffling loader draws it."""
+    if setup.architecture == "embedding":
+        return torch.randint(setup.widths[0], (4, 3))
+    # Each convolution (kernel 2, padding 1) adds one to every spatial size: end at 4.
+    size = 4 - (len(setup.widths) - 2)
+    shape = {"mlp": (), "conv1d": (size,), "conv2d": (size, size)}[setup.architecture]
+    return torch.randn(4, setup.widths[0], *shape)
 
 
 def _optimizer(setup: Setup, model: nn.Module) -> torch.optim.Optimizer:
@@ -119,11 +193,18 @@ def _scheduler(setup: Setup, optimizer: torch.optim.Optimizer) -> Any:
     return s.OneCycleLR(optimizer, max_lr=setup.lr, total_steps=20, cycle_momentum=setup.optimizer != "adagrad")
 
 
-def _program(setup: Setup, init_seed: int) -> dict[str, Any]:
-    """Fresh objects as a training script builds them (``init_seed`` gives other initial values)."""
+def _program(setup: Setup, init_seed: int, *, empty: bool = False) -> dict[str, Any]:
+    """Fresh objects as a training script builds them (``init_seed`` gives other initial values).
+
+    ``empty``: the model is built inside ``mc.init_empty()``, its optimizer over meta parameters.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(init_seed)
-        model = _model(setup)
+        if empty:
+            with mc.init_empty():
+                model = _model(setup)
+        else:
+            model = _model(setup)
     optimizer = _optimizer(setup, model)
     app: dict[str, Any] = {"model": model, "optim": optimizer, "progress": {"step": 0, "losses": []}}
     scheduler = _scheduler(setup, optimizer)
@@ -137,7 +218,7 @@ def _train(app: dict[str, Any], setup: Setup, steps: int) -> None:
     model, optimizer = app["model"], app["optim"]
     model.train()
     for _ in range(steps):
-        x = torch.randn(4, setup.widths[0])  # data from the global generator, as a shuffling loader
+        x = _inputs(setup)
         scale = random.uniform(0.5, 2.0)
         optimizer.zero_grad()
         loss = model(x).pow(2).mean() * scale
@@ -189,8 +270,10 @@ def _normalised(state: dict[str, Any]) -> dict[str, Any]:
 def test_resume_equals_training_straight(
     setup: Setup, n: int, m: int, seed: int, other: int, tmp_path_factory: Any
 ) -> None:
+    event(f"architecture {setup.architecture}, norm {setup.norm}")
     event(f"optimizer {setup.optimizer}")
     event(f"scheduler {setup.scheduler}")
+    event(f"resumed program built {'inside init_empty' if setup.empty else 'normally'}")
     with torch.random.fork_rng():
         state = random.getstate()
         try:
@@ -208,8 +291,9 @@ def test_resume_equals_training_straight(
                 mc.save(first, tmp / "ck", record_code=False)
                 torch.manual_seed(other)  # the new process: other generators, other initial values
                 random.seed(other)
-                resumed = _program(setup, init_seed=other ^ 1)
-                mc.load(resumed, tmp / "ck", verify_digests=True)
+                resumed = _program(setup, init_seed=other ^ 1, empty=setup.empty)
+                result = mc.load(resumed, tmp / "ck", verify_digests=True)
+                assert bool(result.materialized) == setup.empty
             _train(resumed, setup, m)
             _same(_normalised(_state(resumed)), expected)
         finally:
