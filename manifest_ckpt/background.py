@@ -99,18 +99,27 @@ def async_save(obj: nn.Module | Mapping[str, Any], path: str | os.PathLike[str],
             return
         try:
             options = save_options if module_tree is None else {**save_options, "modules": module_tree}
-            future.set_result(save(snapshot, path, **options))
+            manifest = save(snapshot, path, **options)
         except BaseException as exc:  # noqa: BLE001 - the caller's future carries every failure
+            _release(key, future, buffer)
             future.set_exception(exc)
-        finally:
-            with _lock:
-                if _in_flight.get(key) is future:
-                    del _in_flight[key]
-                if len(_free_buffers) < _KEEP_BUFFERS:
-                    _free_buffers.append(buffer)
+        else:
+            # The buffer goes back before the future resolves: a caller that waits and saves
+            # again (a training loop) always finds it, and copies into warm memory.
+            _release(key, future, buffer)
+            future.set_result(manifest)
 
     _pool().submit(run)
     return future
+
+
+def _release(key: str, future: Future[Manifest], buffer: torch.Tensor) -> None:
+    """The save of ``future`` is over: ``key`` is free again and its buffer kept for the next call."""
+    with _lock:
+        if _in_flight.get(key) is future:
+            del _in_flight[key]
+        if len(_free_buffers) < _KEEP_BUFFERS:
+            _free_buffers.append(buffer)
 
 
 def _finish_pending() -> None:

@@ -739,10 +739,12 @@ def load_steps(
     extra = [k for k in live.extra if (k in source_key or k in derived) and k not in skipped]
     computed = [k for k in [*targets, *extra] if k in derived]
     # The machinery may read any stored tensor to compute a derived value.
+    aliases = manifest.aliases
     stored = (
         set(manifest.tensors)
         if computed
-        else {_stored(manifest, k) for t in targets for k in (built[t].sources() if t in built else [source_key[t]])}
+        else {_stored(manifest, k) for t in targets if t in built for k in built[t].sources()}
+        | {aliases.get(k, k) for k in (source_key[t] for t in targets if t not in built)}
     )
     referenced: set[str] = set()  # what extra state references (read as values, before any copy)
     for key in extra:
@@ -751,7 +753,10 @@ def load_steps(
     stored |= referenced
     if weights is None:
         weights = _Weights(store, manifest)
-    files = {c.file for key in stored for c in manifest.tensors[key].pieces()}
+    # A whole tensor names its file (no Chunk built); only chunked ones are taken apart.
+    entries = [manifest.tensors[k] for k in stored]
+    files = {e.file for e in entries if e.chunks is None and e.file is not None}
+    files.update(c.file for e in entries if e.chunks is not None for c in e.chunks)
     weights.bind(files)
     # Object storage: the needed ranges stream straight into the targets (bounded memory, each
     # byte fetched once, hashed on the way); a mismatch restores the module like any failure.
@@ -1127,35 +1132,40 @@ def _plain_jobs(
     change which write lands last; then every copy stays in order (all saved, as before).
     """
     manifest = weights.manifest
-    tensors, aliases = manifest.tensors, manifest.aliases
+    tensors, aliases, live_tensors = manifest.tensors, manifest.aliases, live.tensors
+    special = given.keys() | built.keys()
     dtypes: dict[str, torch.dtype] = {}
     bases: dict[str, int] = {}
     plain: list[tuple[torch.Tensor, int]] = []
     rest: list[str] = []
-    for key in in_place:
-        target = live.tensors[key]
-        if key in given or key in built or not plain_copy.is_plain_target(target):
-            rest.append(key)
-            continue
-        stored = aliases.get(source_key[key], source_key[key])
-        entry = tensors[stored]
-        dtype = dtypes.get(entry.dtype)
-        if dtype is None:
-            dtype = dtypes[entry.dtype] = getattr(torch, entry.dtype)
-        if entry.chunks is not None or target.dtype is not dtype:
-            rest.append(key)
-            continue
-        assert entry.file is not None and entry.byte_range is not None
-        start, end = entry.byte_range
-        if target.nbytes != end - start:
-            rest.append(key)
-            continue
-        base = bases.get(entry.file)
-        if base is None:
-            base = bases[entry.file] = weights.address(entry.file)
-        plain.append((target, base + start))
+    is_plain = plain_copy.is_plain_target
+    with _gc_paused():  # 100,000 small tuples, no cycles
+        for key in in_place:
+            target = live_tensors[key]
+            if (special and key in special) or not is_plain(target):
+                rest.append(key)
+                continue
+            stored = source_key[key]
+            entry = tensors[aliases.get(stored, stored)]
+            dtype = dtypes.get(entry.dtype)
+            if dtype is None:
+                dtype = dtypes[entry.dtype] = getattr(torch, entry.dtype)
+            byte_range = entry.byte_range
+            if entry.chunks is not None or byte_range is None or target.dtype is not dtype:
+                rest.append(key)
+                continue
+            start, end = byte_range
+            if target.nbytes != end - start:
+                rest.append(key)
+                continue
+            file = entry.file
+            assert file is not None
+            base = bases.get(file)
+            if base is None:
+                base = bases[file] = weights.address(file)
+            plain.append((target, base + start))
     if plain and rest:
-        others = {live.tensors[k].untyped_storage().data_ptr() for k in rest if not live.tensors[k].is_meta}
+        others = {live_tensors[k].untyped_storage().data_ptr() for k in rest if not live_tensors[k].is_meta}
         if any(t.untyped_storage().data_ptr() in others for t, _ in plain):
             return [], in_place
     return plain, rest

@@ -40,7 +40,7 @@ from manifest_ckpt.format.manifest import (
     compute_digest,
     required_version,
 )
-from manifest_ckpt.format.safetensors_header import build_header, written_metadata
+from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header, written_metadata
 from manifest_ckpt.storage import commit
 from manifest_ckpt.storage.store import is_url, read_manifest, require_parent_dir
 from manifest_ckpt.training.tree import Encoder, capture_app, is_app_state
@@ -55,6 +55,10 @@ _HASH_BATCH = 4 << 20
 # At most this many written bytes wait for their digest (memory only for tensors that had
 # to be copied to the CPU first; module tensors on the CPU are hashed in place).
 _PIPELINE_BYTES = 256 << 20
+# Tensors up to this size are staged into the write block and hashed on the writing thread.
+_SMALL = 64 << 10
+_PLACEHOLDER: Final = "sha256:" + "0" * 64
+_memmove = ctypes.memmove
 
 
 @dataclass(frozen=True)
@@ -419,46 +423,82 @@ def write_safetensors(
     Returns:
         The file name, its manifest entry, each tensor's digest and absolute byte range.
     """
-    placeholder = written_metadata("sha256:" + "0" * 64)
+    placeholder = written_metadata(_PLACEHOLDER)
     header, ranges = build_header(layout, placeholder)
     fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=directory)
     digests: list[str] = []
-    # Tensors reach the hashing threads in batches of at least _HASH_BATCH bytes (one task
-    # per tiny tensor would cost more than hashing it); a batch is submitted before its last
+    # Large tensors reach the hashing threads in batches of at least _HASH_BATCH bytes (one
+    # task per tensor would cost more than hashing it); a batch is submitted before its last
     # tensor is written, so hashing overlaps the writes, and results are taken in order.
+    # Small plain tensors are gathered into one staging block (a memmove each), written with
+    # one call and hashed here from the block: hashlib holds the GIL for buffers this small, so
+    # a thread would gain nothing, and each tensor costs a few calls instead of a dozen.
     pending: deque[tuple[Future[list[str]], int]] = deque()
     batch: list[memoryview] = []
     keep: list[torch.Tensor] = []  # tensor_buffer views do not keep their tensors alive
     batched = held = 0
+    block = bytearray(_WRITE_BUFFER)
+    block_view = memoryview(block)
+    block_base = tensor_buffer_address(block)
+    spans: list[tuple[int, int]] = []
+    used = 0
     try:
         with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as f, ThreadPoolExecutor(WORKERS) as pool:
+
+            def flush_block() -> None:
+                nonlocal used
+                if not spans:
+                    return
+                submit_batch()  # digests are taken in file order: the tensors written before go first
+                f.write(block_view[:used])
+                done: Future[list[str]] = Future()
+                done.set_result([_sha256_prefixed(block_view[a:b]) for a, b in spans])
+                pending.append((done, 0))
+                spans.clear()
+                used = 0
+
+            def submit_batch() -> None:
+                nonlocal batch, keep, batched, held
+                if batch:
+                    pending.append((pool.submit(_digest_all, batch, keep), batched))
+                    held += batched
+                    batch, keep, batched = [], [], 0
+
             f.write(header)
             for tensor in tensors:
+                size = tensor.nbytes
+                if _is_plain(tensor) and size <= _SMALL:
+                    if used + size > _WRITE_BUFFER:
+                        flush_block()
+                    if size:
+                        _memmove(block_base + used, tensor.data_ptr(), size)
+                    spans.append((used, used + size))
+                    used += size
+                    continue
+                flush_block()  # the staged tensors come first in the file
                 cpu = _to_cpu_contiguous(tensor)
                 buf = tensor_buffer(cpu)
                 batch.append(buf)
                 keep.append(cpu)
                 batched += len(buf)
                 if batched >= _HASH_BATCH:
-                    pending.append((pool.submit(_digest_all, batch, keep), batched))
-                    held += batched
-                    batch, keep, batched = [], [], 0
+                    submit_batch()
                 for start in range(0, len(buf), _WRITE_BLOCK):
                     f.write(buf[start : start + _WRITE_BLOCK])
                 del buf, cpu
                 while pending and held > _PIPELINE_BYTES:
-                    future, size = pending.popleft()
+                    future, pending_size = pending.popleft()
                     digests += future.result()
-                    held -= size
-            if batch:
-                pending.append((pool.submit(_digest_all, batch, keep), batched))
+                    held -= pending_size
+            flush_block()
+            submit_batch()
             del batch, keep
             while pending:
                 digests += pending.popleft()[0].result()
             if len(digests) != len(layout):
                 raise ValueError(f"write_safetensors: {len(layout)} tensors in the layout, {len(digests)} given")
             content = content_digest(zip([key for key, _, _ in layout], digests))
-            final_header, _ = build_header(layout, written_metadata(content))
+            final_header = _with_content_digest(header, layout, content)
             assert len(final_header) == len(header)
             f.seek(0)
             f.write(final_header)
@@ -475,6 +515,38 @@ def write_safetensors(
     size = ranges[-1][1] if ranges else len(final_header)
     entry = FileEntry(size=size, header_sha256=header_sha256)
     return file_name, entry, digests, ranges
+
+
+def _with_content_digest(header: bytes, layout: Sequence[tuple[str, str, tuple[int, ...]]], content: str) -> bytes:
+    """``header`` (built with the placeholder digest) with the file's content digest in its place.
+
+    The placeholder's ``"key":"value"`` pair can occur in the JSON text only as the metadata
+    entry (a string literal holds no unescaped quote), so one occurrence is that entry; the
+    header is rebuilt otherwise (never, in practice), giving the same bytes.
+    """
+    old = f'"{CONTENT_KEY}":"{_PLACEHOLDER}"'.encode()
+    if header.count(old) == 1:
+        return header.replace(old, f'"{CONTENT_KEY}":"{content}"'.encode())
+    return build_header(layout, written_metadata(content))[0]
+
+
+def tensor_buffer_address(block: bytearray) -> int:
+    """The address of a bytearray's first byte (the bytearray must not be resized meanwhile)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(block))
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    """A CPU tensor whose memory from ``data_ptr()`` is its values, as ``_to_cpu_contiguous`` would give."""
+    return (
+        type(t) in _PLAIN_TENSOR_TYPES
+        and t.is_cpu
+        and t.is_contiguous()
+        and not (t.is_conj() or t.is_neg() or t.is_meta)
+    )
+
+
+def _sha256_prefixed(data: memoryview) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _digest_all(buffers: list[memoryview], keep: list[torch.Tensor]) -> list[str]:

@@ -106,6 +106,24 @@ def test_the_staging_buffer_is_reused_across_calls(tmp_path: Path) -> None:
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
+def test_repeated_saves_reuse_one_buffer_and_write_what_save_writes(tmp_path: Path) -> None:
+    """A loop of async_save, change the weights at once, wait: each checkpoint has save's bytes for the state
+    at its call, and every call after the first copies into the same staging buffer."""
+    model = _model()
+    pools = []
+    for step in range(3):
+        expected = mc.save(model, tmp_path / f"sync{step}", record_code=False)
+        future = mc.async_save(model, tmp_path / f"async{step}", record_code=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-2.0)
+        assert future.result(timeout=60) == expected
+        assert _files(tmp_path / f"async{step}") == _files(tmp_path / f"sync{step}")
+        # Handed back before the future resolved, so it is already there for the next call.
+        pools.append({b.data_ptr() for b in background._free_buffers})
+    assert pools[0] == pools[1] == pools[2]
+
+
 def _run(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],

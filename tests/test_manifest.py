@@ -197,6 +197,13 @@ def test_to_json_from_json_round_trip_and_canonical_bytes() -> None:
     assert "épochs".encode() in data  # ensure_ascii=False: UTF-8 bytes, not \\u escapes
 
 
+def test_to_json_is_json_dumps_of_to_dict_exactly() -> None:
+    """to_json, which writes tensors and modules from their fields, gives json.dumps' canonical text byte for byte."""
+    manifest = Manifest.from_dict(rich_document())
+    expected = json.dumps(manifest.to_dict(), sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+    assert manifest.to_json() == expected.encode()
+
+
 def test_parsed_dataclasses_hold_the_document_values() -> None:
     """from_dict builds typed entries: tuples for shapes and ranges, chunks, module entries, aliases."""
     manifest = Manifest.from_dict(rich_document())

@@ -86,6 +86,27 @@ def test_non_contiguous_views_and_shared_storage_are_stored_as_values(tmp_path: 
             assert torch.equal(f.get_tensor(key), value), key
 
 
+def test_small_and_large_tensors_interleaved_get_each_its_own_digest_and_bytes(tmp_path: Path) -> None:
+    """Staged small tensors (several write blocks' worth), large, empty and non-plain ones, in any order, are
+    written in layout order with the sha256 of their own bytes."""
+    import hashlib
+
+    torch.manual_seed(5)
+    state: dict[str, torch.Tensor] = {f"s{i:02d}": torch.randn(15_000) for i in range(40)}  # 60 KB each: 2.4 MB
+    state.update({f"l{i}": torch.randn(40_000) for i in range(3)})  # above the staging size
+    state["conj"] = torch.randn(3, dtype=torch.complex64).conj()
+    state["nc"] = torch.randn(5, 7).t()
+    state["empty"] = torch.empty(0, 3)
+    state["b"] = torch.arange(7, dtype=torch.int8)
+    manifest = mc.save(state, tmp_path / "ck")
+    with safe_open(str(tmp_path / "ck" / next(iter(manifest.files))), "pt") as f:
+        for key, t in state.items():
+            want = raw_bytes(t.resolve_conj()).numpy().tobytes()
+            assert raw_bytes(f.get_tensor(key)).numpy().tobytes() == want, key
+            assert manifest.tensors[key].digest == "sha256:" + hashlib.sha256(want).hexdigest(), key
+    mc.verify(tmp_path / "ck")
+
+
 def test_same_tensor_under_two_keys_becomes_an_alias(tmp_path: Path) -> None:
     """A state dict holding one tensor twice stores it once and records the later key as alias."""
     w = torch.randn(3, 3)
@@ -175,15 +196,15 @@ def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(tmp_path: Path) 
 def test_crash_while_writing_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception in the middle of a save leaves no checkpoint and no temporary files."""
     calls = {"n": 0}
-    real = writer.tensor_buffer
+    real = writer._is_plain  # asked of every tensor as it is written
 
-    def failing(t: torch.Tensor) -> memoryview:
+    def failing(t: torch.Tensor) -> bool:
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("disk full")
         return real(t)
 
-    monkeypatch.setattr(writer, "tensor_buffer", failing)
+    monkeypatch.setattr(writer, "_is_plain", failing)
     with pytest.raises(OSError, match="disk full"):
         mc.save(TiedNet(), tmp_path / "ck")
     assert os.listdir(tmp_path) == []
@@ -196,10 +217,10 @@ def test_crash_while_overwriting_keeps_the_old_checkpoint_valid(
     model = TiedNet()
     old = mc.save(model, tmp_path / "ck")
 
-    def failing(t: torch.Tensor) -> memoryview:
+    def failing(t: torch.Tensor) -> bool:
         raise OSError("disk full")
 
-    monkeypatch.setattr(writer, "tensor_buffer", failing)
+    monkeypatch.setattr(writer, "_is_plain", failing)
     with pytest.raises(OSError):
         mc.save(TiedNet(), tmp_path / "ck", overwrite=True)
     monkeypatch.undo()

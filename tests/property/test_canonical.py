@@ -72,3 +72,31 @@ def test_compact_matches_json_dumps(value: Any) -> None:
     """compact gives json.dumps(sort_keys, compact separators, ensure_ascii) bytes: escapes, non-ASCII, big ints."""
     assert canonical.compact(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     record_example()
+
+
+_field_values = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text()
+    | st.lists(st.integers(), max_size=4)
+    | st.tuples(st.integers(), st.integers())
+    | st.lists(st.text(), max_size=3)
+    | st.tuples()
+    | _values
+)
+_records = st.dictionaries(st.text(), st.dictionaries(st.text(), _field_values, max_size=5), max_size=6)
+
+
+@given(records=_records.filter(_sortable), level=st.integers(0, 3))
+def test_table_matches_json_dumps_of_the_mapping(records: dict[str, dict[str, Any]], level: int) -> None:
+    """table() of rows with sorted fields, placed at any depth, is json.dumps' text of the same mapping."""
+    rows = [(key, tuple(sorted(fields.items()))) for key, fields in records.items()]
+    document: Any = {"t": canonical.table(rows, level)} if level == 1 else canonical.table(rows, 0)
+    expected: Any = {"t": records} if level == 1 else records
+    if level in (0, 1):
+        assert canonical.dumps(document) == json.dumps(expected, sort_keys=True, indent=1, ensure_ascii=False)
+    else:
+        text = json.dumps(records, sort_keys=True, indent=1, ensure_ascii=False)
+        assert canonical.table(rows, level) == text.replace("\n", "\n" + " " * level)
+    record_example()
