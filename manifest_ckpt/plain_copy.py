@@ -21,7 +21,7 @@ import signal
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -35,35 +35,36 @@ __all__ = ["copy_all", "interrupts_held", "is_plain_target"]
 _SPLIT_MIN = 8 << 20
 _PAGE = 4096
 _memmove = ctypes.memmove
-_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+PLAIN_TYPES: Final = (torch.Tensor, nn.Parameter)
+# A plain copy: the target (its version counter is bumped), its address, the source address, bytes.
+Job = tuple[torch.Tensor, int, int, int]
 
 
 def is_plain_target(t: torch.Tensor) -> bool:
     """Whether ``t``'s bytes can be written directly (and its version counter bumped)."""
-    return type(t) in _PLAIN_TYPES and t.is_cpu and t.is_contiguous() and not (
+    return type(t) in PLAIN_TYPES and t.is_cpu and t.is_contiguous() and not (
         t.is_inference() or t.is_conj() or t.is_neg()
     )
 
 
-def copy_all(jobs: Sequence[tuple[torch.Tensor, int]]) -> None:
-    """Copy ``target.nbytes`` bytes from each source address into each plain target, in order.
+def copy_all(jobs: Sequence[Job]) -> None:
+    """Copy each job's bytes from its source address into its plain target, in order.
 
     Large copies are split across threads; every target's version counter is bumped, as
     ``copy_`` does, so autograd still sees an in-place change.
     """
     large: list[tuple[int, int, int]] = []
-    for target, source in jobs:
-        size = target.nbytes
+    for _, dst, src, size in jobs:
         if size >= _SPLIT_MIN:
-            large.append((target.data_ptr(), source, size))
+            large.append((dst, src, size))
         elif size:
-            _memmove(target.data_ptr(), source, size)
+            _memmove(dst, src, size)
     if large:
         segments = [piece for job in large for piece in _split(*job)]
         with ThreadPoolExecutor(min(WORKERS, len(segments)), thread_name_prefix="manifest-ckpt-copy") as pool:
             for _ in pool.map(_copy_segment, segments):
                 pass
-    torch._C._increment_version([target for target, _ in jobs])
+    torch._C._increment_version([job[0] for job in jobs])
 
 
 def _split(dst: int, src: int, size: int) -> list[tuple[int, int, int]]:

@@ -815,7 +815,7 @@ def load_steps(
     # Plain copies (one memmove from the bound mapping, plain_copy.py) cannot fail; they run
     # after every other copy, with Ctrl-C held, so only the others need their bytes saved,
     # unless a step after the copy can fail (set_extra_state, a post-hook: everything is saved).
-    plain: list[tuple[torch.Tensor, int]] = []
+    plain: list[plain_copy.Job] = []
     sequential = in_place
     if store.mapped and not streamed and not extra and not _has_post_hooks(live, module):
         plain, sequential = _plain_jobs(in_place, live, weights, source_key, given, built)
@@ -1125,8 +1125,8 @@ def _plain_jobs(
     source_key: Mapping[str, str],
     given: Mapping[str, torch.Tensor],
     built: Mapping[str, Node],
-) -> tuple[list[tuple[torch.Tensor, int]], list[str]]:
-    """Split the in-place targets into plain copies ``(target, source address)`` and the rest (in order).
+) -> tuple[list[plain_copy.Job], list[str]]:
+    """Split the in-place targets into plain copies (:data:`plain_copy.Job`) and the rest, in order.
 
     When a plain target shares memory with one of the rest, running the rest first could
     change which write lands last; then every copy stays in order (all saved, as before).
@@ -1136,13 +1136,22 @@ def _plain_jobs(
     special = given.keys() | built.keys()
     dtypes: dict[str, torch.dtype] = {}
     bases: dict[str, int] = {}
-    plain: list[tuple[torch.Tensor, int]] = []
+    plain: list[plain_copy.Job] = []
     rest: list[str] = []
-    is_plain = plain_copy.is_plain_target
+    plain_types = plain_copy.PLAIN_TYPES
     with _gc_paused():  # 100,000 small tuples, no cycles
         for key in in_place:
             target = live_tensors[key]
-            if (special and key in special) or not is_plain(target):
+            # plain_copy.is_plain_target, inlined (a call per tensor shows at 100,000 tensors).
+            if (
+                (special and key in special)
+                or type(target) not in plain_types
+                or not target.is_cpu
+                or not target.is_contiguous()
+                or target.is_inference()
+                or target.is_conj()
+                or target.is_neg()
+            ):
                 rest.append(key)
                 continue
             stored = source_key[key]
@@ -1155,7 +1164,8 @@ def _plain_jobs(
                 rest.append(key)
                 continue
             start, end = byte_range
-            if target.nbytes != end - start:
+            size = target.nbytes
+            if size != end - start:
                 rest.append(key)
                 continue
             file = entry.file
@@ -1163,10 +1173,10 @@ def _plain_jobs(
             base = bases.get(file)
             if base is None:
                 base = bases[file] = weights.address(file)
-            plain.append((target, base + start))
+            plain.append((target, target.data_ptr(), base + start, size))
     if plain and rest:
         others = {live_tensors[k].untyped_storage().data_ptr() for k in rest if not live_tensors[k].is_meta}
-        if any(t.untyped_storage().data_ptr() in others for t, _ in plain):
+        if any(job[0].untyped_storage().data_ptr() in others for job in plain):
             return [], in_place
     return plain, rest
 

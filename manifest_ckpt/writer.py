@@ -14,9 +14,9 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import torch
 from torch import nn
@@ -61,8 +61,7 @@ _PLACEHOLDER: Final = "sha256:" + "0" * 64
 _memmove = ctypes.memmove
 
 
-@dataclass(frozen=True)
-class _Planned:
+class _Planned(NamedTuple):  # a tuple: built 100,000 times per save, where a frozen dataclass costs 1-2 us each
     key: str
     tensor: torch.Tensor
     dtype: str

@@ -100,6 +100,9 @@ def table(rows: Iterable[tuple[str, Sequence[tuple[str, Any]]]], level: int) -> 
                 parts.append(label + _int(value))
             elif value is None:
                 parts.append(label + "null")
+            elif kind is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+                # a byte range: the most common list, checked without a generator
+                parts.append(f"{label}[{item_in}{_int(value[0])}{item_sep}{_int(value[1])}{list_close}")
             elif (kind is tuple or kind is list) and all(type(x) is int for x in value):
                 parts.append(label + ("[" + item_in + item_sep.join(map(_int, value)) + list_close if value else "[]"))
             elif (kind is tuple or kind is list) and all(type(x) is str for x in value):
