@@ -16,7 +16,7 @@ import copy
 import ctypes
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = ["async_save"]
 _ALIGN = 64
 # Tensors up to this size are copied with one memmove; copy_ costs microseconds a call.
 _MEMMOVE_MAX = 1 << 16
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 _lock = threading.Lock()
 _in_flight: dict[str, Future[Manifest]] = {}
@@ -162,32 +163,78 @@ def _snapshot(obj: Any) -> tuple[Any, dict[str, ModuleEntry] | None, torch.Tenso
 
     A module becomes its state dict (ties kept: tied keys get one staged tensor) and its tree.
     """
-    module_tree: dict[str, ModuleEntry] | None = None
-    snapshot: Any = obj
     if isinstance(obj, nn.Module):
         state = capture(obj)
-        snapshot, module_tree = state.tensors, state.modules
-    leaves = _tensors_in(snapshot)
-    for t in leaves:
-        if t.is_meta:
-            # save() words this error; raise it now rather than copying a tensor that has no values.
-            raise UnsupportedTensorError(
-                "cannot save a tensor on the meta device: it has no values; materialise the module first"
-            )
+        _refuse_meta(state.tensors.values())
+        # capture found the ties already (state.aliases): each stored key is staged once.
+        keys = [k for k in state.tensors if k not in state.aliases]
+        copies, buffer = _stage_all([state.tensors[k] for k in keys])
+        staged = dict(zip(keys, copies))
+        snapshot = {k: staged[state.aliases.get(k, k)] for k in state.tensors}
+        return snapshot, state.modules, buffer
+    leaves = _tensors_in(obj)
+    _refuse_meta(leaves)
     unique: dict[tuple[object, ...], torch.Tensor] = {}
     for t in leaves:
         unique.setdefault(_identity(t), t)
-    sizes = [_aligned(t.numel() * t.element_size()) for t in unique.values()]
-    on_gpu = any(t.device.type == "cuda" for t in unique.values())
-    buffer = _buffer(sum(sizes), pinned=on_gpu and torch.cuda.is_available())
-    staged: dict[tuple[object, ...], torch.Tensor] = {}
+    copies, buffer = _stage_all(list(unique.values()))
+    return _replace_tensors(obj, dict(zip(unique, copies)), {}), None, buffer
+
+
+def _refuse_meta(tensors: Iterable[torch.Tensor]) -> None:
+    if any(t.is_meta for t in tensors):
+        # save() words this error; raise it now rather than copying a tensor that has no values.
+        raise UnsupportedTensorError(
+            "cannot save a tensor on the meta device: it has no values; materialise the module first"
+        )
+
+
+def _stage_all(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Contiguous copies of ``tensors`` (same dtypes and shapes) in one staging buffer, and the buffer.
+
+    Small plain CPU tensors of one dtype and shape (the many tiny tensors of a real model's
+    norms and biases) are laid out back to back and their copies made by one ``unbind`` of
+    the region, each filled by one memmove; any other tensor is staged on its own.
+    """
+    groups: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
+    alone: list[int] = []
+    for i, t in enumerate(tensors):
+        if (
+            type(t) in _PLAIN
+            and t.is_cpu
+            and t.is_contiguous()
+            and 0 < t.nbytes <= _MEMMOVE_MAX
+            and not (t.is_conj() or t.is_neg())
+        ):
+            groups.setdefault((t.dtype, tuple(t.shape)), []).append(i)
+        else:
+            alone.append(i)
     offset = 0
-    for (ident, t), size in zip(unique.items(), sizes):
-        staged[ident] = _stage(t, buffer, offset)
-        offset += size
+    placed: list[tuple[int, tuple[torch.dtype, tuple[int, ...]], list[int]]] = []
+    for group, members in groups.items():
+        placed.append((offset, group, members))
+        offset += _aligned(len(members) * tensors[members[0]].nbytes)
+    singles = []
+    for i in alone:
+        singles.append((offset, i))
+        offset += _aligned(tensors[i].numel() * tensors[i].element_size())
+    on_gpu = any(tensors[i].device.type == "cuda" for i in alone)
+    buffer = _buffer(offset, pinned=on_gpu and torch.cuda.is_available())
+    copies: list[torch.Tensor | None] = [None] * len(tensors)
+    for start, (dtype, shape), members in placed:
+        size = tensors[members[0]].nbytes
+        region = buffer[start : start + len(members) * size].view(dtype).view(len(members), *shape)
+        base = region.data_ptr()
+        for at, (i, view) in enumerate(zip(members, region.unbind(0))):
+            ctypes.memmove(base + at * size, tensors[i].data_ptr(), size)
+            copies[i] = view
+    for start, i in singles:
+        copies[i] = _stage(tensors[i], buffer, start)
     if on_gpu:
         torch.cuda.synchronize()  # the caller may change its GPU tensors once we return
-    return _replace_tensors(snapshot, staged, {}), module_tree, buffer
+    done = [c for c in copies if c is not None]
+    assert len(done) == len(tensors)
+    return done, buffer
 
 
 def _aligned(n: int) -> int:

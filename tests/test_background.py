@@ -124,6 +124,30 @@ def test_repeated_saves_reuse_one_buffer_and_write_what_save_writes(tmp_path: Pa
     assert pools[0] == pools[1] == pools[2]
 
 
+def test_many_small_tensors_staged_in_bulk_are_bit_identical_and_independent(tmp_path: Path) -> None:
+    """Small tensors staged by one unbind per dtype and shape (0-d, int, bfloat16, a NaN payload, ties) beside
+    large, non-contiguous and conj ones: the bytes of save() at the call, whatever the caller changes after."""
+    torch.manual_seed(6)
+    model = nn.ModuleDict({f"n{i}": nn.LayerNorm(4) for i in range(30)})
+    model.add_module("big", nn.Linear(200, 100))
+    model.register_buffer("scalar", torch.tensor(2.5))
+    model.register_buffer("count", torch.arange(4, dtype=torch.int64))
+    model.register_buffer("b16", torch.randn(4, dtype=torch.bfloat16))
+    model.register_buffer("nc", torch.randn(4, 6).t())
+    model.register_buffer("cj", torch.randn(3, dtype=torch.complex64).conj())
+    with torch.no_grad():
+        model["n3"].bias.view(torch.int32)[0] = 0x7FC00123
+    model["n7"].weight = model["n2"].weight  # a tie among the bulk-staged ones
+    expected = mc.save(model, tmp_path / "sync", record_code=False)
+    future = mc.async_save(model, tmp_path / "async", record_code=False)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.zero_()
+    assert future.result(timeout=60) == expected
+    assert _files(tmp_path / "async") == _files(tmp_path / "sync")
+    assert expected.aliases == {"n7.weight": "n2.weight"}
+
+
 def _run(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
