@@ -37,7 +37,7 @@ from manifest_ckpt.errors import (
 )
 from manifest_ckpt.format import values
 from manifest_ckpt.format.binding import Piece, file_problems, is_written_header
-from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, Chunk, Manifest, _gc_paused
+from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, Chunk, Manifest, _gc_paused, json_entries
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
 from manifest_ckpt.training.tree import is_app_state
@@ -753,10 +753,7 @@ def load_steps(
     stored |= referenced
     if weights is None:
         weights = _Weights(store, manifest)
-    # A whole tensor names its file (no Chunk built); only chunked ones are taken apart.
-    entries = [manifest.tensors[k] for k in stored]
-    files = {e.file for e in entries if e.chunks is None and e.file is not None}
-    files.update(c.file for e in entries if e.chunks is not None for c in e.chunks)
+    files = _files_of(manifest, stored)
     weights.bind(files)
     # Object storage: the needed ranges stream straight into the targets (bounded memory, each
     # byte fetched once, hashed on the way); a mismatch restores the module like any failure.
@@ -1113,6 +1110,19 @@ def _require_materialised(module: nn.Module, live: LiveState, targets: Iterable[
     )
 
 
+def _files_of(manifest: Manifest, keys: Iterable[str]) -> set[str]:
+    """The weights files holding the stored tensors ``keys`` (read from the JSON entries when there are)."""
+    raw = json_entries(manifest.tensors)
+    if raw is not None:
+        found = {e["file"] for e in map(raw.__getitem__, keys) if "chunks" not in e}
+        found.update(c["file"] for k in keys if "chunks" in raw[k] for c in raw[k]["chunks"])
+        return found
+    entries = [manifest.tensors[k] for k in keys]
+    files = {e.file for e in entries if e.chunks is None and e.file is not None}
+    files.update(c.file for e in entries if e.chunks is not None for c in e.chunks)
+    return files
+
+
 def _has_post_hooks(live: LiveState, module: nn.Module) -> bool:
     owners = live.owners.values() if live.owners else module.modules()
     return any(sub._load_state_dict_post_hooks for sub in owners)
@@ -1133,6 +1143,7 @@ def _plain_jobs(
     """
     manifest = weights.manifest
     tensors, aliases, live_tensors = manifest.tensors, manifest.aliases, live.tensors
+    raw = json_entries(tensors)
     special = given.keys() | built.keys()
     dtypes: dict[str, torch.dtype] = {}
     bases: dict[str, int] = {}
@@ -1155,21 +1166,27 @@ def _plain_jobs(
                 rest.append(key)
                 continue
             stored = source_key[key]
-            entry = tensors[aliases.get(stored, stored)]
-            dtype = dtypes.get(entry.dtype)
+            stored = aliases.get(stored, stored)
+            # The JSON entry when the manifest was read (no TensorEntry built), else the entry.
+            if raw is not None:
+                doc = raw[stored]
+                if "chunks" in doc:
+                    rest.append(key)
+                    continue
+                name, (start, end), file = doc["dtype"], doc["byte_range"], doc["file"]
+            else:
+                entry = tensors[stored]
+                if entry.chunks is not None or entry.byte_range is None or entry.file is None:
+                    rest.append(key)
+                    continue
+                name, (start, end), file = entry.dtype, entry.byte_range, entry.file
+            dtype = dtypes.get(name)
             if dtype is None:
-                dtype = dtypes[entry.dtype] = getattr(torch, entry.dtype)
-            byte_range = entry.byte_range
-            if entry.chunks is not None or byte_range is None or target.dtype is not dtype:
-                rest.append(key)
-                continue
-            start, end = byte_range
+                dtype = dtypes[name] = getattr(torch, name)
             size = target.nbytes
-            if size != end - start:
+            if target.dtype is not dtype or size != end - start:
                 rest.append(key)
                 continue
-            file = entry.file
-            assert file is not None
             base = bases.get(file)
             if base is None:
                 base = bases[file] = weights.address(file)
