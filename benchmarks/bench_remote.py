@@ -95,6 +95,11 @@ def _child(contender: str, endpoint: str, size_mb: int) -> dict[str, float]:
     import manifest_ckpt.reader
     import manifest_ckpt.storage.remote
 
+    if contender.startswith("mc-"):  # mc-BLOCK_MB-CONCURRENCY: the store's knobs, for comparing them
+        block_mb, concurrency = (int(x) for x in contender.split("-")[1:])
+        manifest_ckpt.storage.remote.BLOCK_BYTES = block_mb << 20
+        manifest_ckpt.storage.remote.CONCURRENCY = concurrency
+        contender = "mc"
     base = _rss_mb()
     peak = _Peak()
     start = time.perf_counter()
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--variants", default="", help="also time mc with these BLOCK_MB-CONCURRENCY settings, e.g. 32-4,64-2"
+    )
     parser.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
@@ -178,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             8 + int.from_bytes(fs.cat_file(f"{BUCKET}/{KEY}/{name}", start=0, end=8), "little")
             for name in manifest.files
         )
-        runs: dict[str, list[dict[str, float]]] = {"mc": [], "s3fs": []}
+        contenders = ["mc", "s3fs", *(f"mc-{v}" for v in args.variants.split(",") if v)]
+        runs: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
         env = {**os.environ, "PYTHONPATH": os.getcwd()}
         for i in range(args.repeats + 1):  # the first round warms the server and the page cache
-            order = ["mc", "s3fs"] if i % 2 == 0 else ["s3fs", "mc"]
+            order = contenders if i % 2 == 0 else contenders[::-1]
             for contender in order:
                 out = subprocess.run(
                     [sys.executable, __file__, "--_child", contender, endpoint, str(args.size_mb)],
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if i:
                     runs[contender].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                    print(f"  round {i} {contender:5s} {runs[contender][-1]}", flush=True)
+                    print(f"  round {i} {contender:9s} {runs[contender][-1]}", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -204,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["time_ratio"] = result["seconds"]["mc"]["median"] / result["seconds"]["s3fs"]["median"]
     result["memory_ratio"] = result["peak_extra_mb"]["mc"]["median"] / result["peak_extra_mb"]["s3fs"]["median"]
+    for c in contenders[2:]:
+        result[f"time_ratio {c}"] = result["seconds"][c]["median"] / result["seconds"]["s3fs"]["median"]
     result["check"] = {"bytes_read": check_read, "manifest_plus_headers": manifest_bytes + headers}
     print(json.dumps(result, indent=2))
     if args.json:

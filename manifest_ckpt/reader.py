@@ -396,10 +396,17 @@ class _Weights:
                 )
             # Copy only the header the length prefix announces, not MAX_HEADER_BYTES of
             # tensor data (100 MB of memory and time on every load); parse_header bounds it.
-            length = int.from_bytes(self.store.read_range(name, 0, min(size, 8)), "little")
-            head = self.store.read_range(name, 0, min(size, 8 + min(length, MAX_HEADER_BYTES)))
-            raw = bytes(head[: 8 + length])
+            # The pieces tile the data right after the header, so the first piece's start is
+            # where the header should end: prefix and header in one read (one request, not
+            # two, on object storage), or the prefix first when the file says otherwise.
             pieces = self._pieces_by_file().get(name, [])
+            guess = min((p.byte_range[0] for p in pieces), default=size)
+            head = self.store.read_range(name, 0, guess) if 8 <= guess <= min(size, 8 + MAX_HEADER_BYTES) else b""
+            length = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+            if length < 0 or 8 + length > len(head):
+                length = int.from_bytes(self.store.read_range(name, 0, min(size, 8)), "little")
+                head = self.store.read_range(name, 0, min(size, 8 + min(length, MAX_HEADER_BYTES)))
+            raw = bytes(head[: 8 + length])
             if hashlib.sha256(raw).hexdigest() == expected.header_sha256 and is_written_header(raw, size, pieces):
                 continue  # the very header the writer makes for these pieces: bound, nothing to parse
             header = parse_header(head, size, file=where)

@@ -158,19 +158,24 @@ class FsspecStore:
     def manifest_bytes(self) -> bytes:
         path = self._path(MANIFEST_NAME)
         where = f"{self.location}/{MANIFEST_NAME}"
-        try:
-            size = self._size(MANIFEST_NAME, "reading the manifest")
-        except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(
-                f"{self.location}: {self._missing_bucket() or f'no {MANIFEST_NAME}'}; this is not a manifest-ckpt "
-                "checkpoint (or its upload did not finish: the manifest is written last)",
-                file=where,
-            ) from None
-        if size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{where}: {size} bytes is too large for a manifest", file=where)
-        with storage_errors(where, "reading the manifest"):
-            data = bytes(self.fs.cat_file(path, start=0, end=size))
+        # The listing (every weights file's size, which binding asks for next) runs beside the
+        # manifest's GET: one round trip on the critical path, not two.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            listing = pool.submit(self._listed_sizes)
+            try:
+                with storage_errors(where, "reading the manifest"):
+                    data = bytes(self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1))
+            except CheckpointNotFoundError:
+                listing.result()
+                raise CheckpointNotFoundError(
+                    f"{self.location}: {self._missing_bucket() or f'no {MANIFEST_NAME}'}; this is not a manifest-ckpt "
+                    "checkpoint (or its upload did not finish: the manifest is written last)",
+                    file=where,
+                ) from None
+            listing.result()
         self._count(len(data))
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where}: more than {MAX_MANIFEST_BYTES} bytes is too large for a manifest", file=where)
         return data
 
     def _missing_bucket(self) -> str | None:
