@@ -768,3 +768,73 @@ def test_a_remote_load_whose_machinery_computes_values_is_exact_and_reads_once(
     assert_bitwise_equal(ours.state_dict(), theirs.state_dict())
     (store,) = opened
     assert store.bytes_read == _sizes(s3, url, manifest)[0] + sum(f.size for f in manifest.files.values())
+
+
+def test_server_killed_mid_overwrite_leaves_the_old_checkpoint_whole(s3: S3, url: str) -> None:
+    """overwrite=True interrupted after the first new weights object: the old checkpoint still verifies and loads."""
+    old_model = trained()
+    old = mc.save(old_model, url, storage_options=s3.options, record_code=False, max_file_size=256)
+    torch.manual_seed(9)
+    new_model = TiedNet()
+    uploaded: list[int] = []
+
+    def kill_after_first(n: int) -> None:
+        uploaded.append(n)
+        if len(uploaded) == 1:
+            s3.server.stop()
+
+    original = remote.upload_checkpoint
+
+    def upload(local: Path, dest: str, **kwargs: Any) -> None:
+        original(local, dest, **{**kwargs, "progress": kill_after_first})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote, "upload_checkpoint", upload)
+        try:
+            with pytest.raises(mc.StorageError, match=url):
+                mc.save(new_model, url, storage_options=s3.options, record_code=False, max_file_size=256, overwrite=True)
+        finally:
+            s3.restart()
+    assert len(uploaded) == 1
+    assert mc.read_manifest(url, storage_options=s3.options).digest == old.digest
+    mc.verify(url, storage_options=s3.options)
+    target = TiedNet()
+    mc.load(target, url, storage_options=s3.options, verify_digests=True)
+    assert_bitwise_equal(target.state_dict(), old_model.state_dict())
+    # The retry replaces it and removes the old files and the interrupted upload's leftovers.
+    new = mc.save(new_model, url, storage_options=s3.options, record_code=False, max_file_size=256, overwrite=True)
+    names = sorted(p.rsplit("/", 1)[1] for p in s3.filesystem().ls(url[5:], detail=False))
+    assert names == sorted(["manifest.json", *new.files])
+
+
+def test_an_archive_object_is_read_in_place_by_range(s3: S3, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An archive at a URL (pack's output) loads, checks and verifies like a local one, reading no tensor data to check."""
+    model = trained()
+    manifest = mc.save(model, f"{url}/ck", storage_options=s3.options, record_code=False)
+    archive = f"{url}/ck.tar"
+    mc.pack(f"{url}/ck", archive, storage_options=s3.options)
+    opened = counting(monkeypatch)
+    assert mc.read_manifest(archive, storage_options=s3.options).digest == manifest.digest
+    opened.clear()
+    assert mc.check(TiedNet(), archive, storage_options=s3.options).ok
+    manifest_size, headers = _sizes(s3, f"{url}/ck", manifest)
+    assert [store.bytes_read for store in opened] == [manifest_size + headers]  # no tensor data
+    mc.verify(archive, storage_options=s3.options)
+    target = TiedNet()
+    mc.load(target, archive, storage_options=s3.options, verify_digests=True)
+    assert_bitwise_equal(target.state_dict(), model.state_dict())
+    assert target.head.weight is target.emb.weight
+    # An object that is not an archive, and a tar archive of something else, are typed refusals.
+    s3.fs.pipe_file(f"{url[5:]}/notes.txt", b"hello" * 200)
+    with pytest.raises(mc.CheckpointNotFoundError, match=r"notes\.txt"):
+        mc.read_manifest(f"{url}/notes.txt", storage_options=s3.options)
+    buf = io.BytesIO()
+    import tarfile
+
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("readme.md")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    s3.fs.pipe_file(f"{url[5:]}/other.tar", buf.getvalue())
+    with pytest.raises(mc.CheckpointNotFoundError, match=r"without manifest\.json"):
+        mc.check(TiedNet(), f"{url}/other.tar", storage_options=s3.options)

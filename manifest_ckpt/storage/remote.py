@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from manifest_ckpt.errors import (
+    ArchiveError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConcurrentWriteError,
     IntegrityError,
+    ManifestCkptError,
     ManifestError,
     StorageError,
 )
@@ -87,7 +89,7 @@ def storage_errors(url: str, action: str, *, writing: bool = False) -> Iterator[
     """
     try:
         yield
-    except (StorageError, ManifestError, IntegrityError, CheckpointNotFoundError, CheckpointExistsError):
+    except ManifestCkptError:
         raise
     except FileNotFoundError as exc:
         if writing:
@@ -116,7 +118,60 @@ class FsspecStore:
     _heads: dict[str, bytes] = field(default_factory=dict)
     _listing: dict[str, int] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # A checkpoint packed in one archive object at ``root`` (``pack`` to a URL): its members.
+    _members: dict[str, Any] | None = None
     bytes_read: int = 0
+
+    def _locate(self, name: str) -> tuple[str, int]:
+        """The object holding file ``name`` and the offset of its bytes in it."""
+        if self._members is None:
+            return self._path(name), 0
+        member = self._members.get(name)
+        if member is None:
+            raise IntegrityError(
+                f"{self.location}: weights file {name!r} listed in the manifest is not in the archive; re-create the "
+                "archive with `manifest-ckpt pack`",
+                file=name,
+            )
+        return self.root, int(member.offset)
+
+    def _open_archive(self) -> bool:
+        """If ``root`` is one object holding a tar archive, index its members (headers only); else False.
+
+        Raises:
+            ArchiveError: a tar archive that is corrupt or hostile (as for a local archive).
+            CheckpointNotFoundError: a tar archive without ``manifest.json`` at its root.
+        """
+        from manifest_ckpt.storage.tar import _parse_header, _scan
+
+        with storage_errors(self.location, "reading the archive"):
+            try:
+                info = self.fs.info(self.root)
+            except FileNotFoundError:
+                return False
+            if info.get("type") != "file" or not info.get("size"):
+                return False
+            size = int(info["size"])
+            # Small blocks: the index reads each member's 512-byte header, never its data.
+            with self.fs.open(self.root, "rb", block_size=1 << 16, cache_type="bytes") as stream:
+                first = stream.read(512)
+                try:  # as is_archive: a valid first tar header, else not an archive at all
+                    if len(first) < 512 or first == bytes(512):
+                        return False
+                    _parse_header(first, self.location, 0)
+                except ArchiveError:
+                    return False
+                stream.seek(0)
+                members = _scan(stream, size, self.location)
+        if MANIFEST_NAME not in members:
+            raise CheckpointNotFoundError(
+                f"{self.location}: a tar archive without {MANIFEST_NAME} at its root, so not a manifest-ckpt archive. "
+                "Create archives with `manifest-ckpt pack CKPT OUT`.",
+                file=self.location,
+            )
+        self._members = members
+        self._sizes = {name: int(m.size) for name, m in members.items()}
+        return True
 
     def _path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/") or "\\" in name:
@@ -156,6 +211,11 @@ class FsspecStore:
             return int(self.fs.size(self._path(name)))
 
     def manifest_bytes(self) -> bytes:
+        if self._members is not None:
+            size = self.file_size(MANIFEST_NAME)
+            if size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{self.location}/{MANIFEST_NAME}: {size} bytes is too large for a manifest")
+            return self._fetch(MANIFEST_NAME, 0, size) if size else b""
         path = self._path(MANIFEST_NAME)
         where = f"{self.location}/{MANIFEST_NAME}"
         # The listing (every weights file's size, which binding asks for next) runs beside the
@@ -167,6 +227,8 @@ class FsspecStore:
                     data = bytes(self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1))
             except CheckpointNotFoundError:
                 listing.result()
+                if self._open_archive():  # not a prefix: one object, a packed checkpoint
+                    return self.manifest_bytes()
                 raise CheckpointNotFoundError(
                     f"{self.location}: {self._missing_bucket() or f'no {MANIFEST_NAME}'}; this is not a manifest-ckpt "
                     "checkpoint (or its upload did not finish: the manifest is written last)",
@@ -192,6 +254,8 @@ class FsspecStore:
     def file_size(self, name: str) -> int:
         """The size of weights file ``name``, from the store's listing (no data read)."""
         if name not in self._sizes:
+            if self._members is not None:
+                self._locate(name)  # raises: not in the archive
             try:
                 self._sizes[name] = self._size(name, "reading a weights file's size")
             except CheckpointNotFoundError:
@@ -221,12 +285,13 @@ class FsspecStore:
         return self._fetch(name, start, end)
 
     def _fetch(self, name: str, start: int, end: int) -> bytes:
+        path, base = self._locate(name)
         with storage_errors(f"{self.location}/{name}", "a ranged read"):
-            data = bytes(self.fs.cat_file(self._path(name), start=start, end=end))
+            data = bytes(self.fs.cat_file(path, start=base + start, end=base + end))
         self._count(len(data))
-        if len(data) > end - start and len(data) == self.file_size(name):
+        if len(data) > end - start and (base or len(data) == self.file_size(name)):
             # A server that ignores Range headers (plain HTTP) sends the whole object.
-            data = data[start:end]
+            data = data[base + start : base + end]
         if len(data) != end - start:
             raise IntegrityError(
                 f"{self.location}/{name}: asked for bytes {start}-{end}, got {len(data)} bytes; the object changed "
