@@ -33,7 +33,7 @@ class _Recorder:
 
 
 def test_bind_copies_only_the_header_not_max_header_bytes(tmp_path: Path) -> None:
-    """Binding a 4 MB weights file copies its 8-byte length and its header, nothing more."""
+    """Binding a 4 MB weights file copies its length prefix and header in one read (where the first piece starts), nothing more."""
     mc.save({"w": torch.zeros(1 << 20)}, tmp_path / "ck")
     store = open_store(tmp_path / "ck")
     manifest = mc.read_manifest(tmp_path / "ck")
@@ -43,7 +43,7 @@ def test_bind_copies_only_the_header_not_max_header_bytes(tmp_path: Path) -> Non
     store.file_map = lambda _: (recorder, offset, size)  # type: ignore[method-assign]
     _Weights(store, manifest).bind([name])
     header_length = int.from_bytes(mapping[:8], "little")
-    assert recorder.lengths == [8, 8 + header_length]
+    assert recorder.lengths == [8 + header_length]
 
 
 def test_find_aliases_ties_only_identical_views_in_state_dict_order() -> None:
