@@ -1,4 +1,4 @@
-"""inspect, diff and verify of training states (issue 12, item 6); meta modules in an application state."""
+"""inspect, diff and verify of training states (issue 12, item 6)."""
 
 from __future__ import annotations
 
@@ -117,3 +117,38 @@ def test_verify_covers_plain_values(tmp_path: Path) -> None:
     code, out, _ = cli("verify", str(ck), "--quiet", "--json")
     assert code == 1 and json.loads(out)["ok"] is False
     assert "$.digest" in json.loads(out)["error"]["message"]
+
+
+class WithExtra(nn.Linear):
+    """A layer whose extra state is a dict holding a count and a tensor."""
+
+    def __init__(self, count: int, scale: float) -> None:
+        super().__init__(2, 2)
+        self.extra = {"count": count, "scale": torch.full((2,), scale)}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.extra
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.extra = state
+
+
+def test_diff_compares_module_extra_state(tmp_path: Path) -> None:
+    """Extra state that differs in a value or in a tensor it holds is a state difference; equal extra state is none."""
+
+    def saved(name: str, count: int, scale: float, *, training: bool) -> Path:
+        torch.manual_seed(0)
+        model = nn.Sequential(WithExtra(count, scale))
+        mc.save({"model": model, "progress": {"step": 1}} if training else model, tmp_path / name, record_code=False)
+        return tmp_path / name
+
+    for training, key in ((True, "model.0._extra_state"), (False, "0._extra_state")):
+        a = saved(f"a{training}", 1, 0.5, training=training)
+        assert mc.diff(a, saved(f"same{training}", 1, 0.5, training=training)).identical
+        count = mc.diff(a, saved(f"count{training}", 2, 0.5, training=training))
+        assert [(c.kind, c.key) for c in count.state] == [("changed", key)]
+        assert "'count': 1" in (count.state[0].a or "") and "'count': 2" in (count.state[0].b or "")
+        tensor = mc.diff(a, saved(f"tensor{training}", 1, 0.25, training=training))
+        assert [(c.kind, c.key) for c in tensor.state] == [("changed", key)] and not tensor.structure
+        code, out, _ = cli("diff", str(a), str(tmp_path / f"count{training}"))
+        assert code == 1 and key in out

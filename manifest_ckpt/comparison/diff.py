@@ -28,6 +28,7 @@ from manifest_ckpt.cli.progress import Progress
 from manifest_ckpt.comparison.compare import StateSpec, compare
 from manifest_ckpt.comparison.report import Problem, render_table
 from manifest_ckpt.comparison.state_view import StateChange, differences
+from manifest_ckpt.format import values
 from manifest_ckpt.format.dtypes import describe
 from manifest_ckpt.format.manifest import Chunk, Manifest, TensorEntry
 from manifest_ckpt.lineage import short_digest
@@ -275,7 +276,12 @@ def diff(
     )
     reported_classes = {p.key for p in report.problems if p.kind == "class"}
     common = sorted(
-        k for k in spec_a.tensors if k in spec_b.tensors and spec_a.tensors[k].shape == spec_b.tensors[k].shape
+        k
+        for k in spec_a.tensors
+        if k in spec_b.tensors
+        and spec_a.tensors[k].shape == spec_b.tensors[k].shape
+        and k not in ma.extra_state
+        and k not in mb.extra_state
     )
     pending = [k for k in common if _may_differ(ma.entry(k), mb.entry(k))]
     if values and pending:
@@ -293,13 +299,26 @@ def diff(
         values=tuple(changes),
         compared=len(common),
         lineage=_lineage_diff(ma, mb),
-        state=tuple(differences(ma.state, mb.state)),
+        state=tuple([*differences(ma.state, mb.state), *_extra_state_changes(ma, mb)]),
     )
     if ma.digest != mb.digest and not (result.structure or result.modules or result.values or result.state):
         # compute_digest covers how chunked tensors are split, which values do not show.
         note = "the digests differ only in how tensors are split into chunks; every value is bitwise equal"
         result = dataclasses.replace(result, notes=(note,))
     return result
+
+
+def _extra_state_changes(ma: Manifest, mb: Manifest) -> Iterator[StateChange]:
+    """Module extra state both sides hold that differs: its JSON, or the digest of a tensor in it.
+
+    (An extra-state key only one side holds is a structure difference, as for any key.)
+    """
+    for key in sorted(ma.extra_state.keys() & mb.extra_state.keys()):
+        na, nb = ma.extra_state[key], mb.extra_state[key]
+        refs_a = [(tag, ma.entry(k).dtype, ma.entry(k).shape, ma.entry(k).digest) for tag, k, _ in values.iter_refs(na)]
+        refs_b = [(tag, mb.entry(k).dtype, mb.entry(k).shape, mb.entry(k).digest) for tag, k, _ in values.iter_refs(nb)]
+        if na != nb or refs_a != refs_b:
+            yield StateChange("changed", key, values.describe(na, 60), values.describe(nb, 60))
 
 
 def _may_differ(ea: TensorEntry, eb: TensorEntry) -> bool:
