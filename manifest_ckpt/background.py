@@ -99,8 +99,11 @@ def async_save(obj: nn.Module | Mapping[str, Any], path: str | os.PathLike[str],
         if not future.set_running_or_notify_cancel():  # pragma: no cover - nothing cancels it
             return
         try:
-            options = save_options if module_tree is None else {**save_options, "modules": module_tree}
-            manifest = save(snapshot, path, **options)
+            state, options = snapshot, save_options
+            if module_tree is not None:
+                state = snapshot["tensors"]
+                options = {**save_options, "modules": module_tree, "extra_state": snapshot["extra"]}
+            manifest = save(state, path, **options)
         except BaseException as exc:  # noqa: BLE001 - the caller's future carries every failure
             _release(key, future, buffer)
             future.set_exception(exc)
@@ -161,17 +164,21 @@ def _pool() -> ThreadPoolExecutor:
 def _snapshot(obj: Any) -> tuple[Any, dict[str, ModuleEntry] | None, torch.Tensor]:
     """A copy of ``obj`` that ``save`` writes identically, its module tree, and the buffer it lives in.
 
-    A module becomes its state dict (ties kept: tied keys get one staged tensor) and its tree.
+    A module becomes ``{"tensors": its state dict, "extra": its extra state}`` (ties kept: tied
+    keys get one staged tensor) and its tree.
     """
     if isinstance(obj, nn.Module):
-        state = capture(obj)
-        _refuse_meta(state.tensors.values())
+        state = capture(obj, extra_state=True)
+        inner = _tensors_in(state.extra)  # tensors inside module extra state
+        _refuse_meta([*state.tensors.values(), *inner])
         # capture found the ties already (state.aliases): each stored key is staged once.
         keys = [k for k in state.tensors if k not in state.aliases]
-        copies, buffer = _stage_all([state.tensors[k] for k in keys])
+        copies, buffer = _stage_all([state.tensors[k] for k in keys] + inner)
         staged = dict(zip(keys, copies))
         snapshot = {k: staged[state.aliases.get(k, k)] for k in state.tensors}
-        return snapshot, state.modules, buffer
+        # Extra state is staged with the tensors; run() hands it to save apart from them.
+        extra = _replace_tensors(state.extra, {_identity(t): c for t, c in zip(inner, copies[len(keys) :])}, {})
+        return {"tensors": snapshot, "extra": extra}, state.modules, buffer
     leaves = _tensors_in(obj)
     _refuse_meta(leaves)
     unique: dict[tuple[object, ...], torch.Tensor] = {}

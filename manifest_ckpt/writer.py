@@ -25,7 +25,7 @@ from torch.nn.parameter import is_lazy
 from manifest_ckpt._version import __version__
 from manifest_ckpt.comparison.introspect import LiveState, capture, dtype_name
 from manifest_ckpt.errors import CheckpointExistsError, ManifestError, UnsupportedTensorError
-from manifest_ckpt.format import jsonio
+from manifest_ckpt.format import jsonio, values
 from manifest_ckpt.format.binding import content_digest
 from manifest_ckpt.format.dtypes import nbytes
 from manifest_ckpt.format.integrity import WORKERS, digest_bytes
@@ -151,6 +151,7 @@ def save(
     modules: Mapping[str, ModuleEntry] | None = None,
     progress: Callable[[int], None] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    extra_state: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Save a module, a state dict or an application state as a checkpoint directory.
 
@@ -176,6 +177,8 @@ def save(
         modules: the module tree to record for a state dict ``obj`` (``introspect.module_tree``
             of the module it belongs to); it must declare exactly the state dict's keys.
         progress: called with each tensor's byte count once it is written.
+        extra_state: module extra state by key for a state dict ``obj`` saved with ``modules=``
+            (what ``capture(module, extra_state=True)`` sets apart; ``async_save`` of a module).
         storage_options: fsspec options when ``path`` is a URL (``s3://bucket/ck``, ...): the
             checkpoint is written to a local staging directory, then uploaded weights first and
             ``manifest.json`` last (see :mod:`manifest_ckpt.storage.remote`).
@@ -214,10 +217,14 @@ def save(
     if is_app_state(obj) and modules is None:
         state, extensions = capture_app(obj)
     else:
-        state, extensions = _with_extra_state(capture(obj, extra_state=True))
+        state = capture(obj, extra_state=True)
+        if extra_state:
+            state = replace(state, extra={**state.extra, **extra_state})
+        state, extensions = _with_extra_state(state)
     require_storable(state.tensors, writer="save")
     if modules is not None:
-        state = _with_modules(state, obj, modules)
+        parts = {k for n in (extensions or {}).get("extra_state", {}).values() for _, k, _ in values.iter_refs(n)}
+        state = _with_modules(state, obj, modules, parts)
     _check_destination(target, overwrite)
     # Fail on bad JSON before any byte is written.
     deferred = source if callable(source) else None
@@ -261,9 +268,14 @@ def _with_extra_state(state: LiveState) -> tuple[LiveState, dict[str, Any] | Non
 
 
 def _with_modules(
-    state: LiveState, obj: nn.Module | Mapping[str, torch.Tensor], modules: Mapping[str, ModuleEntry]
+    state: LiveState,
+    obj: nn.Module | Mapping[str, torch.Tensor],
+    modules: Mapping[str, ModuleEntry],
+    parts: Iterable[str] = (),
 ) -> LiveState:
     """The captured state dict with a module tree supplied by the caller (``save(..., modules=)``).
+
+    ``parts`` are the stored tensors of module extra state, which no module declares.
 
     Raises:
         TypeError: ``obj`` is a module, which records its own tree.
@@ -275,7 +287,7 @@ def _with_modules(
             "save(module, modules=...): a module records its own tree; pass modules= only with a state dict"
         )
     declared = {f"{path}.{name}" if path else name for path, m in modules.items() for name in m.persistent_names()}
-    missing, extra = sorted(declared - set(state.tensors)), sorted(set(state.tensors) - declared)
+    missing, extra = sorted(declared - set(state.tensors)), sorted(set(state.tensors) - declared - set(parts))
     if missing or extra:
         listing = [f"declared but not in the state dict: {k!r}" for k in missing[:5]]
         listing += [f"in the state dict but declared by no module: {k!r}" for k in extra[:5]]

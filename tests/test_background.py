@@ -60,6 +60,36 @@ def test_async_save_of_a_state_dict_matches_save(tmp_path: Path) -> None:
     assert _files(tmp_path / "async") == _files(tmp_path / "sync")
 
 
+class _Stateful(nn.Linear):
+    """A layer whose extra state holds a tensor, bytes and a count."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.extra = {"scale": torch.ones(2), "raw": b"\x01", "n": 3}
+
+    def get_extra_state(self) -> dict[str, object]:
+        return self.extra
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        self.extra = state
+
+
+def test_module_extra_state_is_saved_as_save_saves_it(tmp_path: Path) -> None:
+    """Extra state (a tensor in it changed right after the call) is staged too: the bytes of a sync save before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Stateful(), nn.ReLU())
+    expected = mc.save(model, tmp_path / "sync", record_code=False)
+    future = mc.async_save(model, tmp_path / "async", record_code=False)
+    model[0].extra["scale"].add_(5)
+    model[0].extra["n"] = 4
+    manifest = future.result(timeout=60)
+    assert manifest == expected and list(manifest.extra_state) == ["0._extra_state"]
+    assert _files(tmp_path / "async") == _files(tmp_path / "sync")
+    fresh = nn.Sequential(_Stateful(), nn.ReLU())
+    mc.load(fresh, tmp_path / "async")
+    assert fresh[0].extra["n"] == 3 and torch.equal(fresh[0].extra["scale"], torch.ones(2))
+
+
 def test_a_second_save_to_a_pending_path_raises_until_the_first_finishes(tmp_path: Path) -> None:
     """While a save to a path is pending, another async_save there raises SaveInProgressError naming the path."""
     release = threading.Event()
