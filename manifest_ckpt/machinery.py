@@ -19,7 +19,7 @@ that to the copy, cannot be checked ahead; it is reported as such, never loaded 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,12 +46,18 @@ def _pre_hooks(module: nn.Module) -> list[Callable[..., Any]]:
 
 def rewrites(module: nn.Module) -> bool:
     """Whether torch's ``load_state_dict`` lets ``module`` change the state dict before copying."""
-    return type(module)._load_from_state_dict is not _BASE or bool(_pre_hooks(module))
+    if type(module)._load_from_state_dict is not _BASE:
+        return True
+    return bool(module._load_state_dict_pre_hooks) and bool(_pre_hooks(module))
 
 
-def any_rewrites(module: nn.Module) -> bool:
-    """Whether any submodule of ``module`` rewrites the state dict it loads."""
-    return any(rewrites(sub) for sub in module.modules())
+def any_rewrites(module: nn.Module, submodules: Iterable[nn.Module] | None = None) -> bool:
+    """Whether any submodule of ``module`` rewrites the state dict it loads.
+
+    ``submodules``: every submodule of ``module`` (repeats allowed), where the caller has
+    them already (``capture``'s owners): a 50,000-module tree is not walked again.
+    """
+    return any(rewrites(sub) for sub in (module.modules() if submodules is None else submodules))
 
 
 def _hooks_only(

@@ -9,7 +9,7 @@ import functools
 import hashlib
 import io
 import os
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,7 +37,7 @@ from manifest_ckpt.errors import (
 )
 from manifest_ckpt.format import values
 from manifest_ckpt.format.binding import Piece, file_problems, is_written_header
-from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, Chunk, Manifest, _gc_paused, json_entries
+from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, Chunk, Manifest, TensorEntry, _gc_paused, json_entries
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
 from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
 from manifest_ckpt.training.tree import is_app_state
@@ -82,6 +82,7 @@ class LoadResult:
     allowed: list[Allowance] = field(default_factory=list)
 
 
+@_gc_paused()  # 100,000 keys allocate millions of acyclic objects; collections would only traverse them
 def check(
     module: nn.Module | Mapping[str, Any],
     path: PathLike,
@@ -192,7 +193,7 @@ def _compare(
     renamed = {new: old for old, new in names.items()}
     plan = _Plan(renamed, renamed)
     _, rules = resolve_transforms(transforms)
-    ran = isinstance(module, nn.Module) and machinery.any_rewrites(module)
+    ran = isinstance(module, nn.Module) and machinery.any_rewrites(module, live.owners.values() or None)
     if rules:
         if ran:
             raise TransformError(
@@ -368,6 +369,7 @@ class _Weights:
         self._pieces: dict[tuple[str, int, int], bytearray] = {}
         self._by_file: dict[str, list[Piece]] | None = None
 
+    @_gc_paused()  # 100,000 pieces and a header of 100,000 entries: no cycles to collect
     def bind(self, names: Iterable[str]) -> None:
         """Check, reading headers only, that each weights file holds what the manifest says.
 
@@ -433,10 +435,17 @@ class _Weights:
         """The manifest's pieces grouped by file (built once: binding is per file)."""
         if self._by_file is None:
             by_file: dict[str, list[Piece]] = {}
-            for key, t in self.manifest.tensors.items():
+            entries = json_entries(self.manifest.tensors)
+            if entries is not None:  # read from JSON: pieces straight from the entries
+                for key, e in entries.items():
+                    if "chunks" in e:
+                        continue
+                    piece = Piece(key, e["dtype"], tuple(e["shape"]), tuple(e["byte_range"]), e["digest"], "")
+                    by_file.setdefault(e["file"], []).append(piece)
+            for key, t in self.manifest.tensors.items() if entries is None else self._chunked(entries):
                 if t.chunks is None:  # most tensors: no Chunk built
                     assert t.file is not None and t.byte_range is not None
-                    piece = Piece(key, t.dtype, t.shape, t.byte_range, t.digest, f'$.tensors["{key}"]')
+                    piece = Piece(key, t.dtype, t.shape, t.byte_range, t.digest, "")
                     by_file.setdefault(t.file, []).append(piece)
                     continue
                 for i, c in enumerate(t.chunks):
@@ -444,6 +453,11 @@ class _Weights:
                     by_file.setdefault(c.file, []).append(Piece(key, t.dtype, c.shape, c.byte_range, c.digest, at))
             self._by_file = by_file
         return self._by_file
+
+    def _chunked(self, entries: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, TensorEntry]]:
+        """The chunked tensors among JSON entries, as entries."""
+        tensors = self.manifest.tensors
+        return ((key, tensors[key]) for key, e in entries.items() if "chunks" in e)
 
     def map_files(self, names: Iterable[str]) -> None:
         """Map (a remote store: fetch whole, concurrently) each named file now."""

@@ -341,3 +341,74 @@ def test_unsupported_tensor_error_is_in_the_family() -> None:
     """UnsupportedTensorError is a ManifestCkptError and a TypeError."""
     assert issubclass(UnsupportedTensorError, ManifestCkptError)
     assert issubclass(UnsupportedTensorError, TypeError)
+
+
+class _Scratch(nn.Module):
+    """A persistent and a non-persistent buffer, a None parameter and a None buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("kept", torch.ones(2))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+        self.register_buffer("absent", None)
+        self.register_parameter("unset", None)
+        self.w = nn.Parameter(torch.ones(3))
+
+
+def _shared() -> nn.Module:
+    block = nn.Linear(2, 2)
+    return nn.Sequential(block, nn.ReLU(), block, nn.Linear(2, 2, bias=False))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ModuleDict({"a": _Scratch()})),
+        _shared,
+        Gpt2Like,
+        lambda: nn.TransformerEncoderLayer(8, 2, 16),
+    ],
+    ids=["nested", "shared-submodule", "tied", "transformer"],
+)
+def test_walk_gives_what_state_dict_and_module_tree_give(make: Any) -> None:
+    """One traversal gives state_dict(keep_vars=True)'s keys in order with the same tensor objects, and the tree."""
+    from manifest_ckpt.comparison.introspect import _walk, module_tree
+
+    module = make()
+    walked = _walk(module)
+    assert walked is not None
+    state, owners, tree = walked
+    reference = module.state_dict(keep_vars=True)
+    assert list(state) == list(reference)
+    assert all(state[k] is reference[k] for k in reference)
+    assert owners == dict(module.named_modules(remove_duplicate=False))
+    assert tree == module_tree(module)
+
+
+class _WithExtra(nn.Linear):
+    def get_extra_state(self) -> Any:
+        return {"step": 1}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass
+
+
+def _hooked() -> nn.Module:
+    module = nn.Sequential(nn.Linear(2, 2))
+    module[0].register_state_dict_post_hook(lambda m, sd, prefix, local: None)
+    return module
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_hooked, lambda: nn.Sequential(_WithExtra(2, 2)), lambda: nn.Sequential(nn.LazyLinear(2))],
+    ids=["state-dict-hook", "extra-state", "lazy"],
+)
+def test_walk_leaves_modules_that_change_their_state_dict_to_torch(make: Any) -> None:
+    """A state-dict hook, extra state or a lazy module: no walk, capture asks state_dict (and still agrees)."""
+    from manifest_ckpt.comparison.introspect import _walk
+
+    module = make()
+    assert _walk(module) is None
+    live = capture(module, extra_state=True)
+    assert set(live.tensors) | set(live.extra) == set(module.state_dict(keep_vars=True))

@@ -7,30 +7,32 @@ checkpoint). Both sides are first reduced to a :class:`StateSpec`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from manifest_ckpt.comparison.hints import cast_effect, problem_hints, uncastable
 from manifest_ckpt.comparison.remap import apply_remap
 from manifest_ckpt.comparison.report import Allowance, Problem, Report, sort_allowances, sort_problems
 from manifest_ckpt.errors import PatternError
 from manifest_ckpt.format.dtypes import describe
-from manifest_ckpt.format.manifest import Manifest
+from manifest_ckpt.format.manifest import Manifest, json_entries, json_modules
 
 # The "dtype" of a module's extra-state key (``get_extra_state``): compared by key only,
 # so missing, unexpected and the allow policies treat it as torch's strict load does.
 EXTRA_STATE = "extra_state"
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """What a key holds: dtype, shape, the module path that owns it, and (if known) its digest.
 
     The digest is known for a checkpoint's tensors; two keys with equal dtype and digest hold
-    equal bits, which is what lets separate copies load into one tied tensor.
+    equal bits, which is what lets separate copies load into one tied tensor. A named tuple,
+    not a dataclass: check builds one per key on each side, 200,000 for a mixture-of-experts
+    model, and a tuple is built several times faster.
     """
 
     dtype: str
@@ -40,6 +42,12 @@ class TensorSpec:
 
     def describe(self) -> str:
         return "extra state" if self.dtype == EXTRA_STATE else describe(self.dtype, self.shape)
+
+
+# TensorSpec((dtype, shape, owner, digest)) without the named tuple's Python-level __new__.
+new_spec: Callable[[tuple[str, tuple[int, ...], str, str | None]], TensorSpec] = functools.partial(
+    tuple.__new__, TensorSpec
+)
 
 
 def owner_of(key: str) -> str:
@@ -62,20 +70,31 @@ class StateSpec:
 
         Tensors that hold parts of extra state are not keys of their own.
         """
-        tensors = {}
         parts = manifest.extra_state_refs() if manifest.extra_state else set()
-        for key in manifest.keys():
-            if key in parts:
-                continue
-            entry = manifest.entry(key)
-            tensors[key] = TensorSpec(entry.dtype, entry.shape, owner_of(key), entry.digest)
+        keys = [k for k in manifest.keys() if k not in parts] if parts else manifest.keys()
+        aliases = manifest.aliases
+        entries = json_entries(manifest.tensors)
+        if entries is not None:  # read from JSON: no TensorEntry built for 100,000 keys
+            rows = [entries[aliases.get(k, k)] for k in keys] if aliases else [entries[k] for k in keys]
+            spec = new_spec
+            tensors = {k: spec((t["dtype"], tuple(t["shape"]), k.rpartition(".")[0], t["digest"])) for k, t in zip(keys, rows)}
+        else:
+            tensors = {}
+            for key in keys:
+                entry = manifest.entry(key)
+                tensors[key] = TensorSpec(entry.dtype, entry.shape, owner_of(key), entry.digest)
         for key in manifest.extra_state:
             tensors[key] = TensorSpec(EXTRA_STATE, (), owner_of(key))
         if manifest.modules is None:
-            return cls(tensors, dict(manifest.aliases))
-        classes = {p: m.cls for p, m in manifest.modules.items()}
-        versions = {p: m.version for p, m in manifest.modules.items()}
-        return cls(tensors, dict(manifest.aliases), classes, versions)
+            return cls(tensors, dict(aliases))
+        modules = json_modules(manifest.modules)
+        if modules is not None:
+            classes = {p: m["class"] for p, m in modules.items()}
+            versions = {p: m["version"] for p, m in modules.items()}
+        else:
+            classes = {p: m.cls for p, m in manifest.modules.items()}
+            versions = {p: m.version for p, m in manifest.modules.items()}
+        return cls(tensors, dict(aliases), classes, versions)
 
     def canonical(self, key: str) -> str:
         return self.aliases.get(key, key)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
-from manifest_ckpt.comparison.compare import EXTRA_STATE, StateSpec, TensorSpec, owner_of
+from manifest_ckpt.comparison.compare import EXTRA_STATE, StateSpec, TensorSpec, new_spec, owner_of
 from manifest_ckpt.errors import InvalidKeyError, UnsupportedTensorError
 from manifest_ckpt.format.dtypes import DTYPES
-from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, ModuleEntry, _gc_paused
+from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, ModuleEntry, _gc_paused, module_entry
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class LiveState:
     owners: dict[str, nn.Module]
     lazy: frozenset[str] = frozenset()
     extra: dict[str, Any] = field(default_factory=dict)
+    # spec()'s tensor entries as capture found them (None: computed by spec()); not state.
+    specs: Mapping[str, TensorSpec] | None = field(default=None, repr=False, compare=False)
 
     def spec(self, lazy_shapes: Mapping[str, tuple[int, ...]] | None = None) -> StateSpec:
         """The structure only, for comparison.
@@ -41,16 +44,36 @@ class LiveState:
             lazy_shapes: the shape each lazy key takes when loaded (the checkpoint's, as
                 torch materialises it); a lazy key without one is shown with shape ``[]``.
         """
+        if self.specs is not None:
+            specs = dict(self.specs)
+            specs.update((k, TensorSpec(EXTRA_STATE, (), owner_of(k))) for k in self.extra)
+            return self._with_tree(specs)
         shapes = lazy_shapes or {}
+        names = _storable_names()
+        strided = torch.strided
+        # One dict lookup per tensor for its dtype name; dtype_name words the errors.
         specs = {
-            k: TensorSpec(dtype_name(t, k), shapes.get(k, ()) if k in self.lazy else tuple(t.shape), owner_of(k))
+            k: TensorSpec(
+                (names.get(t.dtype) if t.layout == strided else None) or dtype_name(t, k),
+                shapes.get(k, ()) if k in self.lazy else tuple(t.shape),
+                k.rpartition(".")[0],
+            )
             for k, t in self.tensors.items()
         }
         specs.update((k, TensorSpec(EXTRA_STATE, (), owner_of(k))) for k in self.extra)
+        return self._with_tree(specs)
+
+    def _with_tree(self, specs: dict[str, TensorSpec]) -> StateSpec:
         if self.modules is None:
             return StateSpec(specs, self.aliases)
         classes = {p: m.cls for p, m in self.modules.items()}
         return StateSpec(specs, self.aliases, classes, {p: m.version for p, m in self.modules.items()})
+
+
+@functools.cache
+def _storable_names() -> dict[torch.dtype, str]:
+    """``{torch dtype: manifest name}`` for every dtype a manifest stores (this torch has)."""
+    return {d: name for name in DTYPES if isinstance(d := getattr(torch, name, None), torch.dtype)}
 
 
 def dtype_name(tensor: torch.Tensor, key: str) -> str:
@@ -146,6 +169,61 @@ def module_tree(module: nn.Module) -> dict[str, ModuleEntry]:
     return tree
 
 
+_SAVE: Final = nn.Module._save_to_state_dict
+_STATE_DICT: Final = nn.Module.state_dict
+_EXTRA: Final = nn.Module.get_extra_state
+
+
+def _walk(module: nn.Module) -> tuple[dict[str, Any], dict[str, nn.Module], dict[str, ModuleEntry]] | None:
+    """``state_dict(keep_vars=True)``, the module paths and :func:`module_tree`, in one traversal.
+
+    The same keys, in the same order, holding the same tensors as ``state_dict`` (each
+    module's non-None parameters, then its persistent buffers, then its children), which
+    it is whenever no module changes what ``state_dict`` gives. None when one might:
+    state-dict hooks, an overridden ``state_dict``, ``_save_to_state_dict`` or
+    ``get_extra_state``, a lazy module; the caller then asks torch. At 100,000 tensors this
+    is one walk instead of three.
+    """
+    state: dict[str, Any] = {}
+    owners: dict[str, nn.Module] = {}
+    tree: dict[str, ModuleEntry] = {}
+    names: dict[type, str] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        cls = type(sub)
+        if (
+            cls._save_to_state_dict is not _SAVE
+            or cls.state_dict is not _STATE_DICT
+            or cls.get_extra_state is not _EXTRA
+            or sub._state_dict_hooks
+            or sub._state_dict_pre_hooks
+            or isinstance(sub, LazyModuleMixin)
+        ):
+            return None
+        owners[path] = sub
+        prefix = path + "." if path else ""
+        parameters: tuple[str, ...] = ()
+        if sub._parameters:
+            parameters = tuple([n for n, p in sub._parameters.items() if p is not None])
+            for n in parameters:
+                state[prefix + n] = sub._parameters[n]
+        buffers: tuple[str, ...] = ()
+        non_persistent: tuple[str, ...] = ()
+        if sub._buffers:
+            skipped = sub._non_persistent_buffers_set
+            present = [n for n, b in sub._buffers.items() if b is not None]
+            buffers = tuple([n for n in present if n not in skipped])
+            non_persistent = tuple([n for n in present if n in skipped])
+            for n in buffers:
+                state[prefix + n] = sub._buffers[n]
+        name = names.get(cls)
+        if name is None:
+            name = names[cls] = class_name(sub)
+        version = getattr(sub, "_version", None)
+        version = version if isinstance(version, int) and not isinstance(version, bool) else None
+        tree[path] = module_entry(name, version, parameters, buffers, non_persistent)
+    return state, owners, tree
+
+
 def _agree_with_state(tree: dict[str, ModuleEntry], keys: Iterable[str]) -> dict[str, ModuleEntry]:
     """The tree restricted to, and completed with, the keys ``state_dict()`` really returns.
 
@@ -191,7 +269,11 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor], *, extra_state: bool = 
         TypeError: ``obj`` is neither a module nor a mapping.
     """
     extra: dict[str, Any] = {}
-    if isinstance(obj, nn.Module):
+    modules: dict[str, ModuleEntry] | None
+    walked = _walk(obj) if isinstance(obj, nn.Module) else None
+    if walked is not None:
+        state, owners, modules = walked
+    elif isinstance(obj, nn.Module):
         state = obj.state_dict(keep_vars=True)
         owners = dict(obj.named_modules(remove_duplicate=False))
         if extra_state:
@@ -202,15 +284,17 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor], *, extra_state: bool = 
         declared = [f"{path}.{name}" if path else name for path, m in tree.items() for name in m.persistent_names()]
         if len(declared) != len(state) or state.keys() != set(declared):
             tree = _agree_with_state(tree, state)
-        modules: dict[str, ModuleEntry] | None = tree
+        modules = tree
     elif isinstance(obj, Mapping):
         state, owners, modules = dict(obj), {}, None
     else:
         raise TypeError(f"expected an nn.Module or a state dict (mapping of str to tensor), got {type(obj).__name__}")
     tensors = {}
-    # dtype objects compare by identity: a set lookup instead of formatting str(dtype) per
-    # tensor; dtype_name still decides (and words the error) for anything not in the set.
-    storable = {d for d in (getattr(torch, name, None) for name in DTYPES) if isinstance(d, torch.dtype)}
+    specs: dict[str, TensorSpec] = {}
+    lazy: list[str] = []
+    # dtype objects compare by identity: a dict lookup instead of formatting str(dtype) per
+    # tensor; dtype_name still decides (and words the error) for anything not in it.
+    storable = _storable_names()
     strided = torch.strided
     for key, value in state.items():
         if not isinstance(key, str) or not key:
@@ -225,11 +309,16 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor], *, extra_state: bool = 
                 f"tensor {key!r} has layout {value.layout}{' (quantized)' if value.is_quantized else ''}; only "
                 "dense tensors are stored. Call .to_dense() or dequantize before saving."
             )
-        if value.dtype not in storable:
-            dtype_name(value, key)
+        dtype = value.dtype
+        name = storable.get(dtype) or dtype_name(value, key)
         tensors[key] = value
-    lazy = frozenset(k for k, t in tensors.items() if is_lazy(t))
-    return LiveState(tensors, find_aliases(tensors), modules, owners, lazy, extra)
+        if is_lazy(value):
+            lazy.append(key)
+        else:  # what spec() gives, while the tensor's attributes are at hand (Parameter's are slow)
+            specs[key] = new_spec((name, tuple(value.shape), key.rpartition(".")[0], None))
+    return LiveState(
+        tensors, find_aliases(tensors), modules, owners, frozenset(lazy), extra, None if lazy else specs
+    )
 
 
 def is_extra_state_key(key: str, owners: Mapping[str, nn.Module]) -> bool:

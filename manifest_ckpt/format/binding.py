@@ -12,12 +12,13 @@ the one the manifest's tensor digests give.
 from __future__ import annotations
 
 import hashlib
-import json
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from manifest_ckpt.errors import UnsupportedTensorError
-from manifest_ckpt.format.dtypes import describe, itemsize
+from manifest_ckpt.format import canonical
+from manifest_ckpt.format.dtypes import DTYPES, describe, itemsize
 from manifest_ckpt.format.safetensors_header import (
     CONTENT_KEY,
     MAX_HEADER_BYTES,
@@ -43,12 +44,17 @@ class Piece(NamedTuple):
     byte_range: tuple[int, int]
     digest: str
     field: str
+    """The piece's JSON path in the manifest; ``""`` for a whole tensor (``$.tensors["key"]``),
+    formatted only when a problem names it."""
+
+    @property
+    def at(self) -> str:
+        return self.field or f'$.tensors["{self.key}"]'
 
 
 def content_digest(pairs: Iterable[tuple[str, str]]) -> str:
     """A weights file's content digest: sha256 of its sorted ``[key, tensor digest]`` pairs."""
-    blob = json.dumps(sorted(pairs), separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
+    return "sha256:" + hashlib.sha256(canonical.compact(sorted(pairs))).hexdigest()
 
 
 def is_written_header(raw: bytes, file_size: int, pieces: Sequence[Piece]) -> bool:
@@ -62,7 +68,7 @@ def is_written_header(raw: bytes, file_size: int, pieces: Sequence[Piece]) -> bo
     """
     if len(raw) - 8 > MAX_HEADER_BYTES:
         return False
-    ordered = sorted(pieces, key=lambda p: p.byte_range)
+    ordered = sorted(pieces, key=_by_range)
     content = content_digest([(p.key, p.digest) for p in ordered])
     try:
         built, ranges = build_header([(p.key, p.dtype, p.shape) for p in ordered], written_metadata(content))
@@ -70,7 +76,13 @@ def is_written_header(raw: bytes, file_size: int, pieces: Sequence[Piece]) -> bo
         return False
     if built != raw or (ranges[-1][1] if ranges else len(raw)) != file_size:
         return False
-    return all(p.byte_range == r and not p.byte_range[0] % itemsize(p.dtype) for p, r in zip(ordered, ranges))
+    if [p.byte_range for p in ordered] != ranges:
+        return False
+    sizes = {name: size for name, (_, size) in DTYPES.items()}
+    return not any(p.byte_range[0] % sizes[p.dtype] for p in ordered)
+
+
+_by_range = operator.itemgetter(3)  # Piece.byte_range
 
 
 def file_problems(
@@ -93,13 +105,13 @@ def file_problems(
         e = entries.get(p.key)
         stated = f"{describe(p.dtype, p.shape)} at {list(p.byte_range)}"
         if e is None:
-            yield p.field, f"says the file holds {stated}, its header has no entry {p.key!r}"
+            yield p.at, f"says the file holds {stated}, its header has no entry {p.key!r}"
         elif e.dtype != p.dtype or e.shape != p.shape or e.byte_range != p.byte_range:
             found = f"{describe(e.dtype, e.shape)} at {list(e.byte_range)}"
-            yield p.field, f"says {stated}, the file's header says {found}"
+            yield p.at, f"says {stated}, the file's header says {found}"
         start, end = p.byte_range
         if start % itemsize(p.dtype):
-            yield p.field, (
+            yield p.at, (
                 f"starts at byte {start}, not a multiple of {p.dtype}'s {itemsize(p.dtype)}-byte element size "
                 "(manifest-ckpt writers align every tensor)"
             )

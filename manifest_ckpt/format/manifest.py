@@ -732,13 +732,29 @@ def modules_from_dict(modules: Mapping[str, Any] | None) -> dict[str, ModuleEntr
 
 
 def _module_from_dict(m: Mapping[str, Any]) -> ModuleEntry:
-    return ModuleEntry(
+    return module_entry(
         m["class"],
         None if m["version"] is None else int(m["version"]),
         tuple(m["parameters"]),
         tuple(m["buffers"]),
         tuple(m["non_persistent_buffers"]),
     )
+
+
+def module_entry(
+    cls: str | None,
+    version: int | None,
+    parameters: tuple[str, ...],
+    buffers: tuple[str, ...],
+    non_persistent_buffers: tuple[str, ...],
+) -> ModuleEntry:
+    """``ModuleEntry(...)`` without the frozen dataclass's ``__init__`` (see :func:`_whole_tensor`):
+    a mixture-of-experts module tree has 50,000 entries."""
+    entry: ModuleEntry = _new_object(ModuleEntry)
+    entry.__dict__.update(
+        cls=cls, version=version, parameters=parameters, buffers=buffers, non_persistent_buffers=non_persistent_buffers
+    )
+    return entry
 
 
 def _plain(value: Any) -> Any:

@@ -8,6 +8,7 @@ order (largest element size first), so every tensor starts aligned to its elemen
 from __future__ import annotations
 
 import json
+import math
 import reprlib
 import struct
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Final
 
 from manifest_ckpt.errors import IntegrityError, UnsupportedTensorError
 from manifest_ckpt.format import jsonio
-from manifest_ckpt.format.dtypes import CODE_TO_NAME, DTYPES, header_shape, nbytes, torch_shape
+from manifest_ckpt.format.dtypes import CODE_TO_NAME, DTYPES, PACKED, header_shape, nbytes, torch_shape
 
 # Same bound as the safetensors reference implementation: a header this large is hostile.
 MAX_HEADER_BYTES: Final = 100_000_000
@@ -72,18 +73,20 @@ def build_header(
         items[METADATA_KEY] = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     offset = 0
     relative = []
+    prod = math.prod
     for name, dtype, shape in tensors:
-        size = nbytes(dtype, shape)
-        stored = header_shape(dtype, shape)
+        code, item = DTYPES[dtype]
+        size = item * prod(shape)
+        stored = shape if dtype not in PACKED else header_shape(dtype, shape)
         if stored is None:
             raise UnsupportedTensorError(
                 f"tensor {name!r}: a 0-dimensional {dtype} has no safetensors shape (it counts 4-bit elements); "
                 "reshape it to [1] before saving"
             )
-        dims = ",".join(map(_int, stored))
-        items[name] = f'{{"data_offsets":[{offset},{offset + size}],"dtype":"{DTYPES[dtype][0]}","shape":[{dims}]}}'
-        relative.append((offset, offset + size))
-        offset += size
+        end = offset + size
+        items[name] = f'{{"data_offsets":[{offset},{end}],"dtype":"{code}","shape":[{",".join(map(_int, stored))}]}}'
+        relative.append((offset, end))
+        offset = end
     body = ("{" + ",".join(f"{_ascii(k)}:{v}" for k, v in sorted(items.items())) + "}").encode()
     body += b" " * (-(len(body) + 8) % 8)
     raw = struct.pack("<Q", len(body)) + body
