@@ -304,13 +304,16 @@ def capture(obj: nn.Module | Mapping[str, torch.Tensor], *, extra_state: bool = 
                 f"state dict entry {key!r} is a {type(value).__name__}, not a tensor (module extra state is "
                 "stored by save(module) and mc.load only, not here); keep such values in save(..., metadata=...)"
             )
-        if value.layout != strided or value.is_quantized or value.is_nested:
-            raise UnsupportedTensorError(
-                f"tensor {key!r} has layout {value.layout}{' (quantized)' if value.is_quantized else ''}; only "
-                "dense tensors are stored. Call .to_dense() or dequantize before saving."
-            )
-        dtype = value.dtype
-        name = storable.get(dtype) or dtype_name(value, key)
+        # A storable dtype rules out quantized tensors (their dtypes are torch.qint8 and the
+        # like), which saves an attribute read per tensor; anything else is examined in full.
+        name = storable.get(value.dtype)
+        if name is None or value.layout != strided or value.is_nested:
+            if value.layout != strided or value.is_quantized or value.is_nested:
+                raise UnsupportedTensorError(
+                    f"tensor {key!r} has layout {value.layout}{' (quantized)' if value.is_quantized else ''}; only "
+                    "dense tensors are stored. Call .to_dense() or dequantize before saving."
+                )
+            name = dtype_name(value, key)
         tensors[key] = value
         if is_lazy(value):
             lazy.append(key)
