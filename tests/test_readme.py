@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+import manifest_ckpt as mc
 from manifest_ckpt import cli
 from manifest_ckpt._version import __version__
 
@@ -93,12 +94,13 @@ def test_demo_output_shown_is_the_demos(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 
-def _session(body: str, scripts: dict[str, str] | None = None) -> None:
+def _session(body: str, scripts: dict[str, str] | None = None, env: pytest.MonkeyPatch | None = None) -> None:
     """Run a console block in the current directory and compare every command's output with the block's.
 
     ``manifest-ckpt`` lines run in-process; other lines run in bash (``python NAME.py`` runs
-    ``scripts[NAME.py]``, a script the document shows). ``echo $?`` and ``# exit N`` lines check
-    the previous command's exit code.
+    ``scripts[NAME.py]``, a script the document shows; ``export`` sets the variable through
+    ``env``; ``pip install`` is left to the test environment). ``echo $?`` and ``# exit N``
+    lines check the previous command's exit code.
     """
     code = None
     for entry in re.split(r"^\$ ", body, flags=re.M)[1:]:
@@ -110,6 +112,12 @@ def _session(body: str, scripts: dict[str, str] | None = None) -> None:
         argv = shlex.split(line, comments=True)
         if argv == ["echo", "$?"]:
             assert f"{code}\n" == shown
+            continue
+        if argv[:2] == ["pip", "install"]:
+            continue
+        if argv[0] == "export":
+            assert env is not None and len(argv) == 2 and shown == "", line
+            env.setenv(*argv[1].split("=", 1))
             continue
         if argv[0] == "manifest-ckpt":
             out, err = io.StringIO(), io.StringIO()
@@ -187,3 +195,24 @@ def test_archives_document_runs_as_shown(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(sessions) >= 5
     for body in sessions:
         _session(body, scripts)
+
+
+def test_object_storage_session_runs_as_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/storage.md's session (verify a checkpoint on S3, a URL without one) against a local S3 server."""
+    pytest.importorskip("s3fs")
+    from manifest_ckpt.demo_models import tiny_gpt
+    from tests.test_remote import S3
+
+    server = S3()
+    try:
+        server.fs.mkdir("ckpts")
+        mc.save(tiny_gpt(), "s3://ckpts/run1/step-100", storage_options=server.options)
+        docs = (README.parent / "docs" / "storage.md").read_text(encoding="utf-8")
+        session = re.findall(r"```console\n(.*?)```", docs, re.S)[0]
+        session = session.replace("http://127.0.0.1:9000", server.endpoint)  # the server's port is its own
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(name, "testing")
+        monkeypatch.chdir(tmp_path)
+        _session(session, env=monkeypatch)
+    finally:
+        server.server.stop()
