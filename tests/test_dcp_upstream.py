@@ -337,6 +337,17 @@ def test_a_sparse_tensor_under_dcps_default_planner_is_refused_by_key(tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_value_tensor_under_a_state_dict_key_is_refused_and_nothing_is_left(tmp_path: Path) -> None:
+    """A tuple's tensor whose dotted key ("a.0") is also a state-dict key: refused by key when the
+    manifest is built (after every rank wrote), and the staging directory beside the path goes too."""
+    with pytest.raises(CheckpointException) as info:
+        state = {"a": (torch.ones(1), 2), "a.0": torch.zeros(1)}
+        dcp.save(state, storage_writer=mcd.ManifestStorageWriter(tmp_path / "ck"), no_dist=True)
+    ((error, _),) = info.value.failures.values()
+    assert isinstance(error, UnsupportedValueError) and error.keys == ("a.0",)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_writer_options_it_cannot_honour_are_refused(tmp_path: Path) -> None:
     """serialization_format=TORCH_SAVE is refused (the files are safetensors); SAFETENSORS is what it writes."""
     from torch.distributed.checkpoint.filesystem import SerializationFormat

@@ -420,6 +420,15 @@ class ManifestStorageWriter(FileSystemWriter):
         self._destination = None
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        try:
+            self._finish(metadata, results)
+        except BaseException:
+            # A refusal found only now (a value's tensor under a state-dict key, module= with
+            # nested state) must leave nothing beside the path either.
+            self.abandon()
+            raise
+
+    def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         aliases = self._aliases
         lineage = self._lineage_doc
         if lineage is None:
