@@ -221,6 +221,23 @@ class _ResettingFs:
         return getattr(self.fs, name)
 
 
+class _DroppingFs:
+    """An fsspec file system whose ranged reads of tensor data (past a file's header) fail as a dropped connection does."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        if path.endswith(".safetensors") and start is not None:
+            header = 8 + int.from_bytes(self.fs.cat_file(path, start=0, end=8), "little")
+            if start >= header:
+                raise ConnectionResetError("connection reset by peer (injected)")
+        return bytes(self.fs.cat_file(path, start=start, end=end, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fs, name)
+
+
 def _scenario_remote(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     """2 ranks against the S3 server in ``MANIFEST_CKPT_TEST_S3``: a failed upload, a retry, a resharded load."""
     import torch.distributed as dist
@@ -259,6 +276,14 @@ def _scenario_remote(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     remote.open_remote_store = opener  # type: ignore[assignment]
     out["exact_streamed"] = _bit_exact(streamed)
     out["bytes_read"] = sum(store.bytes_read for store in stores)
+
+    # Rank 1's connection drops while it fetches tensor data: every rank raises, none copied a byte.
+    if rank == 1:
+        remote._filesystem = lambda u, o: (_DroppingFs(original(u, o)[0]), original(u, o)[1])  # type: ignore[assignment]
+    dropped = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
+    out["dropped"] = _expect_failure(lambda: mcd.load(dropped, url, storage_options=options))
+    remote._filesystem = original  # type: ignore[assignment]
+    out["dropped_untouched"] = _untouched(dropped)
     return out
 
 

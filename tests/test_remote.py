@@ -558,6 +558,12 @@ def test_distributed_save_and_resharded_load_through_s3(
     assert all(all(r["exact_streamed"].values()) and r["exact_streamed"] for r in ranks)
     whole = len(s3.fs.cat_file(f"{url[5:]}/manifest.json")) + sum(f.size for f in manifest.files.values())
     assert all(0 < r["bytes_read"] < whole for r in ranks), ([r["bytes_read"] for r in ranks], whole)
+    # A connection dropped on rank 1 while it fetches its spans (during planning) fails the load
+    # on both ranks, typed and naming the object, before any rank copied a byte.
+    for r in ranks:
+        assert r["dropped"]["type"] == "StorageError", r["dropped"]
+        assert url in r["dropped"]["message"] and "connection reset" in r["dropped"]["message"]
+        assert r["dropped_untouched"] is True
     mc.verify(url, storage_options=s3.options)
     single = Model()
     mc.load(single, url, storage_options=s3.options)

@@ -64,6 +64,20 @@ class ChunkIndex:
     view: DcpView | None = None
 
 
+_Read = tuple[ReadItem, str, Chunk]  # a read item, its stored key, the stored piece it reads
+
+
+@dataclass(frozen=True)
+class _Span:
+    """The bytes ``[start, end)`` of a weights file that a rank's reads of one stored piece cover."""
+
+    file: str
+    start: int
+    end: int
+    first: int  # the piece's element at ``start``
+    reads: list[_Read]
+
+
 @dataclass(frozen=True)
 class _RankState:
     """A rank's local plan ``planner_data``: the structure of its live state dict."""
@@ -109,9 +123,12 @@ class ManifestStorageReader(FileSystemReader):
         # DCP turns a failed read_metadata into an AssertionError carrying only its text;
         # the original is kept here for ``manifest_ckpt.distributed.load`` to raise.
         self.failure: ManifestCkptError | None = None
+        # Object storage without verification: this rank's byte spans, fetched while planning.
+        self._fetched: dict[tuple[str, int, int], bytearray] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         super().reset(checkpoint_id)
+        self._fetched = {}
         if checkpoint_id:
             self.source = checkpoint_id
 
@@ -201,7 +218,11 @@ class ManifestStorageReader(FileSystemReader):
         pieces = set()
         for item in items:
             if item.type == LoadItemType.BYTE_IO:
-                pieces |= {(k, c) for k in self._value_refs(item.storage_index.fqn) for c in self.index.manifest.entry(k).pieces()}
+                pieces |= {
+                    (k, c)
+                    for k in self._value_refs(item.storage_index.fqn)
+                    for c in self.index.manifest.entry(k).pieces()
+                }
             else:
                 pieces.add(self.index.chunks[item.storage_index])
         if not pieces:
@@ -214,6 +235,10 @@ class ManifestStorageReader(FileSystemReader):
             self.weights.prefetch(sorted(pieces, key=lambda p: (p[1].file, p[1].byte_range)), verify=True)
         elif self.verify_digests:
             self.weights.verify_pieces(sorted(pieces, key=lambda p: (p[0], p[1].offsets)))
+        elif not self.weights.store.mapped:
+            # Object storage: fetch this rank's spans now, so a dropped connection or a changed
+            # object on any rank stops every rank before any copies (memory: this rank's share).
+            self._fetched = self._fetch_spans(self._span_reads(items)[0])
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         for plan in plans:
@@ -224,68 +249,87 @@ class ManifestStorageReader(FileSystemReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         assert self.index is not None and self.weights is not None
         allow_cast = bool(getattr(planner, "allow_cast", False))
-        per_file: dict[str, list[tuple[ReadItem, str, Chunk]]] = defaultdict(list)
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
                 self._read_value(item, planner)
-                continue
-            stored, chunk = self.index.chunks[item.storage_index]
-            per_file[chunk.file].append((item, stored, chunk))
-        reads = [r for name in sorted(per_file) for r in sorted(per_file[name], key=lambda r: r[2].byte_range)]
+        spans, empty = self._span_reads(plan.items)
         with torch.no_grad():
+            for item, stored, _ in empty:  # nothing to read, but the planner still takes the (empty) tensor
+                self._copy(
+                    item, stored, torch.empty(tuple(item.lengths), dtype=_dtype(self, stored)), planner, allow_cast
+                )
             if self.weights.store.mapped or self.verify_digests:  # mapped, or prefetched and verified
-                for item, stored, chunk in reads:
-                    source = self.weights.view(chunk, self.index.manifest.tensors[stored].dtype)
-                    self._copy(item, stored, source[_region(item.storage_offsets, item.lengths)], planner, allow_cast)
+                for span in spans:
+                    for item, stored, chunk in span.reads:
+                        source = self.weights.view(chunk, self.index.manifest.tensors[stored].dtype)
+                        self._copy(
+                            item, stored, source[_region(item.storage_offsets, item.lengths)], planner, allow_cast
+                        )
             else:
-                self._stream(reads, planner, allow_cast)
+                # Fetched while planning; a span the plan did not have then is fetched now.
+                missing = [s for s in spans if (s.file, s.start, s.end) not in self._fetched]
+                self._fetched.update(self._fetch_spans(missing))
+                self._copy_spans(spans, self._fetched, planner, allow_cast)
+                self._fetched = {}
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
-    def _stream(self, reads: list[tuple[ReadItem, str, Chunk]], planner: LoadPlanner, allow_cast: bool) -> None:
-        """Copy each read from the store's stream (object storage): ranged, concurrent, bounded memory.
+    def _span_reads(self, items: Iterable[ReadItem]) -> tuple[list[_Span], list[_Read]]:
+        """This rank's tensor reads grouped by stored piece: the byte span covering each piece's regions.
 
-        Per stored piece, only the bytes spanning the regions this rank reads are fetched (the
-        rows of a dim-0 shard exactly), each once, in the store's blocks; a piece's span is
-        gathered in a buffer of its size and copied into the targets once complete.
+        Per stored piece only the bytes spanning the regions this rank reads are fetched (the
+        rows of a dim-0 shard exactly); reads of an empty region need no bytes and come apart.
         """
-        assert self.index is not None and self.weights is not None
-        groups: dict[tuple[str, int, int], list[tuple[ReadItem, str, Chunk]]] = defaultdict(list)
-        for read in reads:
-            groups[(read[2].file, read[2].byte_range[0], read[2].byte_range[1])].append(read)
-        spans: list[tuple[int, int, list[tuple[ReadItem, str, Chunk]]]] = []  # element span of the piece, reads
-        for group in groups.values():
-            chunk = group[0][2]
-            firsts = [_flat_index(chunk.shape, i.storage_offsets) for i, _, _ in group]
-            lasts = [_flat_index(chunk.shape, [o + n - 1 for o, n in zip(i.storage_offsets, i.lengths)]) + 1 for i, _, _ in group]
-            empty = [any(n == 0 for n in i.lengths) for i, _, _ in group]
-            for (item, stored, _), is_empty in zip(group, empty):
-                if is_empty:  # nothing to read, but the planner still takes the (empty) tensor
-                    self._copy(item, stored, torch.empty(tuple(item.lengths), dtype=_dtype(self, stored)), planner, allow_cast)
-            live = [(f, e) for f, e, is_empty in zip(firsts, lasts, empty) if not is_empty]
-            if live:
-                spans.append((min(f for f, _ in live), max(e for _, e in live), [r for r, x in zip(group, empty) if not x]))
-        ranges = []
-        for lo, hi, group in spans:
-            chunk = group[0][2]
-            size = _dtype(self, group[0][1]).itemsize
-            ranges.append((chunk.file, chunk.byte_range[0] + lo * size, chunk.byte_range[0] + hi * size))
-        buffers: dict[int, bytearray] = {}
-        received = [0] * len(ranges)
-        for index, offset, piece in self.weights.store.stream(ranges):
-            _, start, end = ranges[index]
-            buf = buffers.setdefault(index, bytearray(end - start))
-            memoryview(buf)[offset : offset + len(piece)] = piece
-            received[index] += len(piece)
-            if received[index] < end - start:
+        assert self.index is not None
+        groups: dict[tuple[str, int, int], list[_Read]] = defaultdict(list)
+        empty: list[_Read] = []
+        for item in items:
+            if item.type == LoadItemType.BYTE_IO:
                 continue
-            lo, _, group = spans[index]
-            del buffers[index]
-            for item, stored, chunk in group:
+            stored, chunk = self.index.chunks[item.storage_index]
+            read = (item, stored, chunk)
+            if any(n == 0 for n in item.lengths):
+                empty.append(read)
+            else:
+                groups[(chunk.file, chunk.byte_range[0], chunk.byte_range[1])].append(read)
+        spans = []
+        for (name, start, _), reads in sorted(groups.items()):
+            chunk = reads[0][2]
+            first = min(_flat_index(chunk.shape, item.storage_offsets) for item, _, _ in reads)
+            last = max(
+                _flat_index(chunk.shape, [o + n - 1 for o, n in zip(item.storage_offsets, item.lengths)])
+                for item, _, _ in reads
+            )
+            size = _dtype(self, reads[0][1]).itemsize
+            spans.append(_Span(name, start + first * size, start + (last + 1) * size, first, reads))
+        return spans, empty
+
+    def _fetch_spans(self, spans: list[_Span]) -> dict[tuple[str, int, int], bytearray]:
+        """Every span's bytes from the store (ranged, concurrent), each byte once."""
+        assert self.weights is not None
+        ranges = [(s.file, s.start, s.end) for s in spans]
+        buffers = [bytearray(end - start) for _, start, end in ranges]
+        for index, offset, piece in self.weights.store.stream(ranges):
+            memoryview(buffers[index])[offset : offset + len(piece)] = piece
+        return dict(zip(ranges, buffers))
+
+    def _copy_spans(
+        self,
+        spans: list[_Span],
+        fetched: Mapping[tuple[str, int, int], bytearray],
+        planner: LoadPlanner,
+        allow_cast: bool,
+    ) -> None:
+        """Copy each read's region out of its span's fetched bytes."""
+        for span in spans:
+            buf = fetched[(span.file, span.start, span.end)]
+            for item, stored, chunk in span.reads:
                 flat = torch.frombuffer(buf, dtype=torch.uint8).view(_dtype(self, stored))
                 region = flat.as_strided(
-                    tuple(item.lengths), _strides(chunk.shape), _flat_index(chunk.shape, item.storage_offsets) - lo
+                    tuple(item.lengths),
+                    _strides(chunk.shape),
+                    _flat_index(chunk.shape, item.storage_offsets) - span.first,
                 )
                 self._copy(item, stored, region, planner, allow_cast)
 
@@ -294,7 +338,9 @@ class ManifestStorageReader(FileSystemReader):
         assert self.index is not None
         target = planner.resolve_tensor(item).detach()
         if target.shape != region.shape:
-            raise ManifestCkptError(f"{item.dest_index.fqn!r}: the plan reads {list(region.shape)} into {list(target.shape)}")
+            raise ManifestCkptError(
+                f"{item.dest_index.fqn!r}: the plan reads {list(region.shape)} into {list(target.shape)}"
+            )
         if target.dtype != region.dtype and not allow_cast:
             # Guard for planners that do not compare dtypes first (DCP's own casts silently).
             want = torch_dtype_name(target.dtype)
@@ -444,9 +490,7 @@ class ManifestLoadPlanner(DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         tensors = {k: v for k, v in self.state_dict.items() if isinstance(v, torch.Tensor)}
-        live = _RankState(
-            live_spec(tensors, self.modules), frozenset(k for k in self.state_dict if k not in tensors)
-        )
+        live = _RankState(live_spec(tensors, self.modules), frozenset(k for k in self.state_dict if k not in tensors))
         items: list[ReadItem] = []
         if self._compare(live).ok:
             assert self.metadata is not None
