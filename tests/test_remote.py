@@ -5,6 +5,7 @@ The server is moto in server mode (real HTTP); the client is s3fs/botocore, as u
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -315,6 +316,46 @@ def test_cli_reads_urls_with_storage_options_and_the_endpoint_from_the_environme
     out, err = io.StringIO(), io.StringIO()
     assert run(["inspect", url, "--storage-option", "novalue"], out, err) == 2
     assert "KEY=VALUE" in err.getvalue()
+
+
+def _objects(s3: S3, url: str) -> dict[str, bytes]:
+    """The objects directly under ``url``, by name, read through a fresh client (no listing cache)."""
+    fs = s3.filesystem()
+    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.ls(url[5:], detail=False)}
+
+
+def test_export_hf_to_s3_writes_the_bytes_of_a_local_export_and_replaces_only_with_overwrite(
+    s3: S3, url: str, tmp_path: Path
+) -> None:
+    """export_hf to s3://: the local export's objects, byte for byte; refused over weights; stale shards removed."""
+    mc.save(trained(), tmp_path / "ck", record_code=False)
+    local = mc.export_hf(tmp_path / "ck", tmp_path / "hf", max_shard_size=100)
+    result = mc.export_hf(tmp_path / "ck", url, max_shard_size=100, storage_options=s3.options)
+    assert len(local.files) > 1 and result.index == "model.safetensors.index.json"
+    assert result.directory == url
+    assert dataclasses.replace(result, directory=local.directory) == local
+    assert _objects(s3, url) == {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+
+    # Weights already there: refused before anything is read or written, naming the URL and files.
+    s3.fs.pipe_file(f"{url[5:]}/config.json", b"{}")
+    before = _objects(s3, url)
+    with pytest.raises(mc.CheckpointExistsError, match=rf"{url}: already holds weights \(model-00001-of-") as info:
+        mc.export_hf(tmp_path / "ck", url, storage_options=s3.options)
+    assert "overwrite=True" in str(info.value)
+    assert _objects(s3, url) == before
+
+    # With overwrite, one unsharded file replaces the shards and the index; config.json stays.
+    single = mc.export_hf(tmp_path / "ck", url, overwrite=True, storage_options=s3.options)
+    mc.export_hf(tmp_path / "ck", tmp_path / "hf1")
+    assert single.files == ("model.safetensors",) and single.index is None
+    assert _objects(s3, url) == {"config.json": b"{}", "model.safetensors": (tmp_path / "hf1" / "model.safetensors").read_bytes()}
+
+    # The CLI takes a URL as DIR, with the storage options.
+    out, err = io.StringIO(), io.StringIO()
+    opts = [f"--storage-option={k}={v}" for k, v in s3.options.items() if k in ("key", "secret", "endpoint_url")]
+    assert run(["export-hf", str(tmp_path / "ck"), url, "--overwrite", "--max-shard-size", "100", "--json", *opts], out, err) == 0, err.getvalue()
+    assert json.loads(out.getvalue())["directory"] == url
+    assert _objects(s3, url) == {"config.json": b"{}", **{p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}}
 
 
 def test_pack_and_unpack_to_and_from_s3_keep_the_bytes_and_digest(s3: S3, url: str, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ carries the manifest's guarantee across the boundary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -167,8 +168,8 @@ def export_hf(
 
     Args:
         ckpt: checkpoint directory, ``manifest.json``, archive or URL.
-        out_dir: local directory to write into (created if missing; other files in it,
-            such as ``config.json``, are left alone).
+        out_dir: directory or URL (``s3://...``) to write into (created if missing; other
+            files in it, such as ``config.json``, are left alone).
         max_shard_size: bytes per shard, an int or a string such as ``"5GB"``; default
             ``"50GB"``, as ``save_pretrained``.
         overwrite: replace weight files a previous save left in ``out_dir`` (stale shards
@@ -176,17 +177,17 @@ def export_hf(
         record_digest: record the checkpoint's digest in every file's ``__metadata__`` and
             in the index (``"manifest_ckpt.digest"``), so provenance survives the export;
             transformers ignores the extra key. False writes exactly ``save_pretrained``'s bytes.
-        storage_options: fsspec options when ``ckpt`` is a URL.
+        storage_options: fsspec options when ``ckpt`` or ``out_dir`` is a URL.
 
     Raises:
-        ExportError: bad ``max_shard_size``, a remote or unusable ``out_dir``, a training-state
+        ExportError: bad ``max_shard_size``, an unusable ``out_dir``, a training-state
             checkpoint, or a dtype safetensors cannot store.
         CheckpointExistsError: ``out_dir`` holds Hugging Face weight files and ``overwrite`` is False.
         IntegrityError, ManifestError: the checkpoint is damaged; nothing was written.
     """
     limit = parse_shard_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
     if is_url(out_dir):
-        raise ExportError(f"{out_dir}: export_hf writes to a local directory; export there, then upload it")
+        return _export_to_url(ckpt, str(out_dir), limit, overwrite, record_digest, storage_options)
     target = Path(out_dir)
     existing = _existing_weights(target, overwrite)
     store = open_store(ckpt, storage_options=storage_options)
@@ -258,6 +259,36 @@ def export_hf(
     )
 
 
+def _export_to_url(
+    ckpt: str | os.PathLike[str],
+    url: str,
+    limit: int,
+    overwrite: bool,
+    record_digest: bool,
+    storage_options: Mapping[str, Any] | None,
+) -> HFExport:
+    """Export into a local temporary directory, then upload: shards first, the index last, stale shards removed.
+
+    A reader of ``url`` meanwhile finds the old layout, or shards of the new one beside the old
+    index; it never finds an index naming a shard that is not there yet.
+    """
+    from manifest_ckpt.storage import remote
+
+    url = url.rstrip("/")
+    existing = {n for n in remote.list_names(url, storage_options) if _HF_WEIGHTS.fullmatch(n)}
+    if existing and not overwrite:
+        raise _exists(url, existing)
+    with tempfile.TemporaryDirectory(prefix=".export-hf-") as tmp:
+        result = export_hf(
+            ckpt, tmp, max_shard_size=limit, record_digest=record_digest, storage_options=storage_options
+        )
+        remote.upload_files(url, Path(tmp), result.files, storage_options=storage_options)
+        if result.index is not None:
+            remote.upload_files(url, Path(tmp), [result.index], storage_options=storage_options)
+    remote.remove_names(url, existing - {*result.files, *([result.index] if result.index else [])}, storage_options)
+    return dataclasses.replace(result, directory=url)
+
+
 class _Source:
     """Stored tensors for the writer: views of the memory map; chunked ones assembled, the last two kept.
 
@@ -296,11 +327,15 @@ def _existing_weights(target: Path, overwrite: bool) -> set[str]:
         raise ExportError(f"{target}: exists and is not a directory; export_hf writes a directory", file=str(target))
     found = {n for n in os.listdir(target) if _HF_WEIGHTS.fullmatch(n)}
     if found and not overwrite:
-        raise CheckpointExistsError(
-            f"{target}: already holds weights ({', '.join(sorted(found))}); pass overwrite=True "
-            "(CLI: --overwrite) to replace them, or choose another directory (nothing was written)"
-        )
+        raise _exists(str(target), found)
     return found
+
+
+def _exists(where: str, found: set[str]) -> CheckpointExistsError:
+    return CheckpointExistsError(
+        f"{where}: already holds weights ({', '.join(sorted(found))}); pass overwrite=True "
+        "(CLI: --overwrite) to replace them, or choose another directory (nothing was written)"
+    )
 
 
 def _index_bytes(manifest: Manifest, weight_map: Mapping[str, str], total: int, record_digest: bool) -> bytes:

@@ -30,7 +30,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -686,6 +686,23 @@ def upload_file(local: Path, url: str, *, overwrite: bool, storage_options: Stor
                 f"{url}: another writer created it while this archive was built; pass overwrite=True (--overwrite) "
                 "to replace it"
             ) from None
+
+
+def list_names(url: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """The names of the objects directly under ``url``, sorted (none when the prefix is absent)."""
+    fs, root = _filesystem(url, storage_options)
+    with storage_errors(url, "listing"):
+        fs.invalidate_cache(root)  # another writer (or this process, through another instance) may have changed it
+        return sorted(posixpath.basename(p.rstrip("/")) for p in _listing(fs, root))
+
+
+def remove_names(url: str, names: Iterable[str], storage_options: StorageOptions | None = None) -> None:
+    """Delete the objects ``names`` directly under ``url`` (one already gone is not an error)."""
+    fs, root = _filesystem(url, storage_options)
+    with storage_errors(url, "removing replaced files", writing=True):
+        for name in sorted(names):
+            with suppress(FileNotFoundError):
+                fs.rm_file(f"{root}/{name}")
 
 
 def object_size(url: str, storage_options: StorageOptions | None = None) -> int:
