@@ -262,5 +262,19 @@ class InvalidKeyError(ManifestCkptError, ValueError):
         self.key = key
 
 
+class RankFailedError(ManifestCkptError, RuntimeError):
+    """A distributed save or load failed on some rank for a reason outside this library (a full
+    disk, a lost connection, a bug in user code), raised on every rank in place of DCP's
+    ``CheckpointException`` (kept as ``__cause__``), which is no ``Exception``.
+
+    Attributes:
+        failures: rank -> the exception that rank raised.
+    """
+
+    def __init__(self, message: str, *, failures: dict[int, BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.failures = dict(failures or {})
+
+
 class SaveInProgressError(ManifestCkptError, RuntimeError):
     """``async_save`` was asked to save to a path whose previous async save has not finished."""

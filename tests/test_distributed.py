@@ -11,6 +11,7 @@ Run as a script, this file is one rank of such a run:
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -147,6 +148,16 @@ def _expect_failure(run: Callable[[], Any]) -> dict[str, Any]:
     return {"type": "none", "message": ""}
 
 
+class _BrokenStateful:
+    """A Stateful whose state_dict raises (user code failing on one rank)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        raise RuntimeError("lost the dataloader state (injected)")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise AssertionError("not loaded")
+
+
 def _scenario_save(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     values = expected_values()
     state = _sharded(values, SAVE_PLACEMENT, mesh, zeros=False)
@@ -156,7 +167,38 @@ def _scenario_save(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     again = _expect_failure(lambda: mcd.save(state, directory / "ck", record_code=False))
     app = {"model": state, "progress": {"step": 7, "losses": [0.5, 0.25]}, "blob": io.BytesIO(b"same on all")}
     app_digest = mcd.save(app, directory / "ck_app", record_code=False).digest
-    return {"digest": manifest.digest, "async_digest": async_manifest.digest, "again": again, "app_digest": app_digest}
+    out = {"digest": manifest.digest, "async_digest": async_manifest.digest, "again": again, "app_digest": app_digest}
+
+    # Rank 1's disk fills while it writes: every rank raises one typed error naming rank 1 (not
+    # DCP's CheckpointException, which is no Exception), and the checkpoint at the path stays.
+    import torch.distributed as dist
+
+    from manifest_ckpt.distributed.writer import ManifestStorageWriter
+
+    dist.barrier()
+    before = sorted(os.listdir(directory))
+    original = ManifestStorageWriter.write_data
+    if rank == 1:
+
+        def full(self: Any, *args: Any, **kwargs: Any) -> Any:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+        ManifestStorageWriter.write_data = full  # type: ignore[method-assign]
+    out["disk_full"] = _expect_failure(lambda: mcd.save(state, directory / "ck", overwrite=True, record_code=False))
+    pending = mcd.async_save(state, directory / "ck", overwrite=True, record_code=False)
+    out["disk_full_async"] = _expect_failure(lambda: pending.result(timeout=60))
+    ManifestStorageWriter.write_data = original  # type: ignore[method-assign]
+    # A value only rank 1 cannot store: async_save refuses on both ranks at once (no rank hangs).
+    odd = {**state, "bad": object()} if rank == 1 else state
+    out["refused_async"] = _expect_failure(lambda: mcd.async_save(odd, directory / "ck_odd", record_code=False).result(timeout=60))
+    broken = {**state, "extra": _BrokenStateful()} if rank == 1 else {**state, "extra": {"n": 1}}
+    out["stateful_async"] = _expect_failure(lambda: mcd.async_save(broken, directory / "ck_odd", record_code=False).result(timeout=60))
+    out["stateful_sync"] = _expect_failure(lambda: mcd.save(broken, directory / "ck_odd", record_code=False))
+    dist.barrier()
+    out["left_as_before"] = sorted(os.listdir(directory)) == before
+    out["digest_after_disk_full"] = mc.read_manifest(directory / "ck").digest
+    mc.verify(directory / "ck")
+    return out
 
 
 def _scenario_load(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
@@ -385,6 +427,27 @@ def test_async_save_writes_the_same_checkpoint(saved: tuple[Path, list[dict[str,
     assert {k: t.digest for k, t in async_.tensors.items()} == {k: t.digest for k, t in sync.tensors.items()}
     assert async_.aliases == sync.aliases
     mc.verify(directory / "ck_async")
+
+
+@pytest.mark.distributed
+def test_a_rank_whose_disk_fills_fails_the_save_typed_on_every_rank(saved: tuple[Path, list[dict[str, Any]]]) -> None:
+    """An OSError on rank 1 while writing: RankFailedError on both ranks (sync and async); the checkpoint stays.
+
+    And a value only rank 1 cannot store makes async_save refuse on both ranks (it hung rank 0).
+    """
+    _, results = saved
+    for r in results:
+        for outcome in (r["disk_full"], r["disk_full_async"]):
+            assert outcome["type"] == "RankFailedError", outcome
+            assert "failed on rank 1: OSError: [Errno 28] No space left on device (injected)" in outcome["message"]
+            assert "/ck failed" in outcome["message"] and "run it again" in outcome["message"]
+        assert r["left_as_before"] is True
+        assert r["digest_after_disk_full"] == r["digest"]
+        assert r["refused_async"]["type"] == "UnsupportedValueError"
+        assert "bad (builtins.object)" in r["refused_async"]["message"]
+        for outcome in (r["stateful_async"], r["stateful_sync"]):
+            assert outcome["type"] == "RankFailedError", outcome
+            assert "ck_odd failed on rank 1: RuntimeError: lost the dataloader state (injected)" in outcome["message"]
 
 
 @pytest.mark.distributed

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from manifest_ckpt.comparison.remap import Remap
 from manifest_ckpt.distributed.reader import ManifestLoadPlanner, ManifestStorageReader
 from manifest_ckpt.distributed.writer import ManifestSavePlanner, ManifestStorageWriter
-from manifest_ckpt.errors import ManifestCkptError
+from manifest_ckpt.errors import ManifestCkptError, RankFailedError
 from manifest_ckpt.format.manifest import Manifest
 
 __all__ = [
@@ -101,10 +101,11 @@ def save(
         UnsupportedTensorError: a value is not a tensor or cannot be stored faithfully.
     """
     writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync, storage_options)
+    state = _resolved(state_dict, None if no_dist else process_group, no_dist, f"distributed save to {path}")
     try:
-        with _library_errors(lambda: None), _single_process_quiet(no_dist):
+        with _library_errors(lambda: None, f"distributed save to {path}"), _single_process_quiet(no_dist):
             result = dcp_save(
-                state_dict,
+                state,
                 storage_writer=writer,
                 planner=ManifestSavePlanner(),
                 process_group=process_group,
@@ -143,14 +144,18 @@ def async_save(
     # The staged copy no longer shares storage between tied keys: find the ties (and refuse
     # what cannot be stored) on the caller's state dict, now, on every rank alike.
     probe = ManifestSavePlanner()
-    probe.set_up_planner({k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()})
-    with _library_errors(lambda: None):
-        response = dcp_async_save(
-            state_dict,
-            storage_writer=writer,
-            planner=ManifestSavePlanner(ties=probe.aliases),
-            process_group=process_group,
-        )
+    state = _resolved(state_dict, process_group, False, f"distributed async_save to {path}", probe)
+    try:
+        with _library_errors(lambda: None, f"distributed async_save to {path}"):
+            response = dcp_async_save(
+                state,
+                storage_writer=writer,
+                planner=ManifestSavePlanner(ties=probe.aliases),
+                process_group=process_group,
+            )
+    except BaseException:
+        writer.abandon()
+        raise
     inner = response if isinstance(response, concurrent.futures.Future) else response.upload_completion
     outer: concurrent.futures.Future[Manifest] = concurrent.futures.Future()
 
@@ -158,8 +163,12 @@ def async_save(
         try:
             outer.set_result(_manifest_of(future.result()))
         except CheckpointException as exc:
-            outer.set_exception(_unwrap(exc, None))
+            writer.abandon()  # a rank failed while writing: DCP never calls finish, which would clean up
+            error = _unwrap(exc, None, f"distributed async_save to {path}")
+            error.__cause__ = exc
+            outer.set_exception(error)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            writer.abandon()
             outer.set_exception(exc)
 
     inner.add_done_callback(done)
@@ -218,7 +227,7 @@ def load(
         module=module,
         check_classes=check_classes,
     )
-    with _library_errors(lambda: reader.failure), _single_process_quiet():
+    with _library_errors(lambda: reader.failure, f"distributed load from {path}"), _single_process_quiet():
         dcp_load(state_dict, storage_reader=reader, planner=planner, process_group=process_group)
     assert reader.index is not None
     return reader.index.manifest
@@ -257,27 +266,75 @@ def _manifest_of(result: Metadata) -> Manifest:
     return manifest
 
 
-def _unwrap(exc: CheckpointException, local: ManifestCkptError | None) -> BaseException:
-    """This library's error behind DCP's wrapper: the local one, else the lowest rank's."""
+def _resolved(
+    state_dict: dict[str, Any],
+    process_group: dist.ProcessGroup | None,
+    no_dist: bool,
+    what: str,
+    probe: ManifestSavePlanner | None = None,
+) -> dict[str, Any]:
+    """The state dict with each ``Stateful`` replaced by its ``state_dict()``, as DCP does first.
+
+    A failure on one rank (a ``Stateful``'s own error, a value ``probe`` refuses) is raised on
+    every rank, where DCP would leave the other ranks waiting in its first collective.
+    """
+    refused: ManifestCkptError | None = None
+    state: dict[str, Any] = {}
+    try:
+        state = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
+        if probe is not None:
+            probe.set_up_planner(state)
+    except ManifestCkptError as exc:
+        refused = exc
+    except Exception as exc:  # noqa: BLE001 - user code's own error, named by rank on every rank
+        rank = dist.get_rank(process_group) if dist.is_available() and dist.is_initialized() else 0
+        refused = RankFailedError(
+            f"{what} failed on rank {rank}: {type(exc).__name__}: {exc}; fix the cause on that rank and run it again"
+        )
+        refused.__cause__ = exc
+    if not no_dist:
+        refused = _any_rank(refused, process_group)
+    if refused is not None:
+        raise refused
+    return state
+
+
+def _any_rank(error: ManifestCkptError | None, process_group: dist.ProcessGroup | None) -> ManifestCkptError | None:
+    """The lowest rank's error, on every rank (one gather of the group); this one's without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return error
+    gathered: list[ManifestCkptError | None] = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(gathered, error, group=process_group)
+    return next((e for e in gathered if e is not None), None)
+
+
+def _unwrap(exc: CheckpointException, local: ManifestCkptError | None, what: str) -> ManifestCkptError:
+    """This library's error behind DCP's wrapper: the local one, else the lowest rank's, else a RankFailedError."""
     if local is not None:
         return local
-    for rank in sorted(exc.failures):
-        error = exc.failures[rank][0]
+    failures = {rank: exc.failures[rank][0] for rank in sorted(exc.failures)}
+    for error in failures.values():
         if isinstance(error, ManifestCkptError):
             return error
-    return exc
+    if not failures:
+        return RankFailedError(f"{what} failed: {exc}", failures=failures)
+    rank, error = next(iter(failures.items()))
+    others = sorted(failures)[1:]
+    also = f" (and on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
+    return RankFailedError(
+        f"{what} failed on rank {rank}{also}: {type(error).__name__}: {error}; fix the cause on that rank "
+        "and run it again (the __cause__, DCP's CheckpointException, holds each rank's traceback)",
+        failures=failures,
+    )
 
 
 @contextmanager
-def _library_errors(local: Callable[[], ManifestCkptError | None]) -> Iterator[None]:
+def _library_errors(local: Callable[[], ManifestCkptError | None], what: str) -> Iterator[None]:
     """Raise this library's error rather than DCP's ``CheckpointException`` that wraps it."""
     try:
         yield
     except CheckpointException as exc:
-        error = _unwrap(exc, local())
-        if error is exc:
-            raise
-        raise error from exc
+        raise _unwrap(exc, local(), what) from exc
 
 
 @contextmanager
