@@ -247,6 +247,12 @@ def _scenario_load(rank: int, mesh: Any, directory: Path) -> dict[str, Any]:
     out["corrupt_untouched"] = _untouched(state)
     out["short"] = _expect_failure(lambda: mcd.load(state, directory / "ck_short"))
     out["short_untouched"] = _untouched(state)
+
+    # A Stateful failing on rank 2 only: every rank raises RankFailedError naming it, none waits.
+    state = _sharded(values, LOAD_PLACEMENT, mesh, zeros=True)
+    app = {"model": state, "progress": _BrokenStateful() if rank == 2 else {"step": 0}, "blob": io.BytesIO()}
+    out["stateful"] = _expect_failure(lambda: mcd.load(app, directory / "ck_app", allow_unexpected=[r"progress\..*"]))
+    out["stateful_untouched"] = _untouched(state)
     return out
 
 
@@ -427,6 +433,15 @@ def test_async_save_writes_the_same_checkpoint(saved: tuple[Path, list[dict[str,
     assert {k: t.digest for k, t in async_.tensors.items()} == {k: t.digest for k, t in sync.tensors.items()}
     assert async_.aliases == sync.aliases
     mc.verify(directory / "ck_async")
+
+
+@pytest.mark.distributed
+def test_a_stateful_failing_on_one_rank_fails_the_load_on_every_rank(loaded: list[dict[str, Any]]) -> None:
+    """Rank 2's Stateful raises in state_dict(): RankFailedError naming rank 2 on all three ranks, nothing loaded."""
+    for r in loaded:
+        assert r["stateful"]["type"] == "RankFailedError", r["stateful"]
+        assert "ck_app failed on rank 2: RuntimeError: lost the dataloader state (injected)" in r["stateful"]["message"]
+        assert r["stateful_untouched"] is True
 
 
 @pytest.mark.distributed

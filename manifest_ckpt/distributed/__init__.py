@@ -101,7 +101,7 @@ def save(
         UnsupportedTensorError: a value is not a tensor or cannot be stored faithfully.
     """
     writer = _writer(path, module, lineage, metadata, parents, overwrite, record_code, timestamp, fsync, storage_options)
-    state = _resolved(state_dict, None if no_dist else process_group, no_dist, f"distributed save to {path}")
+    state = _resolved(state_dict, list(state_dict), process_group, no_dist, f"distributed save to {path}")
     try:
         with _library_errors(lambda: None, f"distributed save to {path}"), _single_process_quiet(no_dist):
             result = dcp_save(
@@ -144,7 +144,7 @@ def async_save(
     # The staged copy no longer shares storage between tied keys: find the ties (and refuse
     # what cannot be stored) on the caller's state dict, now, on every rank alike.
     probe = ManifestSavePlanner()
-    state = _resolved(state_dict, process_group, False, f"distributed async_save to {path}", probe)
+    state = _resolved(state_dict, list(state_dict), process_group, False, f"distributed async_save to {path}", probe)
     try:
         with _library_errors(lambda: None, f"distributed async_save to {path}"):
             response = dcp_async_save(
@@ -227,8 +227,18 @@ def load(
         module=module,
         check_classes=check_classes,
     )
-    with _library_errors(lambda: reader.failure, f"distributed load from {path}"), _single_process_quiet():
-        dcp_load(state_dict, storage_reader=reader, planner=planner, process_group=process_group)
+    what = f"distributed load from {path}"
+    # As dcp.load: each Stateful's state_dict() (in key order) is filled, then handed back to it.
+    keys = sorted(state_dict)
+    resolved = _resolved(state_dict, keys, process_group, False, what)
+    with _library_errors(lambda: reader.failure, what), _single_process_quiet():
+        dcp_load(resolved, storage_reader=reader, planner=planner, process_group=process_group)
+    for key in keys:
+        elem = state_dict[key]
+        if isinstance(elem, Stateful):
+            elem.load_state_dict(resolved[key])
+        else:
+            state_dict[key] = resolved[key]
     assert reader.index is not None
     return reader.index.manifest
 
@@ -268,12 +278,13 @@ def _manifest_of(result: Metadata) -> Manifest:
 
 def _resolved(
     state_dict: dict[str, Any],
+    keys: Iterable[str],
     process_group: dist.ProcessGroup | None,
     no_dist: bool,
     what: str,
     probe: ManifestSavePlanner | None = None,
 ) -> dict[str, Any]:
-    """The state dict with each ``Stateful`` replaced by its ``state_dict()``, as DCP does first.
+    """The state dict (its ``keys``, in that order) with each ``Stateful`` replaced by its ``state_dict()``, as DCP does first.
 
     A failure on one rank (a ``Stateful``'s own error, a value ``probe`` refuses) is raised on
     every rank, where DCP would leave the other ranks waiting in its first collective.
@@ -281,7 +292,7 @@ def _resolved(
     refused: ManifestCkptError | None = None
     state: dict[str, Any] = {}
     try:
-        state = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
+        state = {k: state_dict[k].state_dict() if isinstance(state_dict[k], Stateful) else state_dict[k] for k in keys}
         if probe is not None:
             probe.set_up_planner(state)
     except ManifestCkptError as exc:
