@@ -655,6 +655,26 @@ def test_leftovers_of_an_interrupted_save_are_replaced(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "ck")) == sorted(["manifest.json", *manifest.files])
 
 
+def test_a_writer_dcp_abandons_removes_its_staging_when_collected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dcp.save with our writer, failing while writing: DCP never calls it again; its staging goes with it."""
+    import gc
+
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    def full(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    monkeypatch.setattr(mcd.ManifestStorageWriter, "write_data", full)
+    writer = mcd.ManifestStorageWriter(tmp_path / "ck")
+    with pytest.warns(UserWarning, match="single process"), pytest.raises(CheckpointException):
+        dcp_save({"w": torch.zeros(3)}, storage_writer=writer, planner=mcd.ManifestSavePlanner())
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".ck.")], "the failed save staged nothing"
+    del writer
+    gc.collect()
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
     """Saving into a non-empty directory without manifest.json fails, even with overwrite."""
     (tmp_path / "ck").mkdir()

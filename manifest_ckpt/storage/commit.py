@@ -252,6 +252,13 @@ class Stage:
             sweep(self.target, set(), referenced=names)
         self.close()
 
+    def __del__(self) -> None:
+        # Dropped without commit or close: a StorageWriter that DCP never calls again after
+        # another rank failed. Its staging goes when it is collected, not at process exit.
+        if not self._done:
+            with contextlib.suppress(Exception):
+                self.close()
+
     def close(self) -> None:
         """Release the staging lock and remove the staging directory (unless it became the checkpoint).
 
