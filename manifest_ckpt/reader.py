@@ -431,6 +431,26 @@ class _Weights:
                 field=problems[0][1],
             )
 
+    def recheck(self, names: Iterable[str]) -> None:
+        """Check again, just before copying, that each bound local file still has its recorded size.
+
+        Object storage is not asked again (a request per file); its reads check every length.
+
+        Raises:
+            IntegrityError: a file was cut or grown since :meth:`bind`.
+        """
+        if not self.store.mapped:
+            return
+        for name in sorted(set(names)):
+            size, expected = self.store.file_size(name), self.manifest.files[name].size
+            if size != expected:
+                raise IntegrityError(
+                    f"{self.store.location}/{name}: {size} bytes now, {expected} when the load checked it: the "
+                    "file changed since (is something rewriting it?). Nothing was loaded; restore the file or "
+                    "re-save the checkpoint, then load again.",
+                    file=name,
+                )
+
     def _pieces_by_file(self) -> dict[str, list[Piece]]:
         """The manifest's pieces grouped by file (built once: binding is per file)."""
         if self._by_file is None:
@@ -791,6 +811,9 @@ def load_steps(
         weights.map_files(files)
         weights.verify(stored)
     yield comparison.report
+    # A file cut since it was bound (while the load was paused here, or by another process)
+    # is refused now, before any copy: nothing of the module has changed yet.
+    weights.recheck(files)
     given = _machinery_values(module, weights, manifest, plan, computed, strict) if computed else {}
     read = _read_value(weights, manifest)
     extra_values = {k: given[k] if k in given else _extra_value(manifest, source_key[k], read) for k in extra}
@@ -830,13 +853,15 @@ def load_steps(
         if not streamed:
             fill(fresh[key], key)
     in_place = [k for k in targets if k not in materialize]
-    # Plain copies (one memmove from the bound mapping, plain_copy.py) cannot fail; they run
-    # after every other copy, with Ctrl-C held, so only the others need their bytes saved,
-    # unless a step after the copy can fail (set_extra_state, a post-hook: everything is saved).
+    # Plain copies (the bound file's bytes straight into the target, plain_copy.py) fail only
+    # if the file is cut while being read; they run after every other copy, with Ctrl-C held,
+    # so only the others need their bytes saved, unless a step after the copy can fail
+    # (set_extra_state, a post-hook: everything is saved).
     plain: list[plain_copy.Job] = []
+    plain_keys: list[str] = []
     sequential = in_place
     if store.mapped and not streamed and not extra and not _has_post_hooks(live, module):
-        plain, sequential = _plain_jobs(in_place, live, weights, source_key, given, built)
+        plain, plain_keys, sequential = _plain_jobs(in_place, live, weights, source_key, given, built)
     # Each saved target's bytes are kept until the last copy succeeds, so a failure (a copy
     # error, Ctrl-C) puts back what was overwritten: the module is never half-loaded.
     undo = _Undo(live.tensors[k] for k in sequential)
@@ -869,7 +894,11 @@ def load_steps(
             key=failed,
         ) from exc
     with plain_copy.interrupts_held() if plain else contextlib.nullcontext():
-        plain_copy.copy_all(plain)
+        try:
+            plain_copy.copy_all(plain, store.read_into)
+        except plain_copy.ReadFailed as failed:
+            undo.restore(len(undo.tensors))
+            raise _read_failed(store, plain, plain_keys, failed) from failed.error
         revert = _assign_materialized(module, live, fresh)
     set_done: list[str] = []
     what = "set_extra_state"
@@ -1156,8 +1185,8 @@ def _plain_jobs(
     source_key: Mapping[str, str],
     given: Mapping[str, torch.Tensor],
     built: Mapping[str, Node],
-) -> tuple[list[plain_copy.Job], list[str]]:
-    """Split the in-place targets into plain copies (:data:`plain_copy.Job`) and the rest, in order.
+) -> tuple[list[plain_copy.Job], list[str], list[str]]:
+    """Split the in-place targets into plain copies (:data:`plain_copy.Job`), their keys, and the rest, in order.
 
     When a plain target shares memory with one of the rest, running the rest first could
     change which write lands last; then every copy stays in order (all saved, as before).
@@ -1169,8 +1198,10 @@ def _plain_jobs(
     dtypes: dict[str, torch.dtype] = {}
     bases: dict[str, int] = {}
     plain: list[plain_copy.Job] = []
+    keys: list[str] = []
     rest: list[str] = []
     plain_types = plain_copy.PLAIN_TYPES
+    read_min = plain_copy.READ_MIN
     with _gc_paused():  # 100,000 small tuples, no cycles
         for key in in_place:
             target = live_tensors[key]
@@ -1208,15 +1239,33 @@ def _plain_jobs(
             if target.dtype is not dtype or size != end - start:
                 rest.append(key)
                 continue
-            base = bases.get(file)
-            if base is None:
-                base = bases[file] = weights.address(file)
-            plain.append((target, target.data_ptr(), base + start, size))
+            if size >= read_min:  # read by the store straight into the target
+                plain.append((target, target.data_ptr(), size, start, file))
+            else:  # one memmove from the bound mapping
+                base = bases.get(file)
+                if base is None:
+                    base = bases[file] = weights.address(file)
+                plain.append((target, target.data_ptr(), size, base + start, None))
+            keys.append(key)
     if plain and rest:
         others = {live_tensors[k].untyped_storage().data_ptr() for k in rest if not live_tensors[k].is_meta}
         if any(job[0].untyped_storage().data_ptr() in others for job in plain):
-            return [], in_place
-    return plain, rest
+            return [], [], in_place
+    return plain, keys, rest
+
+
+def _read_failed(
+    store: Store, jobs: list[plain_copy.Job], keys: list[str], failed: plain_copy.ReadFailed
+) -> IntegrityError:
+    """The error for a plain read that failed: the file was cut (or failed) while being copied."""
+    key, file = keys[failed.index], jobs[failed.index][4]
+    return IntegrityError(
+        f"{store.location}: reading {key!r} from {file} failed while loading: {failed.error} The tensors "
+        "whose copies could fail were restored, but those read straight from the files were written "
+        "(the other reads completed): the module is partially loaded. Load it again from an intact checkpoint.",
+        file=file,
+        key=key,
+    )
 
 
 class _Undo:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import manifest_ckpt as mc
-from manifest_ckpt import reader
+from manifest_ckpt import plain_copy, reader
 
 
 def _net() -> nn.Module:
@@ -237,3 +237,109 @@ def test_large_plain_copies_split_across_threads_are_bit_identical(tmp_path: Pat
     assert _bits(target) == _bits(saved)
     assert target["b"].weight is target["a"].weight
     assert target["a"].weight._version > version
+
+
+def _large_net() -> nn.Module:
+    """A tensor read straight into the module (plain_copy.READ_MIN bytes and more) after small ones."""
+    torch.manual_seed(5)
+    n = plain_copy.READ_MIN // 4 * 3 + 5  # three segments' worth, not a whole number of pages
+    return nn.ModuleDict({"a": nn.Linear(3, 2), "z": nn.Embedding(1, n)})
+
+
+def _weights_file(ckpt: Path) -> Path:
+    (file,) = ckpt.glob("*.safetensors")
+    return file
+
+
+def test_a_file_truncated_after_the_check_is_refused_with_the_module_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weights file cut between binding and copying: IntegrityError naming it, nothing of the module changed."""
+    mc.save(_large_net(), tmp_path / "ck")
+    file = _weights_file(tmp_path / "ck")
+    real = reader._Weights.bind
+
+    def bind_then_truncate(self: Any, names: Any) -> None:
+        real(self, names)
+        with open(file, "r+b") as f:  # another process cuts the file once the load has checked it
+            f.truncate(file.stat().st_size - 4096)
+
+    monkeypatch.setattr(reader._Weights, "bind", bind_then_truncate)
+    target = _large_net()
+    target["a"].weight = nn.Parameter(torch.zeros(3, 2).t())  # a saved (non-plain) copy too
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for t in target.parameters():
+            t.copy_(torch.randn_like(t))
+    before = _bits(target)
+    with pytest.raises(mc.IntegrityError) as info:
+        mc.load(target, tmp_path / "ck")
+    assert info.value.file == file.name
+    assert "when the load checked it" in str(info.value) and "Nothing was loaded" in str(info.value)
+    assert _bits(target) == before
+
+
+def test_a_file_cut_while_it_is_read_raises_naming_the_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file cut during the plain reads: IntegrityError naming file and key; the saved copies are put back."""
+    from manifest_ckpt.storage.store import DirectoryStore
+
+    saved = _large_net()
+    mc.save(saved, tmp_path / "ck")
+    file = _weights_file(tmp_path / "ck")
+    real = DirectoryStore.read_into
+    cut = {"done": False}
+
+    def cut_then_read(self: Any, name: str, start: int, out: memoryview) -> None:
+        if not cut["done"]:  # the first read finds the file already cut below the big tensor's data
+            cut["done"] = True
+            with open(file, "r+b") as f:
+                f.truncate(file.stat().st_size - 3 * plain_copy.READ_MIN)
+        real(self, name, start, out)
+
+    monkeypatch.setattr(DirectoryStore, "read_into", cut_then_read)
+    target = _large_net()
+    target["a"].weight = nn.Parameter(torch.zeros(3, 2).t())  # not contiguous: saved, copied first
+    before = _bits(target)
+    with pytest.raises(mc.IntegrityError) as info:
+        mc.load(target, tmp_path / "ck")
+    assert (info.value.file, info.value.key) == (file.name, "z.weight")
+    assert "was cut while being read" in str(info.value) and "partially loaded" in str(info.value)
+    after = _bits(target)
+    assert after["a.weight"] == before["a.weight"]  # the copy that had its bytes saved was undone
+
+
+def test_large_tensors_read_from_an_archive_member_are_bit_identical(tmp_path: Path) -> None:
+    """Reads straight into the module start at the member's offset in the archive: same bits as torch."""
+    from manifest_ckpt.storage.archive import pack
+
+    saved = _large_net()
+    mc.save(saved, tmp_path / "ck")
+    pack(tmp_path / "ck", tmp_path / "ck.tar")
+    target = _large_net()
+    with torch.no_grad():
+        for t in target.parameters():
+            t.zero_()
+    mc.load(target, tmp_path / "ck.tar")
+    assert _bits(target) == _bits(saved)
+
+
+def test_read_into_a_cut_file_raises_integrity_error(tmp_path: Path) -> None:
+    """Store.read_into past the end of a file cut after it was opened: a typed error naming the file."""
+    from manifest_ckpt.storage.store import open_store
+
+    mc.save(_large_net(), tmp_path / "ck")
+    file = _weights_file(tmp_path / "ck")
+    store = open_store(tmp_path / "ck")
+    size = store.file_size(file.name)
+    out = bytearray(100)
+    store.read_into(file.name, size - 100, memoryview(out))
+    assert bytes(out) == file.read_bytes()[-100:]
+    with open(file, "r+b") as f:
+        f.truncate(size - 50)
+    assert store.file_size(file.name) == size - 50
+    with pytest.raises(mc.IntegrityError) as info:
+        store.read_into(file.name, size - 100, memoryview(out))
+    assert info.value.file == file.name
+    assert f"ends at byte {size - 50}" in str(info.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class ArchiveStore(MappedStore):
     location: str
     members: dict[str, ArchiveMember]
     _mapping: mmap.mmap | None = field(default=None, repr=False)
+    _fd: int = field(default=-1, repr=False)
 
     def _map(self) -> mmap.mmap:
         if self._mapping is None:
@@ -50,6 +52,9 @@ class ArchiveStore(MappedStore):
                 # ACCESS_COPY: writable private pages (torch needs a writable buffer), never
                 # written back to the archive.
                 self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                # Kept for read_into and file_size: the same archive, even if replaced by path.
+                self._fd = os.dup(f.fileno())
+                weakref.finalize(self, os.close, self._fd)
         return self._mapping
 
     def manifest_bytes(self) -> bytes:
@@ -80,6 +85,16 @@ class ArchiveStore(MappedStore):
         if member.size == 0:
             raise IntegrityError(f"{self.location}/{name}: file is empty (truncated)", file=name)
         return self._map(), member.offset, member.size
+
+    def descriptor(self, name: str) -> tuple[int, int]:
+        _, offset, _ = self.file_map(name)
+        return self._fd, offset
+
+    def file_size(self, name: str) -> int:
+        """The member's size, or what is left of it if the archive was cut since it was indexed."""
+        fd, offset = self.descriptor(name)
+        size = self.members[name].size
+        return min(size, max(0, os.fstat(fd).st_size - offset))
 
 
 def open_archive_store(path: Path) -> ArchiveStore | None:

@@ -335,6 +335,11 @@ class FsspecStore:
                     lo, hi = max(start, block.start), min(end, block.end)
                     yield index, lo - start, data[lo - block.start : hi - block.start]
 
+    def read_into(self, name: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` from the ranged stream of ``[start, start + len(out))`` (bounded memory)."""
+        for _, offset, piece in self.stream([(name, start, start + len(out))]):
+            out[offset : offset + len(piece)] = piece
+
     def digest_ranges(
         self, ranges: Sequence[tuple[str, int, int]], *, progress: Callable[[int], None] | None = None
     ) -> list[str]:

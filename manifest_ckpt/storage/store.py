@@ -1,7 +1,8 @@
 """Where a checkpoint's bytes live: a directory or an archive, both memory-mapped (no torch).
 
 A store gives the manifest bytes and, for each weights file, a read-only view of its bytes
-mapped from disk. Paths from the manifest are resolved without ever leaving the checkpoint.
+mapped from disk, or reads them straight into given memory (``read_into``). Paths from the
+manifest are resolved without ever leaving the checkpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import mmap
 import os
 import re
 import stat
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ def is_url(path: object) -> bool:
     return isinstance(path, str) and bool(_URL.match(path))
 
 MAX_MANIFEST_BYTES = 1 << 30
+_preadv = getattr(os, "preadv", None)
 
 
 def require_parent_dir(target: Path, what: str) -> None:
@@ -66,7 +69,15 @@ class Store(Protocol):
         ...
 
     def file_size(self, name: str) -> int:
-        """The size of weights file ``name`` without reading its data."""
+        """The size of weights file ``name`` now, without reading its data."""
+        ...
+
+    def read_into(self, name: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` with bytes ``[start, start + len(out))`` of weights file ``name``.
+
+        Raises:
+            IntegrityError: the file ends before that (cut since it was bound) or cannot be read.
+        """
         ...
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
@@ -85,15 +96,50 @@ class Store(Protocol):
 
 
 class MappedStore:
-    """``file_size`` and ``read_range`` for stores whose files are memory-mapped (local ones)."""
+    """``read_range``, ``read_into`` and the rest for stores whose files are memory-mapped (local ones)."""
 
     mapped = True
+    location: str
 
     def file_map(self, name: str) -> tuple[mmap.mmap, int, int]:
         raise NotImplementedError
 
+    def descriptor(self, name: str) -> tuple[int, int]:
+        """``(descriptor, offset of the file in it)``: the very file ``file_map`` mapped, kept open."""
+        raise NotImplementedError
+
     def file_size(self, name: str) -> int:
-        return self.file_map(name)[2]
+        raise NotImplementedError
+
+    def read_into(self, name: str, start: int, out: memoryview) -> None:
+        """``preadv`` straight into ``out``: one copy out of the page cache, no page faults on a mapping.
+
+        The descriptor is the one the mapping was made from, so the bytes are the bound file's
+        even if another file was renamed over its path since.
+        """
+        fd, base = self.descriptor(name)
+        if _preadv is None:  # Windows: no preadv; copy from the mapping
+            mapping, offset, _ = self.file_map(name)
+            out[:] = memoryview(mapping)[offset + start : offset + start + len(out)]
+            return
+        done, want = 0, len(out)
+        while done < want:  # preadv may return less than asked (2 GiB at most per call on Linux)
+            try:
+                count = _preadv(fd, [out[done:]], base + start + done)
+            except OSError as exc:
+                raise IntegrityError(
+                    f"{self.location}/{name}: cannot read bytes {start + done}-{start + want}: {os_reason(exc)}; "
+                    "check the disk or file system, then restore the file or re-save the checkpoint",
+                    file=name,
+                ) from None
+            if count == 0:
+                raise IntegrityError(
+                    f"{self.location}/{name}: ends at byte {start + done}, but the manifest has data up to byte "
+                    f"{start + want}: the file was cut while being read (is something rewriting it?); "
+                    "restore it or re-save the checkpoint",
+                    file=name,
+                )
+            done += count
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         mapping, offset, size = self.file_map(name)
@@ -130,6 +176,7 @@ class DirectoryStore(MappedStore):
     root: Path
     location: str
     _maps: dict[str, tuple[mmap.mmap, int, int]] = field(default_factory=dict)
+    _fds: dict[str, int] = field(default_factory=dict)
 
     def manifest_bytes(self) -> bytes:
         path = self.root / MANIFEST_NAME
@@ -175,13 +222,25 @@ class DirectoryStore(MappedStore):
                 # ACCESS_COPY: writable private pages (torch needs a writable buffer), never
                 # written back to the file.
                 mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                # Kept for read_into and file_size: the same file, even if replaced by path.
+                fd = os.dup(f.fileno())
         except FileNotFoundError:
             raise IntegrityError(
                 f"{path}: weights file listed in the manifest is missing; restore it or re-save the checkpoint",
                 file=name,
             ) from None
+        weakref.finalize(self, os.close, fd)
+        self._fds[name] = fd
         self._maps[name] = (mapping, 0, size)
         return self._maps[name]
+
+    def descriptor(self, name: str) -> tuple[int, int]:
+        self.file_map(name)
+        return self._fds[name], 0
+
+    def file_size(self, name: str) -> int:
+        """The file's size now (``fstat``): a file cut or grown since it was mapped shows here."""
+        return os.fstat(self.descriptor(name)[0]).st_size
 
 
 def open_store(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> Store:
