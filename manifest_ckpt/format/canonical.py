@@ -16,9 +16,9 @@ as it is (an :class:`Encoded`) by :func:`dumps`.
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable, Sequence
 from json.encoder import encode_basestring
-from operator import itemgetter
 from typing import Any, Final
 
 import msgspec
@@ -26,6 +26,7 @@ import msgspec
 __all__ = ["Encoded", "compact", "dumps", "table"]
 
 _sorted_encode: Final = msgspec.json.Encoder(order="sorted").encode
+_encode_as_is: Final = msgspec.json.Encoder().encode
 
 _int = int.__repr__
 
@@ -42,22 +43,77 @@ def dumps(value: Any) -> str:
 def compact(value: Any) -> bytes:
     """``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()``, faster.
 
-    For the digests over a manifest's tensors, aliases and modules (100,000 entries): msgspec
-    writes the text in C. Its bytes are json's whenever they hold no backslash and only
-    printable ASCII: then no string needed an escape (where the two encoders differ), and
-    keys sort alike. Anything else is written by ``json.dumps`` itself.
+    For the digests over a manifest's tensors, aliases and modules (100,000 entries) and the
+    safetensors header binding checks: msgspec writes the text in C. Its bytes are json's
+    whenever they hold no backslash and only printable ASCII: then no string needed an escape
+    (where the two encoders differ), and keys sort alike. Anything else is written by
+    ``json.dumps`` itself.
+
+    msgspec never sorts a large dict here: its sort is a quicksort that recurses once per
+    partition, so a big dict in an unlucky order (100,000 sorted keys after one larger key)
+    overflows the C stack and kills the process. The value's own dict and the dicts directly
+    inside it are put in key order first (sorted input splits evenly); a dict nested deeper
+    is found before anything is sorted, and the value is written by ``json.dumps``.
 
     Args:
         value: str-keyed dicts, lists, tuples, str, int, bool and None only. Floats are not
             allowed (the two encoders spell some differently, which the bytes cannot reveal).
     """
     try:
-        blob = _sorted_encode(value)
+        top = type(value) is dict
+        prepared = _in_key_order(value) if top else value
+        # Written as it is (msgspec sorts nothing), each "{" is a dict: only the value itself
+        # is one, and it is in key order, so this is the text. Otherwise the dicts one level
+        # down are counted and the big ones put in key order, and msgspec sorts the small
+        # ones; a "{" that is not one of them (a dict deeper down, or inside a string) sends
+        # the value to json.dumps.
+        blob = _encode_as_is(prepared)
+        braces = blob.count(b"{")
+        if braces != top:
+            prepared, inner = _inner_in_key_order(prepared)
+            blob = _sorted_encode(prepared) if braces == top + inner else b"\\"
     except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
         blob = b"\\"  # something msgspec cannot write (an int past 64 bits, a mappingproxy)
     if b"\\" in blob or b"\x7f" in blob or not blob.isascii():
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     return blob
+
+
+# msgspec sorts a dict of up to this many keys by insertion sort, without recursing.
+_SMALL_DICT: Final = 16
+
+
+def _in_key_order(value: dict[Any, Any]) -> dict[Any, Any]:
+    """``value`` with its keys in sorted order (itself when they already are, as in a manifest read).
+
+    Raises:
+        TypeError: keys that do not compare (json.dumps refuses them too).
+    """
+    keys = list(value)
+    if all(map(operator.lt, keys, keys[1:])):
+        return value
+    return {key: value[key] for key in sorted(keys)}
+
+
+def _inner_in_key_order(value: Any) -> tuple[Any, int]:
+    """``value`` with each dict directly inside it of more than ``_SMALL_DICT`` keys in key
+    order, and how many dicts it holds directly."""
+    if type(value) is dict:
+        items = list(value.values())
+    elif type(value) is list or type(value) is tuple:
+        items = list(value)
+    else:
+        return value, 0
+    kinds = list(map(type, items))
+    inner = kinds.count(dict)
+    if inner == len(items):  # a table of records (module entries, header entries): all dicts
+        big = max(map(len, items), default=0) > _SMALL_DICT
+    else:
+        big = any(kind is dict and len(item) > _SMALL_DICT for kind, item in zip(kinds, items))
+    if not big:
+        return value, inner
+    rows = [_in_key_order(item) if kind is dict and len(item) > _SMALL_DICT else item for kind, item in zip(kinds, items)]
+    return (dict(zip(value, rows)) if type(value) is dict else rows), inner
 
 
 class Encoded(str):
@@ -73,7 +129,7 @@ def table(rows: Iterable[tuple[str, Sequence[tuple[str, Any]]]], level: int) -> 
             takes; strings, ints, ``None`` and lists or tuples of ints or of strings are
             written inline, anything else through :func:`dumps`' encoder.
     """
-    ordered = sorted(rows, key=itemgetter(0))
+    ordered = sorted(rows, key=operator.itemgetter(0))
     if not ordered:
         return Encoded("{}")
     row_in = "\n" + " " * (level + 1)

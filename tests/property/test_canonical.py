@@ -100,3 +100,25 @@ def test_table_matches_json_dumps_of_the_mapping(records: dict[str, dict[str, An
         text = json.dumps(records, sort_keys=True, indent=1, ensure_ascii=False)
         assert canonical.table(rows, level) == text.replace("\n", "\n" + " " * level)
     record_example()
+
+
+def _adversarial(n: int = 100_000) -> dict[str, int]:
+    """Sorted keys after one larger key: the order that drove msgspec's quicksort 100,000 calls deep."""
+    return dict.fromkeys(["z", *(f"{i:07d}" for i in range(n))], 1)
+
+
+def test_compact_of_big_dicts_in_any_order_does_not_crash() -> None:
+    """Big dicts in an unlucky order, at the top, one level down, in a list or deeper, are json.dumps' bytes.
+
+    msgspec's sort segfaulted (C stack overflow) on the first three: a 100,000-tensor manifest
+    whose tensors object lists one key out of order killed read_manifest.
+    """
+    big = _adversarial()
+    for value in (big, {"a": big, "b": {"c": 1}}, [big], {"a": [big]}, {"a": {"b": big}}):
+        assert canonical.compact(value) == json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_compact_with_a_brace_in_a_string_is_still_json_dumps() -> None:
+    """A "{" inside a string key or value (it cannot be told from a dict by counting) gives json.dumps' bytes."""
+    for value in ({"a{": {"b": 1}}, {"a": ["{", {"c": 2}]}, ["}{"]):
+        assert canonical.compact(value) == json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
