@@ -12,18 +12,20 @@ the one the manifest's tensor digests give.
 from __future__ import annotations
 
 import hashlib
-import operator
+import itertools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
-from manifest_ckpt.errors import UnsupportedTensorError
 from manifest_ckpt.format import canonical
-from manifest_ckpt.format.dtypes import DTYPES, describe, itemsize
+from manifest_ckpt.format.dtypes import DTYPES, PACKED, describe, header_shape, itemsize
 from manifest_ckpt.format.safetensors_header import (
     CONTENT_KEY,
     MAX_HEADER_BYTES,
+    METADATA_KEY,
     Header,
-    build_header,
+    Record,
+    frame_header,
     written_metadata,
 )
 
@@ -65,24 +67,45 @@ def is_written_header(raw: bytes, file_size: int, pieces: Sequence[Piece]) -> bo
     ranges are that layout and each is aligned, every rule of :func:`file_problems` holds,
     without parsing a header of 100,000 entries. Anything else (another writer's header, any
     disagreement) gives False, and the caller parses the header and lists the problems.
+
+    The header is rebuilt from the pieces' own byte ranges (relative to the end of ``raw``),
+    in one pass in the pieces' order (a manifest's is key order, the header's too), and the
+    ranges are then checked to be the writer's layout: each one its dtype and shape's size
+    and aligned to its element size, all of them tiling the data with no gap or overlap.
     """
-    if len(raw) - 8 > MAX_HEADER_BYTES:
+    data_start = len(raw)
+    if data_start - 8 > MAX_HEADER_BYTES:
         return False
-    ordered = sorted(pieces, key=_by_range)
-    content = content_digest([(p.key, p.digest) for p in ordered])
-    try:
-        built, ranges = build_header([(p.key, p.dtype, p.shape) for p in ordered], written_metadata(content))
-    except UnsupportedTensorError:  # a packed scalar: the full check names it
+    records: dict[str, Record | None] = {}
+    pairs: list[tuple[str, str]] = []
+    spans: list[tuple[int, int]] = []
+    placed = False
+    prod = math.prod
+    for key, dtype, shape, span, digest, _ in pieces:
+        start, end = span
+        code_size = DTYPES.get(dtype)
+        if code_size is None:
+            return False
+        code, item = code_size
+        stored = shape if dtype not in PACKED else header_shape(dtype, shape)
+        if stored is None or start % item or end - start != item * prod(shape):
+            return False  # a packed scalar, a misaligned or missized piece: the full check names it
+        if not placed and key >= METADATA_KEY:  # the metadata's place in key order
+            if key == METADATA_KEY:
+                return False  # a tensor named like the metadata: the full check names it
+            records[METADATA_KEY] = None
+            placed = True
+        records[key] = Record((start - data_start, end - data_start), code, stored)
+        pairs.append((key, digest))
+        spans.append((start, end))  # a JSON entry's list or a chunk's tuple: one kind to sort
+    if len(records) - placed != len(pieces):
+        return False  # a key given twice
+    # Back to back from the end of the header to the end of the file: sorted, each span ends
+    # where the next starts: [header end, s0, e0, s1, e1, ..., file size] pairs up equal.
+    bounds = [data_start, *itertools.chain.from_iterable(sorted(spans)), file_size]
+    if bounds[::2] != bounds[1::2]:
         return False
-    if built != raw or (ranges[-1][1] if ranges else len(raw)) != file_size:
-        return False
-    if [p.byte_range for p in ordered] != ranges:
-        return False
-    sizes = {name: size for name, (_, size) in DTYPES.items()}
-    return not any(p.byte_range[0] % sizes[p.dtype] for p in ordered)
-
-
-_by_range = operator.itemgetter(3)  # Piece.byte_range
+    return frame_header(records, written_metadata(content_digest(pairs))) == raw
 
 
 def file_problems(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import reprlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from json.encoder import encode_basestring_ascii
 from typing import Any, Final
+
+import msgspec
 
 from manifest_ckpt.errors import IntegrityError, UnsupportedTensorError
 from manifest_ckpt.format import jsonio
@@ -48,8 +50,14 @@ class Header:
         return len(self.raw)
 
 
-_int = int.__repr__
-_ascii = encode_basestring_ascii
+class Record(msgspec.Struct, gc=False):
+    """A header entry as written: msgspec writes its fields in this (sorted) order, as
+    ``json.dumps(sort_keys=True)`` writes the entry's object. ``data_offsets`` are relative to
+    the end of the header. Not tracked by the GC: a header of 100,000 entries builds 100,000."""
+
+    data_offsets: tuple[int, int]
+    dtype: str
+    shape: Sequence[int]
 
 
 def build_header(
@@ -64,33 +72,56 @@ def build_header(
     Returns:
         The header (length prefix, JSON, space padding) and each tensor's absolute byte range.
     """
-    # The JSON text is json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    # of {name: {"data_offsets", "dtype", "shape"}, "__metadata__": metadata}, built from
-    # string joins: the encoder's key sorting costs seconds at 100,000 entries (the tests
-    # compare both forms).
-    items: dict[str, str] = {}
-    if metadata:
-        items[METADATA_KEY] = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    records: dict[str, Record | None] = {}
     offset = 0
     relative = []
     prod = math.prod
     for name, dtype, shape in tensors:
         code, item = DTYPES[dtype]
-        size = item * prod(shape)
         stored = shape if dtype not in PACKED else header_shape(dtype, shape)
         if stored is None:
             raise UnsupportedTensorError(
                 f"tensor {name!r}: a 0-dimensional {dtype} has no safetensors shape (it counts 4-bit elements); "
                 "reshape it to [1] before saving"
             )
-        end = offset + size
-        items[name] = f'{{"data_offsets":[{offset},{end}],"dtype":"{code}","shape":[{",".join(map(_int, stored))}]}}'
+        end = offset + item * prod(shape)
+        records[name] = Record((offset, end), code, stored)
         relative.append((offset, end))
         offset = end
-    body = ("{" + ",".join(f"{_ascii(k)}:{v}" for k, v in sorted(items.items())) + "}").encode()
+    raw = frame_header(records, metadata)
+    start = len(raw)
+    return raw, [(start + a, start + b) for a, b in relative]
+
+
+_encode: Final = msgspec.json.Encoder().encode
+
+
+def frame_header(records: Mapping[str, Record | None], metadata: Mapping[str, str]) -> bytes:
+    """The header bytes of ``records`` (by tensor name) and ``metadata``: length prefix, JSON, space padding.
+
+    The JSON text is ``json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)``
+    of ``{name: {"data_offsets", "dtype", "shape"}, "__metadata__": metadata}`` (the metadata
+    left out when empty). msgspec writes it when the names are in key order and the text
+    needs no escape (an ASCII name without quote, backslash or control character), the case
+    of every header this library writes; otherwise ``json.dumps`` does (the tests compare
+    both). ``records`` may hold ``None`` under ``"__metadata__"`` to place the metadata in
+    key order (binding builds its records in key order); a tensor named so is overwritten,
+    as in a JSON object.
+    """
+    doc: dict[str, Any] = dict(records)
+    if metadata:
+        doc[METADATA_KEY] = dict(sorted(metadata.items()))  # in its place, or last
+    else:
+        doc.pop(METADATA_KEY, None)
+    names = list(doc)
+    if not all(map(operator.lt, names, names[1:])):
+        doc = {name: doc[name] for name in sorted(names)}
+    body = _encode(doc)
+    if b"\\" in body or b"\x7f" in body or not body.isascii():
+        plain = {k: v if type(v) is dict else msgspec.structs.asdict(v) for k, v in doc.items()}
+        body = json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     body += b" " * (-(len(body) + 8) % 8)
-    raw = struct.pack("<Q", len(body)) + body
-    return raw, [(len(raw) + a, len(raw) + b) for a, b in relative]
+    return struct.pack("<Q", len(body)) + body
 
 
 def written_metadata(content_digest: str) -> dict[str, str]:
