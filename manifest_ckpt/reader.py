@@ -190,7 +190,7 @@ def _compare(
     load machinery; also say where each key comes from."""
     names = apply_remap(_state_keys(manifest), remap)
     spec = StateSpec.from_manifest(manifest).renamed(names)
-    renamed = {new: old for old, new in names.items()}
+    renamed = dict(zip(names.values(), names))
     plan = _Plan(renamed, renamed)
     _, rules = resolve_transforms(transforms)
     ran = isinstance(module, nn.Module) and machinery.any_rewrites(module, live.owners.values() or None)

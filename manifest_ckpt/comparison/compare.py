@@ -8,6 +8,7 @@ checkpoint). Both sides are first reduced to a :class:`StateSpec`.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -75,7 +76,7 @@ class StateSpec:
         aliases = manifest.aliases
         entries = json_entries(manifest.tensors)
         if entries is not None:  # read from JSON: no TensorEntry built for 100,000 keys
-            rows = [entries[aliases.get(k, k)] for k in keys] if aliases else [entries[k] for k in keys]
+            rows = [entries[aliases.get(k, k)] for k in keys] if aliases else list(map(entries.__getitem__, keys))
             spec = new_spec
             tensors = {k: spec((t["dtype"], tuple(t["shape"]), k.rpartition(".")[0], t["digest"])) for k, t in zip(keys, rows)}
         else:
@@ -101,7 +102,7 @@ class StateSpec:
 
     def renamed(self, names: Mapping[str, str]) -> StateSpec:
         """The same state with keys renamed by ``{old: new}``; aliases and owners' classes follow."""
-        if all(old == new for old, new in names.items()):
+        if all(map(operator.eq, names, names.values())):
             return self
         tensors = {
             names[k]: TensorSpec(s.dtype, s.shape, owner_of(names[k]), s.digest) for k, s in self.tensors.items()
@@ -278,7 +279,12 @@ def compare(
             dtype_pairs[key] = (have.dtype, want.dtype)
             problems.append(Problem("dtype", key, want.describe(), have.describe()))
 
-    if checkpoint.classes is not None and module.classes is not None:
+    # Equal class and version tables (a module against its own checkpoint) differ for no owner.
+    if (
+        checkpoint.classes is not None
+        and module.classes is not None
+        and (checkpoint.classes != module.classes or checkpoint.versions != module.versions)
+    ):
         owners = sorted({owner_of(k) for k in common})
         for path in owners:
             want_cls, have_cls = module.classes.get(path), checkpoint.classes.get(path)

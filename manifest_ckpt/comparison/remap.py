@@ -35,7 +35,8 @@ def apply_remap(keys: Iterable[str], remap: Remap | None) -> dict[str, str]:
         RemapError: a pattern is invalid, matches no key at its turn, or two keys end up
             with the same name.
     """
-    names = {key: key for key in keys}
+    listed = list(keys)
+    names = dict(zip(listed, listed))
     if not remap:
         return names
     for pattern, replacement in compile_remap(remap):

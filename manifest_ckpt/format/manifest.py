@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import math
+import operator
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -174,18 +175,21 @@ class _TensorTable(Mapping[str, "TensorEntry"]):
     common case, in one tight loop) and rewrites the entries that hold integral floats with
     Python ints, so the JSON entries read like ``TensorEntry.to_dict()``. ``irregular`` lists
     the keys the manifest's full rules must still look at: chunked tensors and any whose
-    range did not check out.
+    range did not check out. ``digest_rows`` holds the content digest's rows, gathered in
+    the same pass, until the manifest's consistency pass has used them (then None).
     """
 
-    __slots__ = ("_built", "_entries", "checked_sizes", "irregular")
+    __slots__ = ("_built", "_entries", "checked_sizes", "digest_rows", "irregular")
 
     def __init__(self, entries: dict[str, dict[str, Any]], files: Mapping[str, FileEntry]) -> None:
         self._entries = entries
         self._built: dict[str, TensorEntry] = {}
         self.checked_sizes = {name: f.size for name, f in files.items()}
-        self.irregular = _irregular(entries, self.checked_sizes)
+        self.irregular, rows = _irregular(entries, self.checked_sizes)
         for key in self.irregular:  # integral floats (8.0) become ints, as in TensorEntry
-            entries[key] = _tensor_from_dict(entries[key]).to_dict()
+            entry = entries[key] = _tensor_from_dict(entries[key]).to_dict()
+            rows[key] = [entry["dtype"], entry["shape"], entry["digest"]]
+        self.digest_rows: dict[str, list[Any]] | None = rows
 
     def __getitem__(self, key: str) -> TensorEntry:
         entry = self._built.get(key)
@@ -271,13 +275,18 @@ def declared_keys(modules: Mapping[str, ModuleEntry]) -> set[str]:
     return declared
 
 
-def _irregular(entries: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int]) -> list[str]:
+def _irregular(
+    entries: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int]
+) -> tuple[list[str], dict[str, list[Any]]]:
     """The keys of entries that are not a whole tensor of Python ints whose byte range fits its
-    dtype, shape and file: chunked tensors, integral floats, and every rule broken."""
+    dtype, shape and file: chunked tensors, integral floats, and every rule broken. Also each
+    entry's ``[dtype, shape, digest]``, the content digest's rows, gathered in the same pass."""
     itemsize = {name: size for name, (_, size) in _dtypes.DTYPES.items()}
     prod = math.prod
     irregular = []
+    rows = {}
     for key, t in entries.items():
+        rows[key] = [t["dtype"], t["shape"], t["digest"]]
         if len(t) != 5:  # dtype, shape, digest, file, byte_range: a whole tensor
             irregular.append(key)
             continue
@@ -288,7 +297,7 @@ def _irregular(entries: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int
         # type() is int only when every operand was: an integral float (8.0) makes it float.
         if size is None or count != n or not start <= end <= size or type(count) is not int or type(n) is not int:
             irregular.append(key)
-    return irregular
+    return irregular, rows
 
 
 def required_version(extensions: Any) -> str:
@@ -313,7 +322,7 @@ def compute_digest(
     content extensions (the application-state tree of a training state) are covered: two
     training states that differ only in a step count are different checkpoints.
     """
-    entries = json_entries(tensors)
+    table = tensors if isinstance(tensors, _TensorTable) else None
     module_entries = json_modules(modules)
     # Tensors, aliases and modules hold strings, ints and None only: canonical.compact writes
     # them (the same bytes as json.dumps, several times faster). Extensions may hold floats:
@@ -322,8 +331,10 @@ def compute_digest(
         "format": json.dumps(f"{FORMAT_NAME}/1").encode(),
         "tensors": canonical.compact(
             {k: [t.dtype, list(t.shape), t.digest] for k, t in tensors.items()}
-            if entries is None
-            else {k: [t["dtype"], t["shape"], t["digest"]] for k, t in entries.items()}
+            if table is None
+            else table.digest_rows
+            if table.digest_rows is not None
+            else {k: [t["dtype"], t["shape"], t["digest"]] for k, t in table._entries.items()}
         ),
         "aliases": canonical.compact(dict(aliases)),
         "modules": canonical.compact(
@@ -460,6 +471,8 @@ class Manifest:
             source=file,
         )
         problems = list(manifest.iter_consistency_problems())
+        if isinstance(tensors, _TensorTable):
+            tensors.digest_rows = None  # used by the digest above; not kept with the manifest
         if document["record_digest"] != manifest.record_digest:
             problems.append(
                 ("$.record_digest", f"is {document['record_digest']}, lineage and metadata give {manifest.record_digest}")
@@ -671,6 +684,9 @@ class Manifest:
     # -- queries -------------------------------------------------------------------------
     def keys(self) -> list[str]:
         """Every state-dict key, stored or alias, sorted."""
+        if not self.aliases:  # a manifest read lists its tensors sorted: checked, not sorted again
+            keys = list(self.tensors)
+            return keys if all(map(operator.lt, keys, keys[1:])) else sorted(keys)
         return sorted([*self.tensors, *self.aliases])
 
     def entry(self, key: str) -> TensorEntry:
