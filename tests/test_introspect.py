@@ -360,6 +360,17 @@ def _shared() -> nn.Module:
     return nn.Sequential(block, nn.ReLU(), block, nn.Linear(2, 2, bias=False))
 
 
+def _deep_with_gaps() -> nn.Module:
+    """Five levels, several children a level, a None child in between (named_modules skips it)."""
+    module: nn.Module = nn.Linear(2, 2)
+    for depth in range(5):
+        level = nn.ModuleDict({"b": module, "a": nn.Sequential(nn.Linear(1, 1), nn.ReLU())})
+        level.register_module("gap", None)
+        level.add_module(f"z{depth}", nn.LayerNorm(2))
+        module = level
+    return module
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -367,8 +378,9 @@ def _shared() -> nn.Module:
         _shared,
         Gpt2Like,
         lambda: nn.TransformerEncoderLayer(8, 2, 16),
+        _deep_with_gaps,
     ],
-    ids=["nested", "shared-submodule", "tied", "transformer"],
+    ids=["nested", "shared-submodule", "tied", "transformer", "deep-with-gaps"],
 )
 def test_walk_gives_what_state_dict_and_module_tree_give(make: Any) -> None:
     """One traversal gives state_dict(keep_vars=True)'s keys in order with the same tensor objects, and the tree."""
@@ -381,8 +393,8 @@ def test_walk_gives_what_state_dict_and_module_tree_give(make: Any) -> None:
     reference = module.state_dict(keep_vars=True)
     assert list(state) == list(reference)
     assert all(state[k] is reference[k] for k in reference)
-    assert owners == dict(module.named_modules(remove_duplicate=False))
-    assert tree == module_tree(module)
+    assert list(owners.items()) == list(module.named_modules(remove_duplicate=False))
+    assert list(tree.items()) == list(module_tree(module).items())
 
 
 class _WithExtra(nn.Linear):
@@ -393,6 +405,11 @@ class _WithExtra(nn.Linear):
         pass
 
 
+class _OwnModules(nn.Sequential):
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any:
+        return super().named_modules(*args, **kwargs)
+
+
 def _hooked() -> nn.Module:
     module = nn.Sequential(nn.Linear(2, 2))
     module[0].register_state_dict_post_hook(lambda m, sd, prefix, local: None)
@@ -401,8 +418,13 @@ def _hooked() -> nn.Module:
 
 @pytest.mark.parametrize(
     "make",
-    [_hooked, lambda: nn.Sequential(_WithExtra(2, 2)), lambda: nn.Sequential(nn.LazyLinear(2))],
-    ids=["state-dict-hook", "extra-state", "lazy"],
+    [
+        _hooked,
+        lambda: nn.Sequential(_WithExtra(2, 2)),
+        lambda: nn.Sequential(nn.LazyLinear(2)),
+        lambda: nn.Sequential(_OwnModules(nn.Linear(2, 2))),
+    ],
+    ids=["state-dict-hook", "extra-state", "lazy", "own-named-modules"],
 )
 def test_walk_leaves_modules_that_change_their_state_dict_to_torch(make: Any) -> None:
     """A state-dict hook, extra state or a lazy module: no walk, capture asks state_dict (and still agrees)."""
@@ -412,3 +434,14 @@ def test_walk_leaves_modules_that_change_their_state_dict_to_torch(make: Any) ->
     assert _walk(module) is None
     live = capture(module, extra_state=True)
     assert set(live.tensors) | set(live.extra) == set(module.state_dict(keep_vars=True))
+
+
+def test_a_module_holding_itself_is_left_to_torch() -> None:
+    """A module cycle: the walk stops at the recursion limit and capture raises torch's RecursionError."""
+    from manifest_ckpt.comparison.introspect import _walk
+
+    module = nn.Sequential(nn.Linear(2, 2))
+    module.add_module("again", module)
+    assert _walk(module) is None
+    with pytest.raises(RecursionError):
+        capture(module)
