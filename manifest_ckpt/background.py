@@ -25,7 +25,8 @@ from torch import nn
 
 from manifest_ckpt.comparison.introspect import _identity, capture
 from manifest_ckpt.errors import SaveInProgressError, UnsupportedTensorError
-from manifest_ckpt.format.manifest import Manifest, ModuleEntry, _gc_paused
+from manifest_ckpt.format.manifest import Manifest, ModuleEntry
+from manifest_ckpt.gc_pause import gc_paused
 from manifest_ckpt.storage.store import is_url
 
 __all__ = ["async_save"]
@@ -160,7 +161,7 @@ def _pool() -> ThreadPoolExecutor:
         return _executor
 
 
-@_gc_paused()
+@gc_paused()
 def _snapshot(obj: Any) -> tuple[Any, dict[str, ModuleEntry] | None, torch.Tensor]:
     """A copy of ``obj`` that ``save`` writes identically, its module tree, and the buffer it lives in.
 

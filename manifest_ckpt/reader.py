@@ -37,8 +37,9 @@ from manifest_ckpt.errors import (
 )
 from manifest_ckpt.format import values
 from manifest_ckpt.format.binding import Piece, file_problems, is_written_header
-from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, Chunk, Manifest, TensorEntry, _gc_paused, json_entries
+from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, Chunk, Manifest, TensorEntry, json_entries
 from manifest_ckpt.format.safetensors_header import MAX_HEADER_BYTES, parse_header
+from manifest_ckpt.gc_pause import gc_paused
 from manifest_ckpt.storage.store import Store, open_store, read_store_manifest
 from manifest_ckpt.training.tree import is_app_state
 
@@ -82,7 +83,7 @@ class LoadResult:
     allowed: list[Allowance] = field(default_factory=list)
 
 
-@_gc_paused()  # 100,000 keys allocate millions of acyclic objects; collections would only traverse them
+@gc_paused()  # 100,000 keys allocate millions of acyclic objects; collections would only traverse them
 def check(
     module: nn.Module | Mapping[str, Any],
     path: PathLike,
@@ -170,7 +171,7 @@ class _Plan:
     built: Mapping[str, Node] = field(default_factory=dict)
 
 
-@_gc_paused()  # 100,000 keys allocate a few million acyclic objects; collections would only traverse them
+@gc_paused()  # 100,000 keys allocate a few million acyclic objects; collections would only traverse them
 def _compare(
     manifest: Manifest,
     live: LiveState,
@@ -373,7 +374,7 @@ class _Weights:
         self._pieces: dict[tuple[str, int, int], bytearray] = {}
         self._by_file: dict[str, list[Piece]] | None = None
 
-    @_gc_paused()  # 100,000 pieces and a header of 100,000 entries: no cycles to collect
+    @gc_paused()  # 100,000 pieces and a header of 100,000 entries: no cycles to collect
     def bind(self, names: Iterable[str]) -> None:
         """Check, reading headers only, that each weights file holds what the manifest says.
 
@@ -553,7 +554,7 @@ class _Weights:
         tensors = self.manifest.tensors
         # A job, a chunk and a reader per tensor are a few hundred thousand acyclic objects at
         # 100,000 tensors; collections they would trigger traverse the whole heap for nothing.
-        with _gc_paused():
+        with gc_paused():
             jobs = [(key, c) for key in sorted(set(keys)) for c in tensors[key].pieces()]
             self.verify_pieces(jobs, progress=progress)
 
@@ -1210,7 +1211,7 @@ def _plain_jobs(
     rest: list[str] = []
     plain_types = plain_copy.PLAIN_TYPES
     read_min = plain_copy.READ_MIN
-    with _gc_paused():  # 100,000 small tuples, no cycles
+    with gc_paused():  # 100,000 small tuples, no cycles
         for key in in_place:
             target = live_tensors[key]
             # plain_copy.is_plain_target, inlined (a call per tensor shows at 100,000 tensors).

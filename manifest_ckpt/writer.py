@@ -36,11 +36,11 @@ from manifest_ckpt.format.manifest import (
     Manifest,
     ModuleEntry,
     TensorEntry,
-    _gc_paused,
     compute_digest,
     required_version,
 )
 from manifest_ckpt.format.safetensors_header import CONTENT_KEY, build_header, written_metadata
+from manifest_ckpt.gc_pause import gc_paused
 from manifest_ckpt.storage import commit
 from manifest_ckpt.storage.store import is_url, read_manifest, require_parent_dir
 from manifest_ckpt.training.tree import Encoder, capture_app, is_app_state
@@ -316,7 +316,7 @@ def _check_destination(target: Path, overwrite: bool) -> None:
         )
 
 
-@_gc_paused()  # the manifest of 100,000 tensors is millions of acyclic objects; collections only slow it
+@gc_paused()  # the manifest of 100,000 tensors is millions of acyclic objects; collections only slow it
 def _write_into(
     directory: Path,
     state: LiveState,

@@ -784,3 +784,29 @@ def test_consistency_of_a_replaced_manifest_checks_every_tensor_again() -> None:
     assert list(shrunk.iter_consistency_problems()) == [
         ('$.tensors["fc.bias"].byte_range', f"[120, 128) lies outside {FILE!r} of 125 bytes")
     ]
+
+
+@pytest.mark.parametrize(
+    ("change", "irregular"),
+    [
+        (lambda t: None, []),
+        (lambda t: t["b"].update(byte_range=[t["b"]["byte_range"][0], t["b"]["byte_range"][1] + 4]), ["b"]),
+        (lambda t: t["b"].update(byte_range=[20, 8]), ["b"]),  # start after end
+        (lambda t: t["c"].update(shape=[2.0, 2]), ["c"]),  # an integral float: read as an int later
+        (lambda t: t["a"].update(byte_range=[0.0, 24]), ["a"]),
+        (lambda t: t["c"].update(file=OTHER), ["c"]),  # a file the manifest does not list
+        (lambda t: t["c"].update(byte_range=[120, 136]), ["c"]),  # past the end of its file
+        (lambda t: t.update(d=chunked("float32", [2], [chunk([0], [2], 128)])), ["d"]),
+        (lambda t: t["a"].update(byte_range=[2**70, 2**70 + 24]), ["a"]),  # an int past 64 bits
+    ],
+)
+def test_the_column_wise_range_check_agrees_with_the_per_entry_rules(change: Any, irregular: list[str]) -> None:
+    """Whatever the columns miss, the entry-by-entry rules find (the fast path proves only the regular case)."""
+    from manifest_ckpt.format.manifest import _irregular, _irregular_keys
+
+    tensors = {"a": tensor("float32", [2, 3], 0), "b": tensor("int8", [8], 24), "c": tensor("float64", [2, 2], 32)}
+    change(tensors)
+    sizes = {FILE: 128}
+    keys, rows = _irregular(tensors, sizes)
+    assert keys == _irregular_keys(tensors, sizes) == irregular
+    assert rows == {k: (t["dtype"], t["shape"], t["digest"]) for k, t in tensors.items()}

@@ -16,7 +16,8 @@ from torch.nn.parameter import is_lazy
 from manifest_ckpt.comparison.compare import EXTRA_STATE, StateSpec, TensorSpec, new_spec, owner_of
 from manifest_ckpt.errors import InvalidKeyError, UnsupportedTensorError
 from manifest_ckpt.format.dtypes import DTYPES
-from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, ModuleEntry, _gc_paused, module_entry
+from manifest_ckpt.format.manifest import EXTRA_STATE_NAME, ModuleEntry, module_entry
+from manifest_ckpt.gc_pause import gc_paused
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ def _agree_with_state(tree: dict[str, ModuleEntry], keys: Iterable[str]) -> dict
     return out
 
 
-@_gc_paused()  # a state dict of 100,000 tensors allocates no cycles; collections would only traverse it
+@gc_paused()  # a state dict of 100,000 tensors allocates no cycles; collections would only traverse it
 def capture(obj: nn.Module | Mapping[str, torch.Tensor], *, extra_state: bool = False) -> LiveState:
     """Describe a module or a plain state dict.
 

@@ -8,8 +8,6 @@ canonical bytes: the same manifest always serialises to the same bytes.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import itertools
 import json
@@ -27,6 +25,7 @@ from manifest_ckpt.format import canonical
 from manifest_ckpt.format import dtypes as _dtypes
 from manifest_ckpt.format import jsonio as _jsonio
 from manifest_ckpt.format import values as _values
+from manifest_ckpt.gc_pause import gc_paused
 
 FORMAT_NAME: Final = "manifest-ckpt"
 FORMAT_VERSION: Final = "1.2.0"
@@ -188,8 +187,8 @@ class _TensorTable(Mapping[str, "TensorEntry"]):
         self.irregular, rows = _irregular(entries, self.checked_sizes)
         for key in self.irregular:  # integral floats (8.0) become ints, as in TensorEntry
             entry = entries[key] = _tensor_from_dict(entries[key]).to_dict()
-            rows[key] = [entry["dtype"], entry["shape"], entry["digest"]]
-        self.digest_rows: dict[str, list[Any]] | None = rows
+            rows[key] = (entry["dtype"], entry["shape"], entry["digest"])
+        self.digest_rows: dict[str, Any] | None = rows
 
     def __getitem__(self, key: str) -> TensorEntry:
         entry = self._built.get(key)
@@ -264,30 +263,61 @@ def declared_keys(modules: Mapping[str, ModuleEntry]) -> set[str]:
     entries = json_modules(modules)
     if entries is None:
         return {f"{path}.{name}" if path else name for path, m in modules.items() for name in m.persistent_names()}
-    declared: set[str] = set()
-    for path, m in entries.items():
-        if path:
-            prefix = path + "."
-            declared.update([prefix + name for name in m["parameters"]])
-            declared.update([prefix + name for name in m["buffers"]])
-        else:
-            declared.update(m["parameters"], m["buffers"])
+    # One comprehension over every module (half the time of a loop that updates a set per module).
+    declared = {f"{path}.{name}" for path, m in entries.items() if path for names in (m["parameters"], m["buffers"]) for name in names}
+    root = entries.get("")
+    if root is not None:
+        declared.update(root["parameters"], root["buffers"])
     return declared
 
 
 def _irregular(
     entries: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int]
-) -> tuple[list[str], dict[str, list[Any]]]:
+) -> tuple[list[str], dict[str, Any]]:
     """The keys of entries that are not a whole tensor of Python ints whose byte range fits its
     dtype, shape and file: chunked tensors, integral floats, and every rule broken. Also each
-    entry's ``[dtype, shape, digest]``, the content digest's rows, gathered in the same pass."""
+    entry's ``(dtype, shape, digest)``, the content digest's rows, gathered in the same pass."""
+    keys = list(entries)
+    values = list(entries.values())
+    try:
+        columns = [list(map(operator.itemgetter(name), values)) for name in ("dtype", "shape", "digest")]
+        rows = dict(zip(keys, zip(*columns)))
+        if _all_regular(values, columns[0], columns[1], sizes):
+            return [], rows
+    except (KeyError, TypeError):  # a field missing (a chunked tensor), a file not listed
+        rows = {key: (t["dtype"], t["shape"], t["digest"]) for key, t in entries.items()}
+    return _irregular_keys(entries, sizes), rows
+
+
+def _all_regular(
+    values: list[Mapping[str, Any]], dtypes: list[str], shapes: list[list[Any]], sizes: Mapping[str, int]
+) -> bool:
+    """Whether every entry is a whole tensor of Python ints whose byte range fits (column-wise,
+    in C: 100,000 entries in a few tens of milliseconds instead of a Python loop)."""
+    if any(map((5).__ne__, map(len, values))):  # dtype, shape, digest, file, byte_range: whole
+        return False
+    ranges = list(map(operator.itemgetter("byte_range"), values))
+    starts = list(map(operator.itemgetter(0), ranges))
+    ends = list(map(operator.itemgetter(1), ranges))
+    itemsize = {name: size for name, (_, size) in _dtypes.DTYPES.items()}
+    counts = list(map(operator.sub, ends, starts))
+    needed = list(map(operator.mul, map(itemsize.__getitem__, dtypes), map(math.prod, shapes)))
+    # == holds between 8 and 8.0: the types prove every operand was an int (the schema's
+    # "integer" admits integral floats, which must become ints first). Counts equal to a
+    # byte count (>= 0) put each start at or before its end; starts are >= 0 by the schema.
+    if counts != needed or {*map(type, counts), *map(type, needed)} != {int}:
+        return False
+    file_sizes = map(sizes.__getitem__, map(operator.itemgetter("file"), values))
+    return all(map(operator.le, ends, file_sizes))
+
+
+def _irregular_keys(entries: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int]) -> list[str]:
+    """:func:`_irregular`'s keys, entry by entry: where the column-wise check found an exception."""
     itemsize = {name: size for name, (_, size) in _dtypes.DTYPES.items()}
     prod = math.prod
     irregular = []
-    rows = {}
     for key, t in entries.items():
-        rows[key] = [t["dtype"], t["shape"], t["digest"]]
-        if len(t) != 5:  # dtype, shape, digest, file, byte_range: a whole tensor
+        if len(t) != 5:
             irregular.append(key)
             continue
         start, end = t["byte_range"]
@@ -297,7 +327,7 @@ def _irregular(
         # type() is int only when every operand was: an integral float (8.0) makes it float.
         if size is None or count != n or not start <= end <= size or type(count) is not int or type(n) is not int:
             irregular.append(key)
-    return irregular, rows
+    return irregular
 
 
 def required_version(extensions: Any) -> str:
@@ -350,8 +380,14 @@ def compute_digest(
             if name in extensions:
                 text = json.dumps(_plain(extensions[name]), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
                 parts[name] = text.encode()
-    blob = b"{" + b",".join(b'"' + name.encode() + b'":' + parts[name] for name in sorted(parts)) + b"}"
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
+    # The hash of b"{" + b",".join(b'"name":' + part for each name in order) + b"}", fed piece by
+    # piece: the tensors' part of a 100,000-tensor manifest is 15 MB, not worth copying again.
+    h = hashlib.sha256()
+    for i, name in enumerate(sorted(parts)):
+        h.update(b'%s"%s":' % (b"," if i else b"{", name.encode()))
+        h.update(parts[name])
+    h.update(b"}")
+    return "sha256:" + h.hexdigest()
 
 
 def compute_record_digest(lineage: Mapping[str, Any], metadata: Any, extensions: Any) -> str:
@@ -399,7 +435,7 @@ class Manifest:
             ManifestError: the bytes are not JSON, or the document is invalid.
             UnsupportedVersionError: the format's major version is not 1.
         """
-        with _gc_paused():  # parsing and building 100,000 entries allocates no cycles
+        with gc_paused():  # parsing and building 100,000 entries allocates no cycles
             fast = _jsonio.decode_fast(data)
             if fast is not None:
                 document, key_bound = fast
@@ -674,7 +710,7 @@ class Manifest:
         # canonical.dumps is json.dumps(..., sort_keys=True, indent=1, ensure_ascii=False), faster;
         # the tensors and modules are written from their fields (no dict per entry).
         # 100,000 entries' text allocates no cycles: collections would traverse the heap for nothing.
-        with _gc_paused():
+        with gc_paused():
             document = self.to_dict(entries=False)
             document["tensors"] = canonical.table(((k, t.fields()) for k, t in self.tensors.items()), 1)
             if self.modules is not None:
@@ -700,19 +736,6 @@ class Manifest:
     @property
     def parents(self) -> list[Mapping[str, Any]]:
         return list(self.lineage.get("parents", []))
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC: parsing a 100,000-tensor manifest allocates millions of acyclic
-    objects, and collections triggered along the way double the parse time."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _schema_valid(document: Any) -> bool:
